@@ -1,0 +1,1 @@
+"""Triton kernels of fastlm (flash attention, fused cross-entropy); imported as fastlm.kernels."""

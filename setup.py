@@ -1,0 +1,36 @@
+"""Builds fastlm and its C++ extension fastlm._C (pybind11, portable -O3: no -march=native).
+
+The top-level kernels/ folder is installed as fastlm.kernels (package_dir), never as a top-level
+package: the name `kernels` belongs to another PyPI project.
+"""
+import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+ext = Pybind11Extension(
+    "fastlm._C",
+    sorted(glob.glob("csrc/*.cpp")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"],
+    extra_link_args=["-pthread"],
+)
+
+setup(
+    name="fastlm",
+    version="0.1.0",
+    description="Fast, sturdy LLM pretraining: native data pipeline, Triton kernels, FSDP2 training",
+    packages=["fastlm", "fastlm.data", "fastlm.kernels"],
+    package_dir={"fastlm.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+    install_requires=["numpy<2.4", "pyyaml", "tqdm", "tokenizers"],
+    extras_require={
+        "train": ["torch", "triton==3.6.0", "safetensors", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "tiktoken"],
+    },
+    entry_points={"console_scripts": ["fastlm=fastlm.cli:main"]},
+    zip_safe=False,
+)
