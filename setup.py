@@ -5,15 +5,19 @@ package: the name `kernels` belongs to another PyPI project.
 """
 import glob
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext, naive_recompile
 from setuptools import setup
+
+# Compile the sources in parallel (FASTLM_BUILD_JOBS, default: all CPUs) and, on a rebuild, only those
+# newer than their object files.
+ParallelCompile("FASTLM_BUILD_JOBS", needs_recompile=naive_recompile).install()
 
 ext = Pybind11Extension(
     "fastlm._C",
     sorted(glob.glob("csrc/*.cpp")),
     include_dirs=["csrc"],
     cxx_std=17,
-    extra_compile_args=["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"],
+    extra_compile_args=["-O3", "-g0", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"],
     extra_link_args=["-pthread"],
 )
 

@@ -1,0 +1,476 @@
+// Validating JSON scanner: see json_scan.h.
+#include "json_scan.h"
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+
+namespace fastlm {
+
+JsonPath::JsonPath(std::string_view pattern) : pattern_(pattern) {
+  const char* kSupported =
+      "supported patterns are `.key` and nested `.key.subkey` (keys of letters, digits, '_' and '-')";
+  if (pattern.empty() || pattern[0] != '.') {
+    throw std::invalid_argument("unsupported jq_pattern \"" + std::string(pattern) + "\": " + kSupported);
+  }
+  size_t i = 1;
+  while (true) {
+    size_t start = i;
+    while (i < pattern.size() && pattern[i] != '.') {
+      char c = pattern[i];
+      bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+                c == '-';
+      if (!ok) {
+        throw std::invalid_argument("unsupported jq_pattern \"" + std::string(pattern) + "\" (character '" +
+                                    std::string(1, c) + "'): " + kSupported);
+      }
+      ++i;
+    }
+    if (i == start) {
+      throw std::invalid_argument("unsupported jq_pattern \"" + std::string(pattern) + "\" (empty key): " +
+                                  kSupported);
+    }
+    keys_.emplace_back(pattern.substr(start, i - start));
+    if (i == pattern.size()) break;
+    ++i;  // the '.'
+  }
+}
+
+bool is_blank_line(std::string_view line) {
+  for (char c : line) {
+    if (c != ' ' && c != '\t' && c != '\r') return false;
+  }
+  return true;
+}
+
+namespace {
+
+constexpr int kMaxDepth = 512;
+constexpr uint64_t kOnes = 0x0101010101010101ULL;
+constexpr uint64_t kHighs = 0x8080808080808080ULL;
+
+inline uint64_t has_zero_byte(uint64_t x) { return (x - kOnes) & ~x & kHighs; }
+
+// Nonzero when any of the 8 bytes is '"', '\\', a control character (< 0x20) or non-ASCII (>= 0x80).
+inline uint64_t needs_attention(uint64_t x) {
+  uint64_t quote = has_zero_byte(x ^ (kOnes * '"'));
+  uint64_t backslash = has_zero_byte(x ^ (kOnes * '\\'));
+  uint64_t control = (x - kOnes * 0x20) & ~x & kHighs;
+  return quote | backslash | control | (x & kHighs);
+}
+
+// Length of the valid UTF-8 sequence starting at p (p < end, *p >= 0x80), or 0 when invalid.
+inline size_t utf8_sequence_length(const unsigned char* p, const unsigned char* end) {
+  unsigned char c = p[0];
+  size_t n;
+  unsigned char lo = 0x80, hi = 0xBF;  // bounds of the second byte
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 2;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3;
+    if (c == 0xE0) lo = 0xA0;
+    if (c == 0xED) hi = 0x9F;  // U+D800..U+DFFF are not characters
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4;
+    if (c == 0xF0) lo = 0x90;
+    if (c == 0xF4) hi = 0x8F;
+  } else {
+    return 0;
+  }
+  if (static_cast<size_t>(end - p) < n) return 0;
+  if (p[1] < lo || p[1] > hi) return 0;
+  for (size_t k = 2; k < n; ++k) {
+    if ((p[k] & 0xC0) != 0x80) return 0;
+  }
+  return n;
+}
+
+inline void append_utf8(std::string* out, uint32_t cp) {
+  if (cp < 0x80) {
+    out->push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else {
+    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  }
+}
+
+std::string describe_byte(const unsigned char* p, const unsigned char* end) {
+  if (p >= end) return "end of line";
+  unsigned char c = *p;
+  if (c == 0) return "a raw NUL byte";
+  if (c >= 0x21 && c < 0x7F) return std::string("'") + static_cast<char>(c) + "'";
+  static const char* kHex = "0123456789ABCDEF";
+  std::string s = "byte 0x";
+  s.push_back(kHex[c >> 4]);
+  s.push_back(kHex[c & 15]);
+  if (c == ' ') s += " (space)";
+  return s;
+}
+
+// What the path lookup found so far. Repeated keys overwrite earlier outcomes, as in jq.
+struct Lookup {
+  enum State { kMissing, kFound, kWrongType } state = kMissing;
+  std::string where;      // the path prefix at which a wrong type was found
+  std::string found;      // description of the wrong value
+  std::string expected;   // "a string" or "an object"
+};
+
+class Parser {
+ public:
+  Parser(std::string_view line, const JsonPath* path, std::string* out)
+      : begin_(reinterpret_cast<const unsigned char*>(line.data())),
+        p_(begin_),
+        end_(begin_ + line.size()),
+        path_(path),
+        out_(out) {}
+
+  JsonResult run() {
+    skip_ws();
+    if (p_ >= end_) return fail_at(p_, "expected a JSON object, found an empty line");
+    if (*p_ != '{') {
+      const char* kind = nullptr;
+      switch (*p_) {
+        case '[': kind = "an array"; break;
+        case '"': kind = "a string"; break;
+        case 't': case 'f': kind = "a boolean"; break;
+        case 'n': kind = "null"; break;
+        default:
+          if (*p_ == '-' || (*p_ >= '0' && *p_ <= '9')) kind = "a number";
+      }
+      if (kind == nullptr) return fail_at(p_, "invalid JSON: expected '{' but found " + describe_byte(p_, end_));
+      // Validate the value anyway so that garbage is reported as invalid JSON first.
+      if (!parse_value(0, -1)) return result_;
+      skip_ws();
+      if (p_ < end_) return trailing();
+      result_.fault = JsonFault::kNotAnObject;
+      result_.column = 1;
+      result_.message = std::string("expected a JSON object, found ") + kind;
+      return result_;
+    }
+    if (!parse_value(0, path_ != nullptr ? 0 : -1)) return result_;
+    skip_ws();
+    if (p_ < end_) return trailing();
+    if (path_ != nullptr) {
+      if (lookup_.state == Lookup::kMissing) {
+        result_.fault = JsonFault::kMissingKey;
+        result_.message = "missing key " + path_->pattern();
+      } else if (lookup_.state == Lookup::kWrongType) {
+        result_.fault = JsonFault::kNotAString;
+        result_.message = "expected " + lookup_.expected + " at " + lookup_.where + ", found " + lookup_.found;
+      }
+    }
+    return result_;
+  }
+
+ private:
+  JsonResult trailing() {
+    return fail_at(p_, "invalid JSON: unexpected " + describe_byte(p_, end_) + " after the end of the object");
+  }
+
+  JsonResult fail_at(const unsigned char* at, std::string message) {
+    result_.fault = JsonFault::kInvalidJson;
+    result_.column = static_cast<size_t>(at - begin_) + 1;
+    result_.message = std::move(message);
+    return result_;
+  }
+
+  bool fail(const unsigned char* at, std::string message) {
+    fail_at(at, std::move(message));
+    return false;
+  }
+
+  void skip_ws() {
+    while (p_ < end_ && (*p_ == ' ' || *p_ == '\t' || *p_ == '\n' || *p_ == '\r')) ++p_;
+  }
+
+  static const char* kind_of(unsigned char c) {
+    switch (c) {
+      case '{': return "an object";
+      case '[': return "an array";
+      case '"': return "a string";
+      case 't': return "true";
+      case 'f': return "false";
+      case 'n': return "null";
+      default: return "a number";
+    }
+  }
+
+  std::string path_prefix(int level) const {
+    std::string s;
+    for (int i = 0; i <= level; ++i) s += "." + path_->keys()[i];
+    return s;
+  }
+
+  // `level` is the index into the path keys that this value's object members are matched against, or -1
+  // when the value lies off the path.
+  bool parse_value(int depth, int level) {
+    if (depth > kMaxDepth) return fail(p_, "invalid JSON: nesting deeper than 512 levels");
+    if (p_ >= end_) return fail(p_, "invalid JSON: expected a value but found end of line");
+    switch (*p_) {
+      case '{': return parse_object(depth + 1, level);
+      case '[': return parse_array(depth + 1);
+      case '"': return parse_string(nullptr);
+      case 't': return parse_literal("true");
+      case 'f': return parse_literal("false");
+      case 'n': return parse_literal("null");
+      default: return parse_number();
+    }
+  }
+
+  bool parse_literal(const char* word) {
+    size_t n = std::strlen(word);
+    if (static_cast<size_t>(end_ - p_) < n || std::memcmp(p_, word, n) != 0) {
+      return fail(p_, "invalid JSON: expected a value but found " + describe_byte(p_, end_));
+    }
+    p_ += n;
+    return true;
+  }
+
+  bool parse_number() {
+    const unsigned char* start = p_;
+    if (p_ < end_ && *p_ == '-') ++p_;
+    if (p_ >= end_ || *p_ < '0' || *p_ > '9') {
+      return fail(start, "invalid JSON: expected a value but found " + describe_byte(start, end_));
+    }
+    if (*p_ == '0') {
+      ++p_;
+    } else {
+      while (p_ < end_ && *p_ >= '0' && *p_ <= '9') ++p_;
+    }
+    if (p_ < end_ && *p_ == '.') {
+      ++p_;
+      if (p_ >= end_ || *p_ < '0' || *p_ > '9') {
+        return fail(p_, "invalid JSON: expected a digit after '.' but found " + describe_byte(p_, end_));
+      }
+      while (p_ < end_ && *p_ >= '0' && *p_ <= '9') ++p_;
+    }
+    if (p_ < end_ && (*p_ == 'e' || *p_ == 'E')) {
+      ++p_;
+      if (p_ < end_ && (*p_ == '+' || *p_ == '-')) ++p_;
+      if (p_ >= end_ || *p_ < '0' || *p_ > '9') {
+        return fail(p_, "invalid JSON: expected a digit in the exponent but found " + describe_byte(p_, end_));
+      }
+      while (p_ < end_ && *p_ >= '0' && *p_ <= '9') ++p_;
+    }
+    return true;
+  }
+
+  bool parse_array(int depth) {
+    ++p_;  // '['
+    skip_ws();
+    if (p_ < end_ && *p_ == ']') {
+      ++p_;
+      return true;
+    }
+    while (true) {
+      skip_ws();
+      if (!parse_value(depth, -1)) return false;
+      skip_ws();
+      if (p_ < end_ && *p_ == ',') {
+        ++p_;
+        continue;
+      }
+      if (p_ < end_ && *p_ == ']') {
+        ++p_;
+        return true;
+      }
+      return fail(p_, "invalid JSON: expected ',' or ']' but found " + describe_byte(p_, end_));
+    }
+  }
+
+  bool parse_object(int depth, int level) {
+    ++p_;  // '{'
+    skip_ws();
+    if (p_ < end_ && *p_ == '}') {
+      ++p_;
+      return true;
+    }
+    const int last = path_ != nullptr ? static_cast<int>(path_->keys().size()) - 1 : -1;
+    while (true) {
+      skip_ws();
+      if (p_ >= end_ || *p_ != '"') {
+        return fail(p_, "invalid JSON: expected a key in double quotes but found " + describe_byte(p_, end_));
+      }
+      bool match = false;
+      if (level >= 0) {
+        key_.clear();
+        if (!parse_string(&key_)) return false;
+        match = key_ == path_->keys()[level];
+      } else if (!parse_string(nullptr)) {
+        return false;
+      }
+      skip_ws();
+      if (p_ >= end_ || *p_ != ':') {
+        return fail(p_, "invalid JSON: expected ':' after the key but found " + describe_byte(p_, end_));
+      }
+      ++p_;
+      skip_ws();
+      if (!match) {
+        if (!parse_value(depth, -1)) return false;
+      } else if (level == last) {
+        if (p_ < end_ && *p_ == '"') {
+          out_->clear();
+          if (!parse_string(out_)) return false;
+          lookup_.state = Lookup::kFound;
+        } else {
+          set_wrong_type(level, "a string");
+          if (!parse_value(depth, -1)) return false;
+        }
+      } else {
+        lookup_.state = Lookup::kMissing;  // a repeated key replaces what an earlier one held
+        if (p_ < end_ && *p_ == '{') {
+          if (!parse_value(depth, level + 1)) return false;
+        } else {
+          set_wrong_type(level, "an object");
+          if (!parse_value(depth, -1)) return false;
+        }
+      }
+      skip_ws();
+      if (p_ < end_ && *p_ == ',') {
+        ++p_;
+        continue;
+      }
+      if (p_ < end_ && *p_ == '}') {
+        ++p_;
+        return true;
+      }
+      return fail(p_, "invalid JSON: expected ',' or '}' but found " + describe_byte(p_, end_));
+    }
+  }
+
+  void set_wrong_type(int level, const char* expected) {
+    lookup_.state = Lookup::kWrongType;
+    lookup_.where = path_prefix(level);
+    lookup_.expected = expected;
+    lookup_.found = p_ < end_ ? kind_of(*p_) : "nothing";
+  }
+
+  bool parse_hex4(const unsigned char* at, uint32_t* value) {
+    if (end_ - at < 4) return false;
+    uint32_t v = 0;
+    for (int i = 0; i < 4; ++i) {
+      unsigned char c = at[i];
+      v <<= 4;
+      if (c >= '0' && c <= '9') v |= c - '0';
+      else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
+      else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10;
+      else return false;
+    }
+    *value = v;
+    return true;
+  }
+
+  // Parses a string starting at the opening quote; appends its unescaped UTF-8 to `dest` when non-null.
+  bool parse_string(std::string* dest) {
+    const unsigned char* open = p_;
+    ++p_;
+    while (true) {
+      // Fast path: copy runs of plain ASCII eight bytes at a time.
+      const unsigned char* run = p_;
+      while (end_ - p_ >= 8) {
+        uint64_t x;
+        std::memcpy(&x, p_, 8);
+        if (needs_attention(x)) break;
+        p_ += 8;
+      }
+      while (p_ < end_ && *p_ >= 0x20 && *p_ < 0x80 && *p_ != '"' && *p_ != '\\') ++p_;
+      if (dest != nullptr && p_ > run) dest->append(reinterpret_cast<const char*>(run), p_ - run);
+      if (p_ >= end_) return fail(open, "invalid JSON: string starting here is not closed before the end of line");
+      unsigned char c = *p_;
+      if (c == '"') {
+        ++p_;
+        return true;
+      }
+      if (c == '\\') {
+        if (!parse_escape(dest)) return false;
+        continue;
+      }
+      if (c < 0x20) {
+        if (c == 0) return fail(p_, "raw NUL byte inside a string (write it as \\u0000)");
+        return fail(p_, "invalid JSON: unescaped control character " + describe_byte(p_, end_) +
+                            " inside a string");
+      }
+      size_t n = utf8_sequence_length(p_, end_);
+      if (n == 0) return fail(p_, "invalid UTF-8: " + describe_byte(p_, end_) + " does not start a valid sequence");
+      if (dest != nullptr) dest->append(reinterpret_cast<const char*>(p_), n);
+      p_ += n;
+    }
+  }
+
+  bool parse_escape(std::string* dest) {
+    const unsigned char* at = p_;
+    if (end_ - p_ < 2) return fail(at, "invalid JSON: incomplete escape at the end of line");
+    unsigned char e = p_[1];
+    char plain = 0;
+    switch (e) {
+      case '"': plain = '"'; break;
+      case '\\': plain = '\\'; break;
+      case '/': plain = '/'; break;
+      case 'b': plain = '\b'; break;
+      case 'f': plain = '\f'; break;
+      case 'n': plain = '\n'; break;
+      case 'r': plain = '\r'; break;
+      case 't': plain = '\t'; break;
+      case 'u': break;
+      default:
+        return fail(at, "invalid JSON: unknown escape \\" + std::string(1, static_cast<char>(e)));
+    }
+    if (e != 'u') {
+      if (dest != nullptr) dest->push_back(plain);
+      p_ += 2;
+      return true;
+    }
+    uint32_t cp;
+    if (!parse_hex4(p_ + 2, &cp)) return fail(at, "invalid JSON: \\u must be followed by four hex digits");
+    p_ += 6;
+    if (cp >= 0xDC00 && cp <= 0xDFFF) {
+      return fail(at, "lone low surrogate escape \\u" + hex4(cp) + " (not preceded by a high surrogate)");
+    }
+    if (cp >= 0xD800 && cp <= 0xDBFF) {
+      uint32_t low;
+      if (end_ - p_ < 6 || p_[0] != '\\' || p_[1] != 'u' || !parse_hex4(p_ + 2, &low) || low < 0xDC00 ||
+          low > 0xDFFF) {
+        return fail(at, "lone high surrogate escape \\u" + hex4(cp) + " (not followed by a low surrogate)");
+      }
+      p_ += 6;
+      cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+    }
+    if (dest != nullptr) append_utf8(dest, cp);
+    return true;
+  }
+
+  static std::string hex4(uint32_t v) {
+    static const char* kHex = "0123456789abcdef";
+    std::string s(4, '0');
+    for (int i = 3; i >= 0; --i, v >>= 4) s[i] = kHex[v & 15];
+    return s;
+  }
+
+  const unsigned char* begin_;
+  const unsigned char* p_;
+  const unsigned char* end_;
+  const JsonPath* path_;
+  std::string* out_;
+  std::string key_;
+  Lookup lookup_;
+  JsonResult result_;
+};
+
+}  // namespace
+
+JsonResult scan_json_line(std::string_view line, const JsonPath* path, std::string* out) {
+  if (path != nullptr && out == nullptr) throw std::invalid_argument("scan_json_line: path without output");
+  if (out != nullptr) out->clear();
+  return Parser(line, path, out).run();
+}
+
+}  // namespace fastlm

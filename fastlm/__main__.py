@@ -1,0 +1,6 @@
+"""`python -m fastlm` is the `fastlm` command."""
+import sys
+
+from fastlm.cli import main
+
+sys.exit(main())

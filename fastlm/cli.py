@@ -1,0 +1,142 @@
+"""The `fastlm` command, with the verbs of Modalities' CLI.
+
+    fastlm data create_raw_index --index_path OUT.idx SRC.jsonl
+    fastlm data pack_encoded_data CONFIG.yaml
+    fastlm data inspect FILE.pbin [--tokenizer PATH]
+    fastlm data merge_packed_data OUT.pbin IN1.pbin IN2.pbin ...
+
+Start-up is cheap: argparse only; each verb imports what it needs when it runs (the data verbs never
+import torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from fastlm.atomic import FILE_EXISTENCE_POLICIES
+from fastlm.progress import progress_bar
+
+
+def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a verb; bad input and I/O problems print one clear line (no traceback) and exit 1.
+    Set FASTLM_TRACEBACK=1 to see the traceback too."""
+    try:
+        return fn(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        if os.environ.get("FASTLM_TRACEBACK"):
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _create_raw_index(args: argparse.Namespace) -> int:
+    from fastlm import _C
+    from fastlm.atomic import atomic_output, should_write
+    from fastlm.yamlconf import usable_cpus
+
+    src = Path(args.src_path)
+    dst = Path(args.index_path) if args.index_path else src.with_suffix(".idx")
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: source JSONL file not found")
+    if not should_write(dst, args.file_existence_policy):
+        print(f"{dst} exists; skipped (file_existence_policy: skip)")
+        return 0
+    t0 = time.perf_counter()
+    size = src.stat().st_size
+    progress = progress_bar(size, "index", False if args.quiet else None)
+    try:
+        with atomic_output(dst) as tmp:
+            result = _C.build_raw_index(str(src), args.num_cpus or usable_cpus(), args.skip_invalid, progress,
+                                        out_path=str(tmp), return_arrays=False)
+    finally:
+        if progress is not None:
+            progress.close()
+    seconds = time.perf_counter() - t0
+    print(
+        f"indexed {result['documents']:,} documents of {src} ({result['lines']:,} lines, "
+        f"{result['blank_lines']:,} blank, {result['skipped_lines']:,} invalid skipped) into {dst} "
+        f"in {seconds:.2f} s ({size / max(seconds, 1e-9) / 1e6:.0f} MB/s)"
+    )
+    for line, why in result["first_skipped"][:5]:
+        print(f"  skipped {src}:{line}: {why}")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from fastlm import pack
+
+    return pack.run(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from fastlm.data.tools import inspect_packed
+
+    print(inspect_packed(args.path, args.tokenizer))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from fastlm.data.tools import merge_packed
+
+    t0 = time.perf_counter()
+    merge_packed(args.dst, args.sources, file_existence_policy=args.file_existence_policy)
+    print(f"merged {len(args.sources)} files into {args.dst} in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastlm import __version__
+
+    parser = argparse.ArgumentParser(prog="fastlm", description="fastlm: fast, sturdy LLM pretraining")
+    parser.add_argument("--version", action="version", version=f"fastlm {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    data = verbs.add_parser("data", help="index, pack, inspect and merge datasets")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="DATA_VERB")
+
+    p = data_verbs.add_parser("create_raw_index", help="index the lines of a JSONL file (.idx)")
+    p.add_argument("src_path", help="the JSONL file")
+    p.add_argument("--index_path", "--index-path", help="the .idx to write (default: SRC with .idx)")
+    p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
+                   default="error", help="when the index exists: error (default), skip or override")
+    p.add_argument("--skip-invalid", "--skip_invalid", action="store_true", help="skip invalid lines")
+    p.add_argument("--num-cpus", "--num_cpus", type=int, default=None, help="threads (default: all usable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_create_raw_index)
+
+    from fastlm.pack import build_parser as pack_parser
+
+    p = data_verbs.add_parser("pack_encoded_data", help="tokenize a JSONL file into a .pbin")
+    pack_parser(p)
+    p.set_defaults(fn=_pack)
+
+    p = data_verbs.add_parser("inspect", help="summarise a .pbin file")
+    p.add_argument("path", help="the .pbin file")
+    p.add_argument("--tokenizer", help="tokenizer.json (or its folder) to decode the first document")
+    p.set_defaults(fn=_inspect)
+
+    p = data_verbs.add_parser("merge_packed_data", help="concatenate .pbin files of the same tokenizer")
+    p.add_argument("dst", help="the .pbin to write")
+    p.add_argument("sources", nargs="+", help="the .pbin files to merge, in order")
+    p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
+                   default="error")
+    p.set_defaults(fn=_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.fn, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Pack a JSONL corpus into a .pbin token file: `python -m fastlm.pack CONFIG` (= `fastlm data
+pack_encoded_data CONFIG`), or with plain flags for one-off runs.
+
+The config is the Modalities tutorial's format, unchanged (a `settings` block and a `tokenizer` block).
+The work happens in fastlm._C.pack_jsonl: threads read, validate, extract and tokenize documents; the
+output is byte-identical to what Modalities 0.5 writes for the same input and tokenizer, and is written
+under a temporary name that is renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastlm.atomic import FILE_EXISTENCE_POLICIES, atomic_output, should_write
+from fastlm.progress import progress_bar
+from fastlm.yamlconf import ConfigError, check_keys, load_yaml, usable_cpus
+
+SETTINGS_KEYS = {
+    "src_path": "the JSONL file to pack",
+    "dst_path": "the .pbin file to write",
+    "index_path": "the raw index of src_path (built on the fly when the file is missing)",
+    "jq_pattern": "where the text is in each JSON line: .key or .key.subkey",
+    "num_cpus": "threads to use (${node_env:num_cpus}: all usable CPUs)",
+    "eod_token": "the end-of-document token appended to every document",
+    "skip_invalid": "skip invalid lines (reported) instead of stopping at the first",
+    "file_existence_policy": "what to do when dst_path exists: error | skip | override",
+    # Modalities' queue and batch sizes: accepted so that its configs load unchanged; fastlm sizes its
+    # batches by bytes and its queues by thread count, so these have no effect.
+    "processing_batch_size": "accepted for Modalities compatibility; no effect",
+    "raw_samples_queue_size": "accepted for Modalities compatibility; no effect",
+    "processed_samples_queue_size": "accepted for Modalities compatibility; no effect",
+}
+TOKENIZER_KEYS = ("component_key", "variant_key", "config")
+TOKENIZER_CONFIG_KEYS = ("pretrained_model_name_or_path", "padding", "truncation", "max_length", "special_tokens")
+
+
+@dataclass
+class PackJob:
+    src_path: Path
+    dst_path: Path
+    tokenizer_path: Path
+    jq_pattern: str = ".text"
+    eod_token: str = "<|endoftext|>"
+    index_path: Path | None = None
+    num_cpus: int = 1
+    skip_invalid: bool = False
+    file_existence_policy: str = "error"
+
+
+def load_pack_config(path: str | os.PathLike) -> PackJob:
+    """Read a pack config (the tutorial's format); relative paths resolve against the working directory."""
+    source = str(path)
+    cfg = load_yaml(path)
+    check_keys(cfg, ("settings", "tokenizer"), "config", source, required=("settings", "tokenizer"))
+    settings, tok = cfg["settings"], cfg["tokenizer"]
+    check_keys(settings, SETTINGS_KEYS, "settings", source, required=("src_path", "dst_path", "eod_token"))
+    check_keys(tok, TOKENIZER_KEYS, "tokenizer", source, required=("config",))
+    if tok.get("component_key", "tokenizer") != "tokenizer":
+        raise ConfigError(f'{source}: tokenizer.component_key must be "tokenizer", found {tok["component_key"]!r}')
+    if tok.get("variant_key", "pretrained_hf_tokenizer") != "pretrained_hf_tokenizer":
+        raise ConfigError(
+            f'{source}: tokenizer.variant_key {tok["variant_key"]!r} is not supported '
+            f'(supported: "pretrained_hf_tokenizer", a tokenizer.json)'
+        )
+    tcfg = tok["config"]
+    check_keys(tcfg, TOKENIZER_CONFIG_KEYS, "tokenizer.config", source, required=("pretrained_model_name_or_path",))
+    for key in ("padding", "truncation"):
+        if tcfg.get(key) not in (None, False, "do_not_pad", "do_not_truncate"):
+            raise ConfigError(
+                f"{source}: tokenizer.config.{key} must be false for packing (documents are stored whole), "
+                f"found {tcfg[key]!r}"
+            )
+    num_cpus = settings.get("num_cpus", usable_cpus())
+    if not isinstance(num_cpus, int) or isinstance(num_cpus, bool) or num_cpus < 1:
+        raise ConfigError(f"{source}: settings.num_cpus must be a positive integer, found {num_cpus!r}")
+    policy = settings.get("file_existence_policy", "error")
+    if policy not in FILE_EXISTENCE_POLICIES:
+        raise ConfigError(
+            f"{source}: settings.file_existence_policy must be one of {', '.join(FILE_EXISTENCE_POLICIES)}, "
+            f"found {policy!r}"
+        )
+    skip_invalid = settings.get("skip_invalid", False)
+    if not isinstance(skip_invalid, bool):
+        raise ConfigError(f"{source}: settings.skip_invalid must be true or false, found {skip_invalid!r}")
+    return PackJob(
+        src_path=Path(settings["src_path"]),
+        dst_path=Path(settings["dst_path"]),
+        tokenizer_path=Path(tcfg["pretrained_model_name_or_path"]),
+        jq_pattern=str(settings.get("jq_pattern", ".text")),
+        eod_token=str(settings["eod_token"]),
+        index_path=Path(settings["index_path"]) if settings.get("index_path") else None,
+        num_cpus=num_cpus,
+        skip_invalid=skip_invalid,
+        file_existence_policy=policy,
+    )
+
+
+def _library_encoder(tokenizer, num_cpus: int):
+    """encode_batch through the `tokenizers` library, returning flat ids and per-text counts."""
+    import numpy as np
+
+    lib = tokenizer.library()
+
+    def encode(texts: list[str]):
+        encodings = lib.encode_batch(texts, add_special_tokens=True)
+        counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.uint64, count=len(encodings))
+        ids = np.fromiter(
+            itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.uint32, count=int(counts.sum())
+        )
+        return ids, counts
+
+    return encode
+
+
+def load_or_build_index(src: Path, index_path: Path | None, num_cpus: int, skip_invalid: bool, show_progress):
+    """Offsets and lengths of src's documents: read from index_path, or built (and saved there if given)."""
+    import numpy as np
+
+    from fastlm.data.pbin import read_raw_index, write_raw_index
+
+    if index_path is not None and index_path.exists():
+        return read_raw_index(index_path)
+    from fastlm import _C
+
+    bar = progress_bar(src.stat().st_size, "index", show_progress)
+    try:
+        result = _C.build_raw_index(str(src), num_cpus, skip_invalid, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    offsets, lengths = np.asarray(result["offsets"]), np.asarray(result["lengths"])
+    if index_path is not None:
+        write_raw_index(index_path, offsets, lengths)
+    return offsets, lengths
+
+
+def pack(job: PackJob, show_progress: bool | None = None) -> dict:
+    """Run a pack job; returns the summary (documents, tokens, token_size, seconds, ...)."""
+    from fastlm import _C
+    from fastlm.tokenizer import Tokenizer
+
+    if not job.src_path.is_file():
+        raise FileNotFoundError(f"{job.src_path}: source JSONL file not found")
+    if not should_write(job.dst_path, job.file_existence_policy):
+        return {"skipped": True, "dst_path": str(job.dst_path)}
+    t0 = time.perf_counter()
+    tokenizer = Tokenizer(job.tokenizer_path)
+    eod_id = tokenizer.token_to_id(job.eod_token)
+    if eod_id is None:
+        raise ConfigError(
+            f"eod_token {job.eod_token!r} is not in the vocabulary of {tokenizer.path} "
+            f"(it has {tokenizer.max_id + 1:,} ids)"
+        )
+    offsets, lengths = load_or_build_index(job.src_path, job.index_path, job.num_cpus, job.skip_invalid, show_progress)
+    if tokenizer.native:
+        bpe, encoder = tokenizer.native_encoder(), None
+    else:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(job.num_cpus))
+        bpe, encoder = None, _library_encoder(tokenizer, job.num_cpus)
+    bar = progress_bar(int(lengths.sum()) + len(lengths), "pack", show_progress)
+    try:
+        with atomic_output(job.dst_path) as tmp:
+            result = _C.pack_jsonl(
+                str(job.src_path), str(tmp), offsets, lengths, job.jq_pattern, eod_id, tokenizer.token_size,
+                job.num_cpus, job.skip_invalid, bpe=bpe, encoder=encoder, progress=bar,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    result["invalid_lines"] = result.pop("skipped")
+    result.update(
+        skipped=False,
+        dst_path=str(job.dst_path),
+        token_size=tokenizer.token_size,
+        seconds=seconds,
+        mb_per_s=result["bytes_read"] / seconds / 1e6,
+        tokens_per_s=result["tokens"] / seconds,
+        tokenizer_path_used="native" if tokenizer.native else "tokenizers",
+        tokenizer=tokenizer.describe(),
+        threads=job.num_cpus,
+    )
+    return result
+
+
+def format_summary(r: dict) -> str:
+    if r.get("skipped"):
+        return f"{r['dst_path']} exists; skipped (file_existence_policy: skip)"
+    line = (
+        f"packed {r['documents']:,} documents, {r['tokens']:,} tokens ({r['token_size']}-byte) into "
+        f"{r['dst_path']} in {r['seconds']:.2f} s: {r['mb_per_s']:.1f} MB/s, "
+        f"{r['tokens_per_s'] / 1e6:.2f} M tokens/s, tokenizer: {r['tokenizer']}, {r['threads']} threads"
+    )
+    if r["invalid_lines"]:
+        first = ", ".join(f"line {n} ({why})" for n, why in r["first_skipped"][:3])
+        line += f"\nskipped {r['invalid_lines']:,} invalid line(s); first: {first}"
+    return line
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m fastlm.pack", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="?", help="pack config YAML (the tutorial's format)")
+    p.add_argument("--src", help="JSONL file (one-off run without a config)")
+    p.add_argument("--dst", help=".pbin file to write")
+    p.add_argument("--tokenizer", help="tokenizer.json or a folder holding it")
+    p.add_argument("--index", dest="index_path", help="raw index of --src (built when missing)")
+    p.add_argument("--jq-pattern", "--jq_pattern", default=".text", help="field holding the text (default .text)")
+    p.add_argument("--eod-token", "--eod_token", default="<|endoftext|>")
+    p.add_argument("--num-cpus", "--num_cpus", type=int, default=None, help="threads (default: all usable CPUs)")
+    p.add_argument("--skip-invalid", "--skip_invalid", action="store_true", default=None,
+                   help="skip invalid lines instead of stopping at the first")
+    p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
+                   default=None, help="when dst exists: error (default), skip or override")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def job_from_args(args: argparse.Namespace) -> PackJob:
+    if args.config:
+        flags = [f for f in ("src", "dst", "tokenizer") if getattr(args, f)]
+        if flags:
+            raise ConfigError(f"give either a config file or --src/--dst/--tokenizer, not both (got --{flags[0]})")
+        job = load_pack_config(args.config)
+    else:
+        missing = [f"--{f}" for f in ("src", "dst", "tokenizer") if not getattr(args, f)]
+        if missing:
+            raise ConfigError(f"without a config file, {', '.join(missing)} must be given")
+        job = PackJob(src_path=Path(args.src), dst_path=Path(args.dst), tokenizer_path=Path(args.tokenizer),
+                      jq_pattern=args.jq_pattern, eod_token=args.eod_token, num_cpus=usable_cpus(),
+                      index_path=Path(args.index_path) if args.index_path else None)
+    if args.num_cpus is not None:
+        job.num_cpus = args.num_cpus
+    if args.skip_invalid:
+        job.skip_invalid = True
+    if args.file_existence_policy:
+        job.file_existence_policy = args.file_existence_policy
+    return job
+
+
+def run(args: argparse.Namespace) -> int:
+    job = job_from_args(args)
+    summary = pack(job, show_progress=False if args.quiet else None)
+    print(format_summary(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastlm.cli import run_guarded
+
+    args = build_parser().parse_args(argv)
+    return run_guarded(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

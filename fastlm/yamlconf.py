@@ -1,0 +1,95 @@
+"""YAML loading with the interpolations users know from Modalities, and strict key checking.
+
+Supported inside string values: `${node_env:num_cpus}` (usable CPUs of this process) and `${env:VAR}`
+(an environment variable; `${env:VAR,default}` gives a default). A value that is exactly one
+interpolation takes the interpolated type (an int for num_cpus); anything else is substituted as text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+_INTERP = re.compile(r"\$\{([a-z_]+):([^}]*)\}")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _interpolate_one(kind: str, arg: str, where: str) -> Any:
+    if kind == "node_env":
+        if arg == "num_cpus":
+            return usable_cpus()
+        raise ConfigError(f"{where}: unknown node_env variable {arg!r} (supported: num_cpus)")
+    if kind == "env":
+        name, _, default = arg.partition(",")
+        value = os.environ.get(name.strip())
+        if value is None:
+            if _:
+                return default.strip()
+            raise ConfigError(f"{where}: environment variable {name.strip()!r} is not set")
+        return value
+    raise ConfigError(f"{where}: unknown interpolation ${{{kind}:...}} (supported: node_env, env)")
+
+
+def interpolate(obj: Any, where: str = "config") -> Any:
+    """Return `obj` with every `${kind:arg}` in its strings resolved."""
+    if isinstance(obj, dict):
+        return {k: interpolate(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [interpolate(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, str):
+        whole = _INTERP.fullmatch(obj)
+        if whole:
+            return _interpolate_one(whole.group(1), whole.group(2), where)
+        return _INTERP.sub(lambda m: str(_interpolate_one(m.group(1), m.group(2), where)), obj)
+    return obj
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping (interpolations resolved); errors name the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    return interpolate(data, str(path))
+
+
+def check_keys(
+    section: Any, allowed: Iterable[str], prefix: str, source: str, required: Iterable[str] = ()
+) -> None:
+    """Raise ConfigError for a section that is not a mapping, an unknown key (with "did you mean") or a
+    missing required key. `prefix` is the section's dotted name, `source` the file."""
+    allowed = list(allowed)
+    if not isinstance(section, dict):
+        raise ConfigError(f'{source}: "{prefix}" must be a mapping, found {type(section).__name__}')
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f' (did you mean "{prefix}.{close[0]}"?)' if close else ""
+            raise ConfigError(
+                f'{source}: unknown key "{prefix}.{key}"{hint}; valid keys of {prefix}: {", ".join(allowed)}'
+            )
+    for key in required:
+        if key not in section:
+            raise ConfigError(f'{source}: missing key "{prefix}.{key}"')

@@ -1,0 +1,125 @@
+"""The native JSONL line scanner against Python's json module (the reference)."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastlm import _C
+
+
+def extract(line: bytes, pattern: str = ".text"):
+    return _C.scan_json_line(line, pattern)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "plain ascii",
+        "quotes \" and \\ backslash / slash",
+        "controls \b\f\n\r\t and \x01\x1f",
+        "NUL inside \x00 text",
+        "accents éàü, CJK 漢字, emoji 😀👩‍👩‍👧 and a flag 🇩🇪",
+        "\u2028\u2029 line separators",
+        "x" * 100_000,
+    ],
+)
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_extracts_what_json_loads_gives(value, ensure_ascii):
+    line = json.dumps({"id": 1, "text": value, "meta": [1, 2.5e-3, None, True, {"x": "y"}]},
+                      ensure_ascii=ensure_ascii).encode()
+    r = extract(line)
+    assert r["fault"] == "ok", r
+    assert r["text"].decode("utf-8") == value
+
+
+def test_nested_path_and_last_duplicate_wins():
+    line = b'{"a": {"b": "first"}, "c": 1, "a": {"b": "second", "z": [1, {"b": "no"}]}}'
+    assert extract(line, ".a.b")["text"] == b"second"
+    assert json.loads(line)["a"]["b"] == "second"
+    # a later non-object at an intermediate key replaces the earlier object, as in jq
+    r = extract(b'{"a": {"b": "x"}, "a": 3}', ".a.b")
+    assert r["fault"] == "not_a_string" and "expected an object at .a, found a number" in r["message"]
+
+
+def test_escaped_keys_match():
+    assert extract(b'{"t\\u0065xt": "hi"}')["text"] == b"hi"
+
+
+def test_surrogate_pair_escape():
+    r = extract(b'{"text": "\\ud83d\\ude00 \\u00e9"}')
+    assert r["fault"] == "ok" and r["text"].decode() == "😀 é"
+
+
+@pytest.mark.parametrize(
+    "line, fault, words",
+    [
+        (b'{"text": "abc"', "invalid_json", "expected ',' or '}'"),
+        (b'{"text": "abc}', "invalid_json", "not closed"),
+        (b'{"text": abc}', "invalid_json", "expected a value"),
+        (b'{"text": "a"} trailing', "invalid_json", "after the end of the object"),
+        (b'{"text": "a",}', "invalid_json", "expected a key"),
+        (b'{"text": 01}', "invalid_json", "expected ',' or '}'"),
+        (b'{"text": "\\x41"}', "invalid_json", "unknown escape"),
+        (b'{"text": "\\u12"}', "invalid_json", "four hex digits"),
+        (b'{"text": "\\ud800"}', "invalid_json", "lone high surrogate"),
+        (b'{"text": "\\ud800\\u0041"}', "invalid_json", "lone high surrogate"),
+        (b'{"text": "\\udc00"}', "invalid_json", "lone low surrogate"),
+        (b'{"text": "a\x00b"}', "invalid_json", "raw NUL byte"),
+        (b'{"text": "a\tb"}', "invalid_json", "unescaped control character"),
+        (b'{"text": "\xff"}', "invalid_json", "invalid UTF-8"),
+        (b'{"text": "\xc0\xaf"}', "invalid_json", "invalid UTF-8"),  # overlong '/'
+        (b'{"text": "\xed\xa0\x80"}', "invalid_json", "invalid UTF-8"),  # an encoded surrogate
+        (b'{"text": "\xe2\x82"}', "invalid_json", "invalid UTF-8"),  # truncated sequence
+        (b'{"text": "\xf4\x90\x80\x80"}', "invalid_json", "invalid UTF-8"),  # above U+10FFFF
+        (b"[1, 2]", "not_an_object", "found an array"),
+        (b'"text"', "not_an_object", "found a string"),
+        (b"", "invalid_json", "empty line"),
+        (b'{"other": "x"}', "missing_key", "missing key .text"),
+        (b'{"text": 5}', "not_a_string", "expected a string at .text, found a number"),
+        (b'{"text": null}', "not_a_string", "found null"),
+        (b'{"text": ["a"]}', "not_a_string", "found an array"),
+        (b'{"x": ' + b"[" * 600 + b"]" * 600 + b"}", "invalid_json", "nesting deeper"),
+    ],
+)
+def test_faults(line, fault, words):
+    r = extract(line)
+    assert r["fault"] == fault, r
+    assert words in r["message"], r
+
+
+def test_fault_column_points_at_the_problem():
+    r = extract(b'{"text": "ok", "n": tru}')
+    assert r["column"] == len(b'{"text": "ok", "n": ') + 1
+
+
+@pytest.mark.parametrize("pattern", ["raw_content", ".", ".a..b", ".a[0]", ".a | .b", ""])
+def test_unsupported_patterns_say_what_is_supported(pattern):
+    with pytest.raises(ValueError, match="supported patterns are `.key`"):
+        extract(b"{}", pattern)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), json_values, max_size=5), st.text(), st.booleans())
+def test_random_objects_match_json(obj, text, ensure_ascii):
+    obj = dict(obj)
+    obj["text"] = text
+    line = json.dumps(obj, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
+    r = extract(line)
+    # json.dumps(ensure_ascii=False) may emit lone surrogates from st.text(): then the line is not UTF-8
+    try:
+        expected = json.loads(line.decode("utf-8"))["text"].encode("utf-8")
+    except UnicodeError:
+        assert r["fault"] == "invalid_json"
+        return
+    assert r["fault"] == "ok", r
+    assert r["text"] == expected

@@ -1,0 +1,373 @@
+"""The packer: byte-identical to Modalities and to `tokenizers`, bad input, atomic output, configs."""
+
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastlm.cli import main as cli
+from fastlm.pack import PackJob, load_pack_config, pack
+from fastlm.yamlconf import ConfigError
+
+from conftest import DATA, GPT2, MODALITIES, REDPAJAMA
+
+EOD = 50256
+
+
+def reference_pbin(docs, token_size=2):
+    """The .pbin contract in plain Python: header, little-endian ids, pickled (offset, length) index."""
+    dtype = {1: "<u1", 2: "<u2", 4: "<u4"}[token_size]
+    data = b"".join(np.asarray(d, dtype=dtype).tobytes() for d in docs)
+    index, offset = [], 0
+    for d in docs:
+        index.append((offset, len(d) * token_size))
+        offset += len(d) * token_size
+    return struct.pack("<QI", len(data), token_size) + data + pickle.dumps(index, protocol=4)
+
+
+def expected_docs(hf, texts, eod=EOD):
+    out = []
+    for t in texts:
+        ids = hf.encode(t).ids
+        out.append(ids if ids and ids[-1] == eod else ids + [eod])
+    return out
+
+
+def write_jsonl(path, texts, key="text"):
+    path.write_text("".join(json.dumps({key: t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def run_pack(tmp_path, src, **kw):
+    job = PackJob(src_path=src, dst_path=tmp_path / "out.pbin", tokenizer_path=GPT2, **kw)
+    return pack(job, show_progress=False), job.dst_path
+
+
+@pytest.mark.parametrize("name", ["lorem_ipsum", "lorem_ipsum_long"])
+def test_byte_identical_to_modalities_golden_files(tmp_path, name):
+    summary, dst = run_pack(tmp_path, MODALITIES / f"{name}.jsonl", jq_pattern=".text", num_cpus=2)
+    assert dst.read_bytes() == (MODALITIES / f"{name}.pbin").read_bytes()
+    assert summary["tokenizer_path_used"] == "native"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_redpajama_equals_tokenizers(tmp_path, gpt2_hf, split):
+    src = REDPAJAMA / f"redpajama_v2_samples_512_{split}.jsonl"
+    texts = [json.loads(line)["raw_content"] for line in src.read_text(encoding="utf-8").splitlines()]
+    summary, dst = run_pack(tmp_path, src, jq_pattern=".raw_content", num_cpus=2)
+    assert dst.read_bytes() == reference_pbin(expected_docs(gpt2_hf, texts))
+    if split == "train":
+        assert summary["tokens"] == 786_370  # DESIGN.md: the tutorial's train split, 512 EODs included
+    assert summary["documents"] == 512
+
+
+def test_hard_unicode_file(tmp_path, gpt2_hf):
+    texts = [t for t in (DATA / "hard_unicode.txt").read_text(encoding="utf-8").split("\n\n") if t]
+    assert len(texts) > 20
+    src = write_jsonl(tmp_path / "hard.jsonl", texts)
+    _, dst = run_pack(tmp_path, src, num_cpus=2)
+    assert dst.read_bytes() == reference_pbin(expected_docs(gpt2_hf, texts))
+
+
+unicode_text = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(list(" \t\n\r\x0b\x0c\u00a0\u2003\u3000'sStTdDmM!?.,0123456789<|>endoftx")),
+        st.characters(codec="utf-8"),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(unicode_text, min_size=1, max_size=12))
+def test_random_documents_equal_tokenizers(tmp_path, gpt2_hf, texts):
+    src = write_jsonl(tmp_path / "rand.jsonl", texts)
+    job = PackJob(src_path=src, dst_path=tmp_path / "rand.pbin", tokenizer_path=GPT2,
+                  num_cpus=2, file_existence_policy="override")
+    pack(job, show_progress=False)
+    assert job.dst_path.read_bytes() == reference_pbin(expected_docs(gpt2_hf, texts))
+
+
+def test_unusual_but_valid_input(tmp_path, gpt2_hf):
+    texts = ["", "ends with eod<|endoftext|>", "<|endoftext|>", "mid <|endoftext|> dle", "nul \x00 char", "crlf"]
+    lines = [json.dumps({"text": t}).encode() for t in texts]
+    data = b"\xef\xbb\xbf" + b"\n".join(lines[:-1]) + b"\n" + lines[-1].replace(b"}", b"}\r")  # no final newline
+    src = tmp_path / "odd.jsonl"
+    src.write_bytes(data)
+    summary, dst = run_pack(tmp_path, src)
+    docs = expected_docs(gpt2_hf, texts)
+    assert docs[0] == [EOD] and docs[1][-1] == EOD and docs[2] == [EOD]
+    assert dst.read_bytes() == reference_pbin(docs)
+    assert summary["documents"] == len(texts)
+
+
+def test_thirty_documents_with_an_empty_fifth_are_all_kept(tmp_path, gpt2_hf):
+    texts = [f"document number {i}" if i != 4 else "" for i in range(30)]
+    src = write_jsonl(tmp_path / "thirty.jsonl", texts)
+    summary, dst = run_pack(tmp_path, src, num_cpus=2)
+    assert summary["documents"] == 30
+    assert dst.read_bytes() == reference_pbin(expected_docs(gpt2_hf, texts))
+
+
+def test_single_20mb_document(tmp_path, gpt2_hf):
+    words = (REDPAJAMA / "redpajama_v2_samples_512_test.jsonl").read_text(encoding="utf-8")
+    text = json.loads(words.splitlines()[0])["raw_content"]
+    text = (text * (20_000_000 // len(text) + 1))[:20_000_000]
+    src = write_jsonl(tmp_path / "big.jsonl", [text])
+    summary, dst = run_pack(tmp_path, src, num_cpus=2)
+    assert dst.read_bytes() == reference_pbin(expected_docs(gpt2_hf, [text]))
+    assert summary["documents"] == 1
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        (b'{"text": "a"', "invalid JSON"),
+        (b'{"other": "a"}', "missing key .text"),
+        (b'{"text": 3}', "expected a string at .text, found a number"),
+        (b'{"text": "\xc3\x28"}', "invalid UTF-8"),
+        (b'{"text": "\\udc00"}', "lone low surrogate"),
+        (b'{"text": "a\x00b"}', "raw NUL byte"),
+    ],
+)
+def test_bad_documents_name_file_and_line_and_write_nothing(tmp_path, line, words):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b'{"text": "fine"}\n\n{"text": "also fine"}\n' + line + b'\n{"text": "after"}\n')
+    with pytest.raises(ValueError) as err:
+        run_pack(tmp_path, src)
+    assert f"{src}:4:" in str(err.value) and words in str(err.value)
+    assert list(tmp_path.iterdir()) == [src], "no output, no temporary file"
+
+
+def test_skip_invalid_skips_and_reports(tmp_path, gpt2_hf, capsys):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b'{"text": "one"}\n{"text": 1}\n{"text": "two"}\n{"nope": "x"}\n{"text": "three"}\n')
+    cfg = tmp_path / "pack.yaml"
+    cfg.write_text(
+        f"settings:\n  src_path: {src}\n  dst_path: {tmp_path / 'out.pbin'}\n  jq_pattern: .text\n"
+        f"  eod_token: <|endoftext|>\n  skip_invalid: true\n"
+        f"tokenizer:\n  config:\n    pretrained_model_name_or_path: {GPT2}\n"
+    )
+    assert cli(["data", "pack_encoded_data", str(cfg), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 invalid line(s)" in out and "line 2" in out and "line 4" in out
+    assert (tmp_path / "out.pbin").read_bytes() == reference_pbin(expected_docs(gpt2_hf, ["one", "two", "three"]))
+
+
+def test_tutorial_config_with_relative_paths_and_missing_index(tmp_path, gpt2_hf, monkeypatch):
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    src = tmp_path / "data" / "raw" / "lorem.jsonl"
+    src.write_bytes((MODALITIES / "lorem_ipsum.jsonl").read_bytes())
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_bytes((GPT2 / "tokenizer.json").read_bytes())
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        """settings:
+  src_path: data/raw/lorem.jsonl
+  dst_path: data/mem_map/lorem.pbin
+  index_path: data/mem_map/lorem.idx
+  jq_pattern: .text
+  num_cpus: ${node_env:num_cpus}
+  eod_token: <|endoftext|>
+  processing_batch_size: 10
+  raw_samples_queue_size: 300
+  processed_samples_queue_size: 300
+tokenizer:
+  component_key: tokenizer
+  variant_key: pretrained_hf_tokenizer
+  config:
+    pretrained_model_name_or_path: tokenizer
+    padding: false
+    truncation: false
+"""
+    )
+    monkeypatch.chdir(tmp_path)
+    assert subprocess.run([sys.executable, "-m", "fastlm.pack", "cfg.yaml", "--quiet"]).returncode == 0
+    assert (tmp_path / "data/mem_map/lorem.pbin").read_bytes() == (MODALITIES / "lorem_ipsum.pbin").read_bytes()
+    assert (tmp_path / "data/mem_map/lorem.idx").read_bytes() == (MODALITIES / "lorem_ipsum.idx").read_bytes()
+    job = load_pack_config("cfg.yaml")
+    assert job.num_cpus == len(os.sched_getaffinity(0))
+
+
+def _config(tmp_path, settings_extra="", tokenizer=None, settings=None):
+    body = settings or (
+        f"  src_path: {MODALITIES / 'lorem_ipsum.jsonl'}\n  dst_path: {tmp_path / 'o.pbin'}\n"
+        f"  jq_pattern: .text\n  eod_token: <|endoftext|>\n"
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"settings:\n{body}{settings_extra}tokenizer:\n  config:\n"
+                   f"    pretrained_model_name_or_path: {tokenizer or GPT2}\n")
+    return cfg
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match=r'unknown key "settings.src_pth" \(did you mean "settings.src_path"\?\)'):
+        load_pack_config(_config(tmp_path, settings=f"  src_pth: x\n  dst_path: y\n  eod_token: z\n"))
+    with pytest.raises(ConfigError, match=r"valid keys of settings: src_path, dst_path"):
+        load_pack_config(_config(tmp_path, "  colour: red\n"))
+    with pytest.raises(ConfigError, match=r'missing key "settings.dst_path"'):
+        load_pack_config(_config(tmp_path, settings="  src_path: x\n  eod_token: z\n"))
+
+
+def test_eod_token_not_in_vocabulary(tmp_path):
+    job = load_pack_config(_config(tmp_path, settings=(
+        f"  src_path: {MODALITIES / 'lorem_ipsum.jsonl'}\n  dst_path: {tmp_path / 'o.pbin'}\n"
+        f"  eod_token: </s>\n")))
+    with pytest.raises(ConfigError, match=r"eod_token '</s>' is not in the vocabulary"):
+        pack(job, show_progress=False)
+    assert not (tmp_path / "o.pbin").exists()
+
+
+def test_unreadable_tokenizer(tmp_path):
+    bad = tmp_path / "tok"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("{not json")
+    job = load_pack_config(_config(tmp_path, tokenizer=bad))
+    with pytest.raises(ValueError, match=r"tok/tokenizer.json: cannot read tokenizer.json"):
+        pack(job, show_progress=False)
+    job = load_pack_config(_config(tmp_path, tokenizer=tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"no tokenizer found"):
+        pack(job, show_progress=False)
+
+
+def test_unsupported_jq_pattern(tmp_path):
+    job = load_pack_config(_config(tmp_path, settings=(
+        f"  src_path: {MODALITIES / 'lorem_ipsum.jsonl'}\n  dst_path: {tmp_path / 'o.pbin'}\n"
+        f"  jq_pattern: .text[0]\n  eod_token: <|endoftext|>\n")))
+    with pytest.raises(ValueError, match=r"supported patterns are `.key` and nested `.key.subkey`"):
+        pack(job, show_progress=False)
+
+
+def test_nested_jq_pattern(tmp_path, gpt2_hf):
+    src = tmp_path / "nested.jsonl"
+    src.write_text('{"meta": {"body": "hello world"}, "x": 1}\n{"meta": {"body": "second"}}\n')
+    _, dst = run_pack(tmp_path, src, jq_pattern=".meta.body")
+    assert dst.read_bytes() == reference_pbin(expected_docs(gpt2_hf, ["hello world", "second"]))
+
+
+def test_file_existence_policy(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    dst = tmp_path / "o.pbin"
+    dst.write_bytes(b"precious")
+    assert cli(["data", "pack_encoded_data", str(cfg), "--quiet"]) == 1
+    assert "already exists" in capsys.readouterr().err and dst.read_bytes() == b"precious"
+    assert cli(["data", "pack_encoded_data", str(cfg), "--quiet", "--file_existence_policy", "skip"]) == 0
+    assert dst.read_bytes() == b"precious"
+    assert cli(["data", "pack_encoded_data", str(cfg), "--quiet", "--file_existence_policy", "override"]) == 0
+    assert dst.read_bytes() == (MODALITIES / "lorem_ipsum.pbin").read_bytes()
+
+
+def test_plain_flags_and_summary(tmp_path):
+    dst = tmp_path / "flags.pbin"
+    r = subprocess.run(
+        [sys.executable, "-m", "fastlm.pack", "--src", str(MODALITIES / "lorem_ipsum_long.jsonl"), "--dst", str(dst),
+         "--tokenizer", str(GPT2 / "tokenizer.json"), "--jq-pattern", ".text", "--eod-token", "<|endoftext|>",
+         "--num-cpus", "2", "--quiet"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert dst.read_bytes() == (MODALITIES / "lorem_ipsum_long.pbin").read_bytes()
+    summary = r.stdout.strip().splitlines()[-1]
+    for word in ("500 documents", "2-byte", "MB/s", "M tokens/s", "native byte-level BPE", "2 threads"):
+        assert word in summary, summary
+
+
+def _big_corpus(tmp_path, megabytes):
+    line = (REDPAJAMA / "redpajama_v2_samples_512_train.jsonl").read_bytes()
+    src = tmp_path / "big.jsonl"
+    with open(src, "wb") as f:
+        for _ in range(megabytes * 1_000_000 // len(line) + 1):
+            f.write(line)
+    return src
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_pack_leaves_no_destination(tmp_path, sig):
+    src = _big_corpus(tmp_path, 60)
+    dst = tmp_path / "out" / "big.pbin"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastlm.pack", "--src", str(src), "--dst", str(dst), "--tokenizer", str(GPT2),
+         "--jq-pattern", ".raw_content", "--num-cpus", "1", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    # wait until the temporary output exists, i.e. packing is under way
+    deadline = time.time() + 60
+    while time.time() < deadline and not (dst.parent.exists() and any(dst.parent.iterdir())):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, "packing finished before it could be interrupted"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert not dst.exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and b"interrupted" in err
+        assert list(dst.parent.iterdir()) == [], "the temporary file is removed on Ctrl-C"
+
+
+def test_library_fallback_gives_identical_ids(tmp_path):
+    """A tokenizer the native path does not cover (here: GPT-2 with an NFC normalizer) packs through the
+    tokenizers library, with the same ids that library gives."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads((GPT2 / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "NFC"}
+    tok = tmp_path / "nfc"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    hf = Tokenizer.from_file(str(tok / "tokenizer.json"))
+    texts = [json.loads(line)["text"] for line in (MODALITIES / "danish_test_dataset.jsonl").read_text().splitlines()]
+    texts += ["Cafe\u0301 vs Café", ""]
+    src = write_jsonl(tmp_path / "d.jsonl", texts)
+    job = PackJob(src_path=src, dst_path=tmp_path / "d.pbin", tokenizer_path=tok, num_cpus=2)
+    summary = pack(job, show_progress=False)
+    assert summary["tokenizer_path_used"] == "tokenizers" and "normalizer 'NFC'" in summary["tokenizer"]
+    assert job.dst_path.read_bytes() == reference_pbin(expected_docs(hf, texts))
+
+
+def test_token_size_counts_added_tokens(tmp_path):
+    """An added token with an id past 65,535 makes 4-byte tokens (Modalities would overflow 2 bytes)."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads((GPT2 / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"].append({"id": 70000, "content": "<|big|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    tok = tmp_path / "big_tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    hf = Tokenizer.from_file(str(tok / "tokenizer.json"))
+    texts = ["a <|big|> b", "plain"]
+    assert 70000 in hf.encode(texts[0]).ids
+    src = write_jsonl(tmp_path / "b.jsonl", texts)
+    job = PackJob(src_path=src, dst_path=tmp_path / "b.pbin", tokenizer_path=tok)
+    summary = pack(job, show_progress=False)
+    assert summary["token_size"] == 4 and summary["tokenizer_path_used"] == "native"
+    assert job.dst_path.read_bytes() == reference_pbin(expected_docs(hf, texts), token_size=4)
+
+
+def test_one_byte_tokens_through_the_library(tmp_path):
+    """A WordPiece tokenizer with fewer than 256 ids: library path, 1-byte tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(["lorem ipsum dolor sit amet"] * 20, trainers.WordPieceTrainer(
+        vocab_size=120, special_tokens=["[UNK]", "[EOD]"]))
+    assert hf.get_vocab_size() <= 256
+    hf.save(str(tmp_path / "wp.json"))
+    texts = ["lorem ipsum", "dolor sit amet zzz", ""]
+    src = write_jsonl(tmp_path / "w.jsonl", texts)
+    job = PackJob(src_path=src, dst_path=tmp_path / "w.pbin", tokenizer_path=tmp_path / "wp.json",
+                  eod_token="[EOD]")
+    summary = pack(job, show_progress=False)
+    eod = hf.token_to_id("[EOD]")
+    assert summary["token_size"] == 1 and summary["tokenizer_path_used"] == "tokenizers"
+    assert job.dst_path.read_bytes() == reference_pbin(expected_docs(hf, texts, eod=eod), token_size=1)
