@@ -86,7 +86,7 @@ void PairListPickler::opcode_boundary() {
 
 void PairListPickler::write_uint(uint64_t v) {
   opcode_boundary();  // save(int)
-  char buf[10];
+  char buf[11];  // LONG1: opcode, length, up to 9 bytes
   if (v < 0x100) {
     buf[0] = BININT1;
     put_le(buf + 1, v, 1);
@@ -106,7 +106,7 @@ void PairListPickler::write_uint(uint64_t v) {
     int n = bits / 8 + 1;
     buf[0] = static_cast<char>(LONG1);
     buf[1] = static_cast<char>(n);
-    std::memset(buf + 2, 0, 8);
+    std::memset(buf + 2, 0, 9);
     put_le(buf + 2, v, n > 8 ? 8 : n);
     write(buf, 2 + n);
   }
