@@ -197,8 +197,8 @@ class PairListParser {
   };
 
   [[noreturn]] void fail(const std::string& what) const {
-    throw std::runtime_error("invalid pickled index: " + what + " at byte " + std::to_string(op_start_) +
-                             " of " + std::to_string(n_));
+    throw std::runtime_error("invalid pickled index at byte " + std::to_string(op_start_) + " of " +
+                             std::to_string(n_) + ": " + what);
   }
   const uint8_t* take(size_t k);  // the next k argument bytes of the current opcode
   size_t stack_base() const { return marks_.empty() ? 0 : marks_.back(); }
@@ -404,7 +404,7 @@ void PairListParser::run() {
         }
         return;
       default:
-        fail(opcode_name(op) + ", which a list of (int, int) pairs never contains");
+        fail("found " + opcode_name(op) + ", which a list of (int, int) pairs never contains");
     }
   }
 }
