@@ -291,8 +291,10 @@ void PairListParser::run() {
     fail("unsupported pickle protocol " + std::to_string(p_[1]) + ", expected 2..5");
   }
   pos_ = 2;
+  // Python writes about 10 bytes per pair: reserving avoids most regrowth of the outputs and the memo.
   first_.reserve(first_.size() + n_ / 10);
   second_.reserve(second_.size() + n_ / 10);
+  memo_dense_.reserve(n_ / 10 + 1);
   for (;;) {
     if (frame_end_ != 0 && pos_ == frame_end_) frame_end_ = 0;
     op_start_ = pos_;
