@@ -53,13 +53,16 @@ class Tokenizer:
         self._vocab: dict[str, int] = vocab if isinstance(vocab, dict) else {}
         if isinstance(vocab, list):  # Unigram: a list of [piece, score]
             self._vocab = {piece: i for i, (piece, _score) in enumerate(vocab)}
-        self.added_tokens = list(self.spec.get("added_tokens") or [])
-        self._added = {t["content"]: t["id"] for t in self.added_tokens}
-        ids = list(self._vocab.values()) + list(self._added.values())
-        self.max_id = max(ids) if ids else 0
-        self.native_reason = self._native_blocker()
         self._native = None
         self._hf = None
+        self.added_tokens = list(self.spec.get("added_tokens") or [])
+        self._added = {t["content"]: t["id"] for t in self.added_tokens}
+        self.native_reason = self._native_blocker()
+        if self.native_reason is None:
+            ids = list(self._vocab.values()) + list(self._added.values())
+            self.max_id = max(ids) if ids else 0
+        else:  # the library is the authority on ids it assigns
+            self.max_id = max(self.library().get_vocab(with_added_tokens=True).values(), default=0)
 
     @property
     def native(self) -> bool:
@@ -70,6 +73,8 @@ class Tokenizer:
         return token_size_for(self.max_id + 1)
 
     def token_to_id(self, token: str) -> int | None:
+        if self.native_reason is not None:
+            return self.library().token_to_id(token)
         if token in self._added:
             return self._added[token]
         return self._vocab.get(token)
@@ -94,9 +99,17 @@ class Tokenizer:
         post = spec.get("post_processor")
         if post is not None and post.get("type") != "ByteLevel":
             return f"post-processor {post.get('type')!r} adds tokens"
+        next_id = len(self._vocab)
         for t in self.added_tokens:
             if t.get("single_word") or t.get("lstrip") or t.get("rstrip"):
                 return f"added token {t['content']!r} uses single_word/lstrip/rstrip"
+            # tokenizers gives an added token its vocabulary id, or else the next free id, whatever the
+            # file says; the native path takes the file's ids, so they must agree.
+            expected = self._vocab.get(t["content"])
+            if expected is None:
+                expected, next_id = next_id, next_id + 1
+            if t["id"] != expected:
+                return f"added token {t['content']!r} has id {t['id']} but tokenizers assigns {expected}"
         return None
 
     def native_encoder(self):

@@ -13,7 +13,7 @@ from fastlm.data.datasets import (
 )
 from fastlm.data.pbin import write_packed
 
-GOLDEN = Path("/work/shared/data/modalities_format")
+from conftest import GPT2 as _GPT2_DIR, MODALITIES as GOLDEN
 
 
 def test_continuous_sample_count_arithmetic():

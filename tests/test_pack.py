@@ -334,23 +334,45 @@ def test_library_fallback_gives_identical_ids(tmp_path):
 
 
 def test_token_size_counts_added_tokens(tmp_path):
-    """An added token with an id past 65,535 makes 4-byte tokens (Modalities would overflow 2 bytes)."""
+    """Added tokens with ids past 65,535 make 4-byte tokens (Modalities counts the base vocabulary only
+    and would overflow 2 bytes)."""
     from tokenizers import Tokenizer
 
     spec = json.loads((GPT2 / "tokenizer.json").read_text(encoding="utf-8"))
-    spec["added_tokens"].append({"id": 70000, "content": "<|big|>", "single_word": False, "lstrip": False,
-                                 "rstrip": False, "normalized": False, "special": True})
+    for i in range(50257, 65601):
+        spec["added_tokens"].append({"id": i, "content": f"<|extra_{i}|>", "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": True})
     tok = tmp_path / "big_tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     hf = Tokenizer.from_file(str(tok / "tokenizer.json"))
-    texts = ["a <|big|> b", "plain"]
-    assert 70000 in hf.encode(texts[0]).ids
+    texts = ["a <|extra_65600|> b<|extra_50257|>", "plain", "<|extra_65535|><|extra_65536|>"]
+    assert 65600 in hf.encode(texts[0]).ids and 65536 in hf.encode(texts[2]).ids
     src = write_jsonl(tmp_path / "b.jsonl", texts)
     job = PackJob(src_path=src, dst_path=tmp_path / "b.pbin", tokenizer_path=tok)
     summary = pack(job, show_progress=False)
     assert summary["token_size"] == 4 and summary["tokenizer_path_used"] == "native"
     assert job.dst_path.read_bytes() == reference_pbin(expected_docs(hf, texts), token_size=4)
+
+
+def test_added_token_ids_that_tokenizers_reassigns_use_the_library(tmp_path):
+    """tokenizers gives an added token with a sparse id (70,000 after a 50,257 vocabulary) the next free id
+    instead; fastlm then defers to the library, so ids stay exactly the library's."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads((GPT2 / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"].append({"id": 70000, "content": "<|big|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    tok = tmp_path / "sparse"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    hf = Tokenizer.from_file(str(tok / "tokenizer.json"))
+    texts = ["a <|big|> b"]
+    src = write_jsonl(tmp_path / "s.jsonl", texts)
+    job = PackJob(src_path=src, dst_path=tmp_path / "s.pbin", tokenizer_path=tok)
+    summary = pack(job, show_progress=False)
+    assert summary["tokenizer_path_used"] == "tokenizers" and summary["token_size"] == 2
+    assert job.dst_path.read_bytes() == reference_pbin(expected_docs(hf, texts))
 
 
 def test_one_byte_tokens_through_the_library(tmp_path):

@@ -19,8 +19,8 @@ from fastlm import _C
 from fastlm.data.pbin import PackedFile, read_raw_index, write_packed, write_raw_index
 from fastlm.data.tools import inspect_packed, merge_packed
 
-GOLDEN = Path("/work/shared/data/modalities_format")
-GPT2 = Path("/work/shared/data/tokenizer/gpt2/tokenizer.json")
+from conftest import GPT2 as _GPT2_DIR, MODALITIES as GOLDEN
+GPT2 = _GPT2_DIR / "tokenizer.json"
 EOD = 50256
 MAGNITUDES = [1, 256, 65536, 2**31, 2**64]  # exclusive bounds: BININT1 / BININT2 / BININT / LONG1 ranges
 

@@ -1,0 +1,87 @@
+"""Benchmark plumbing: every result is a measurement of fastlm next to its baseline from the same run,
+printed as a ratio and, when FASTLM_BENCH_OUT names a folder, saved there as JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "getting_started"
+REDPAJAMA = EXAMPLE / "data" / "raw"
+GPT2 = EXAMPLE / "tokenizer"
+
+_RESULTS: list[dict] = []
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
+
+
+def record(name: str, value: float, unit: str, baseline: str, baseline_value: float,
+           higher_is_better: bool = True, bar: float | None = None, **extra) -> float:
+    """Print and keep one comparison; returns fastlm's advantage (>1 means fastlm is better)."""
+    ratio = value / baseline_value if higher_is_better else baseline_value / value
+    verdict = ""
+    if bar is not None:
+        verdict = f"  [bar {bar:g}x: {'met' if ratio >= bar else 'NOT met'}]"
+    line = (f"{name}: fastlm {value:,.4g} {unit} vs {baseline} {baseline_value:,.4g} {unit} "
+            f"-> {ratio:.2f}x{verdict}")
+    print("\n" + line)
+    _RESULTS.append({"name": name, "unit": unit, "fastlm": value, "baseline": baseline,
+                     "baseline_value": baseline_value, "advantage": ratio, "bar": bar, **extra})
+    return ratio
+
+
+def wall(cmd: list[str], repeat: int = 1, env: dict | None = None, cwd=None) -> float:
+    """Best wall-clock seconds of `repeat` runs of a whole command (start-up included)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, cwd=cwd)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = os.environ.get("FASTLM_BENCH_OUT")
+    if not out or not _RESULTS:
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+    except OSError:
+        commit = ""
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    payload = {"date": stamp.isoformat(timespec="seconds"), "commit": commit, "machine": machine(),
+               "results": _RESULTS}
+    name = f"bench-{stamp:%Y%m%d-%H%M%S}.json"
+    (Path(out) / name).write_text(json.dumps(payload, indent=2))
+
+
+@pytest.fixture(scope="session")
+def corpus_200mb(tmp_path_factory) -> Path:
+    """The tutorial's train split repeated to about 200 MB (FASTLM_BENCH_MB to change)."""
+    megabytes = int(os.environ.get("FASTLM_BENCH_MB", "200"))
+    line_block = (REDPAJAMA / "redpajama_v2_samples_512_train.jsonl").read_bytes()
+    path = tmp_path_factory.mktemp("corpus") / f"redpajama_x{megabytes}mb.jsonl"
+    with open(path, "wb") as f:
+        for _ in range(megabytes * 1_000_000 // len(line_block) + 1):
+            f.write(line_block)
+    return path

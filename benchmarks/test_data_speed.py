@@ -1,0 +1,140 @@
+"""Data pipeline speed on this machine: fastlm against what a user would otherwise run, side by side.
+
+- create_raw_index on ~200 MB of JSONL: the whole `fastlm data create_raw_index` command against a
+  Python-level scan (Modalities' approach: read lines, json.loads each, pickle the index) and `wc -l`.
+- Packing with the GPT-2 tokenizer on 2 threads: fastlm's pack (reading, JSON, BPE, writing) against
+  tokenize-only baselines on the already extracted texts: HF `tokenizers` encode_batch and `tiktoken`
+  (built offline from tokenizer.json). Modalities itself is the DESIGN.md figure (~1.1 M tokens/s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import GPT2, REDPAJAMA, record, wall
+
+THREADS = 2
+
+PY_SCAN = textwrap.dedent(
+    """
+    import json, pickle, sys
+    index = []
+    with open(sys.argv[1], "rb") as f:
+        offset = 0
+        for line in f:
+            body = line[:-1] if line.endswith(b"\\n") else line
+            if body.strip():
+                json.loads(body)
+                index.append((offset, len(body)))
+            offset += len(line)
+    with open(sys.argv[2], "wb") as out:
+        pickle.dump(index, out)
+    """
+)
+
+# Tokenize-only baselines, run in a fresh process with the thread count fixed in the environment.
+BASELINE = textwrap.dedent(
+    """
+    import json, sys, time
+    which, corpus, tok_path, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["raw_content"] for line in f]
+    if which == "tokenizers":
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(tok_path)
+        t0 = time.perf_counter()
+        n = 0
+        for i in range(0, len(texts), 1024):
+            n += sum(len(e.ids) for e in tok.encode_batch(texts[i:i + 1024]))
+    else:
+        import tiktoken
+        spec = json.load(open(tok_path, encoding="utf-8"))
+        # GPT-2's bytes_to_unicode, inverted: vocab strings back to raw bytes.
+        bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+        cs, k = bs[:], 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b); cs.append(256 + k); k += 1
+        unbyte = {chr(c): b for b, c in zip(bs, cs)}
+        ranks = {bytes(unbyte[ch] for ch in s): i for s, i in spec["model"]["vocab"].items()}
+        enc = tiktoken.Encoding(
+            "gpt2-offline",
+            pat_str=r"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+",
+            mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
+        t0 = time.perf_counter()
+        n = sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=threads))
+    dt = time.perf_counter() - t0
+    print(json.dumps({"tokens": n + len(texts), "seconds": dt}))
+    """
+)
+
+
+def fastlm_cmd() -> list[str]:
+    exe = shutil.which("fastlm", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    return [exe] if exe else [sys.executable, "-m", "fastlm"]
+
+
+def baseline(which: str, corpus) -> dict:
+    env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="true")
+    out = subprocess.run([sys.executable, "-c", BASELINE, which, str(corpus), str(GPT2 / "tokenizer.json"),
+                          str(THREADS)], capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def fastlm_pack(corpus, dst) -> dict:
+    from fastlm.pack import PackJob, pack
+
+    job = PackJob(src_path=corpus, dst_path=dst, tokenizer_path=GPT2, jq_pattern=".raw_content",
+                  num_cpus=THREADS, file_existence_policy="override")
+    return pack(job, show_progress=False)
+
+
+def test_create_raw_index(benchmark, corpus_200mb, tmp_path):
+    idx = tmp_path / "x.idx"
+    cmd = fastlm_cmd() + ["data", "create_raw_index", "--file_existence_policy", "override", "--num-cpus",
+                          str(THREADS), "--index_path", str(idx), str(corpus_200mb)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # warm the page cache
+    fast = benchmark.pedantic(wall, args=(cmd, 3), rounds=1, iterations=1)
+    py = wall([sys.executable, "-c", PY_SCAN, str(corpus_200mb), str(tmp_path / "py.idx")])
+    wc = wall(["wc", "-l", str(corpus_200mb)], repeat=3)
+    assert (tmp_path / "py.idx").read_bytes() != b""  # the baseline really ran
+    mb = corpus_200mb.stat().st_size / 1e6
+    record(f"create_raw_index {mb:.0f} MB (whole command)", fast, "s", "python scan", py,
+           higher_is_better=False, bar=20)
+    record(f"create_raw_index {mb:.0f} MB (whole command)", fast, "s", "wc -l", wc,
+           higher_is_better=False, bar=1 / 3)
+
+
+def test_pack_200mb(benchmark, corpus_200mb, tmp_path):
+    fastlm_pack(corpus_200mb, tmp_path / "warm.pbin")  # builds nothing lasting; warms the page cache
+    summary = benchmark.pedantic(fastlm_pack, args=(corpus_200mb, tmp_path / "x.pbin"), rounds=1, iterations=1)
+    rate = summary["tokens_per_s"]
+    print(f"\nfastlm pack: {summary['tokens']:,} tokens in {summary['seconds']:.2f} s "
+          f"({summary['mb_per_s']:.0f} MB/s), {summary['tokenizer']}")
+    record("pack 200 MB, GPT-2, 2 threads", rate / 1e6, "M tokens/s", "Modalities (DESIGN.md figure)", 1.1,
+           bar=8, measured_baseline=False)
+    tk = baseline("tiktoken", corpus_200mb)
+    record("pack 200 MB, GPT-2, 2 threads", rate / 1e6, "M tokens/s", "tiktoken tokenize-only",
+           tk["tokens"] / tk["seconds"] / 1e6, bar=1.5)
+    hf = baseline("tokenizers", corpus_200mb)
+    assert hf["tokens"] == summary["tokens"] == tk["tokens"]  # all three saw the same corpus
+    record("pack 200 MB, GPT-2, 2 threads", rate / 1e6, "M tokens/s", "HF tokenizers encode_batch",
+           hf["tokens"] / hf["seconds"] / 1e6)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_pack_unrepeated(benchmark, split, tmp_path):
+    """The tutorial's files as they are: the word cache helps less than on a repeated corpus."""
+    src = REDPAJAMA / f"redpajama_v2_samples_512_{split}.jsonl"
+    fastlm_pack(src, tmp_path / "warm.pbin")
+    summary = benchmark.pedantic(fastlm_pack, args=(src, tmp_path / "x.pbin"), rounds=3, iterations=1)
+    hf = baseline("tokenizers", src)
+    record(f"pack {split} split ({src.stat().st_size / 1e6:.1f} MB), 2 threads", summary["tokens_per_s"] / 1e6,
+           "M tokens/s", "HF tokenizers encode_batch", hf["tokens"] / hf["seconds"] / 1e6)
