@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bpe.h"
+#include "unicode_tables.h"
 
 namespace py = pybind11;
 
@@ -56,11 +57,11 @@ ByteLevelBPE::Cache& thread_cache(const ByteLevelBPE& bpe) {
 
 // Encodes texts[i] into outs[i] with num_threads threads, each with its own Cache. GIL not needed.
 void encode_many(const ByteLevelBPE& bpe, const std::vector<std::string_view>& texts,
-                 std::vector<std::vector<uint32_t>>& outs, int num_threads) {
+                 std::vector<std::vector<uint32_t>>& outs, int num_threads, bool fresh_cache = false) {
   outs.resize(texts.size());
   size_t nt = size_t(std::max(1, num_threads));
   nt = std::min(nt, std::max<size_t>(1, texts.size()));
-  if (nt <= 1) {
+  if (nt <= 1 && !fresh_cache) {
     auto& cache = thread_cache(bpe);
     for (size_t i = 0; i < texts.size(); ++i) bpe.encode(texts[i], outs[i], cache);
     return;
@@ -172,20 +173,42 @@ void register_bpe(py::module_& m) {
           "Encodes many texts with a pool of num_threads threads (GIL released).")
       .def(
           "_count_tokens",
-          [](const ByteLevelBPE& self, const py::sequence& texts, int num_threads) {
+          [](const ByteLevelBPE& self, const py::sequence& texts, int num_threads, bool fresh_cache) {
             // Benchmark helper: encodes like encode_batch but returns only the total token count,
-            // so the timing excludes building Python lists.
+            // so the timing excludes building Python lists. fresh_cache: start from empty caches.
             std::vector<std::string_view> views = views_of(texts);
             std::vector<std::vector<uint32_t>> outs;
             size_t total = 0;
             {
               py::gil_scoped_release release;
-              encode_many(self, views, outs, num_threads);
+              encode_many(self, views, outs, num_threads, fresh_cache);
               for (const auto& o : outs) total += o.size();
             }
             return total;
           },
-          py::arg("texts"), py::arg("num_threads") = 1)
+          py::arg("texts"), py::arg("num_threads") = 1, py::arg("fresh_cache") = true)
+      .def_static(
+          "_pretokenize",
+          [](const py::str& text) {
+            std::vector<std::string_view> pieces;
+            ByteLevelBPE::pretokenize(utf8_view(text), pieces);
+            py::list out(pieces.size());
+            for (size_t i = 0; i < pieces.size(); ++i)
+              out[i] = py::reinterpret_steal<py::str>(
+                  PyUnicode_DecodeUTF8(pieces[i].data(), Py_ssize_t(pieces[i].size()), "strict"));
+            return out;
+          },
+          py::arg("text"), "GPT-2 regex pieces of `text` (no added-token handling), for tests.")
+      .def_static(
+          "_cp_classes",
+          [](uint32_t start, uint32_t stop) {
+            // Class (0 other, 1 letter, 2 number, 3 whitespace) of each code point in [start, stop).
+            stop = std::min<uint32_t>(stop, 0x110000);
+            std::string r;
+            for (uint32_t cp = start; cp < stop; ++cp) r.push_back(char(unicode_tables::cp_class(cp)));
+            return py::bytes(r);
+          },
+          py::arg("start") = 0, py::arg("stop") = 0x110000)
       .def_property_readonly("max_id", &ByteLevelBPE::max_id)
       .def_property_readonly("vocab_size", &ByteLevelBPE::vocab_size)
       .def_property_readonly("num_merges", &ByteLevelBPE::num_merges)

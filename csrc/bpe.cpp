@@ -596,6 +596,13 @@ void ByteLevelBPE::encode_ordinary(const uint8_t* p, size_t n, std::vector<uint3
   });
 }
 
+void ByteLevelBPE::pretokenize(std::string_view text, std::vector<std::string_view>& pieces) {
+  const auto* s = reinterpret_cast<const uint8_t*>(text.data());
+  gpt2_pretokenize(s, s + text.size(), [&](const uint8_t* b, const uint8_t* e) {
+    pieces.emplace_back(text.data() + (b - s), size_t(e - b));
+  });
+}
+
 void ByteLevelBPE::encode(std::string_view text, std::vector<uint32_t>& out, Cache& c) const {
   if (c.owner_ != serial_ || c.slots_.empty()) {
     c.clear();

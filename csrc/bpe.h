@@ -88,6 +88,9 @@ class ByteLevelBPE {
   void encode(std::string_view text, std::vector<uint32_t>& out, Cache& cache) const;
 
   uint32_t max_id() const { return max_id_; }
+
+  // The GPT-2 regex split alone (no added tokens), for tests: appends the pieces of `text`.
+  static void pretokenize(std::string_view text, std::vector<std::string_view>& pieces);
   size_t vocab_size() const { return vocab_size_; }
   size_t num_merges() const { return num_merges_; }
   bool ignore_merges() const { return ignore_merges_; }
