@@ -405,6 +405,10 @@ ByteLevelBPE::ByteLevelBPE(const std::vector<std::pair<std::string, uint32_t>>& 
     merge_insert(ia->second, ib->second, (uint64_t(r) << 32) | inew->second);
   }
 
+  byte_pair_.resize(65536);
+  for (int a = 0; a < 256; ++a)
+    for (int b = 0; b < 256; ++b) byte_pair_[(a << 8) | b] = merge_find(byte_id_[a], byte_id_[b]);
+
   // added tokens
   std::fill(std::begin(added_first_), std::end(added_first_), false);
   {
@@ -467,7 +471,7 @@ void ByteLevelBPE::merge_word(const uint8_t* p, size_t n, Cache& c) const {
     // distinct vocab strings have distinct ids.
     auto& pr = c.pairs_;
     pr.resize(n);
-    for (size_t i = 0; i + 1 < n; ++i) pr[i] = merge_find(word[i], word[i + 1]);
+    for (size_t i = 0; i + 1 < n; ++i) pr[i] = byte_pair_[(size_t(p[i]) << 8) | p[i + 1]];
     size_t m = n;
     while (m > 1) {
       uint64_t best = kNoMerge;
@@ -505,7 +509,7 @@ void ByteLevelBPE::merge_word(const uint8_t* p, size_t n, Cache& c) const {
     return x.rank != y.rank ? x.rank > y.rank : x.pos > y.pos;
   };
   for (size_t i = 0; i + 1 < n; ++i) {
-    uint64_t m = merge_find(syms[i].id, syms[i + 1].id);
+    uint64_t m = byte_pair_[(size_t(p[i]) << 8) | p[i + 1]];
     if (m != kNoMerge) heap.push_back({uint32_t(m >> 32), uint32_t(i), uint32_t(m)});
   }
   std::make_heap(heap.begin(), heap.end(), later);

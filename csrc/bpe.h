@@ -135,6 +135,8 @@ class ByteLevelBPE {
   int merge_shift_ = 64;
   uint64_t merge_mask_ = 0;
 
+  std::vector<uint64_t> byte_pair_;  // 65536 entries: merge_find(byte_id_[a], byte_id_[b])
+
   std::vector<TrieNode> trie_;  // node 0 = root; empty when there are no added tokens
   bool added_first_[256];
   int added_single_first_ = -1;  // the only first byte of all added tokens, or -1
