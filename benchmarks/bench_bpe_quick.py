@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import os
 import time
 
-DATA = "/work/shared/data/redpajama_v2_sample/redpajama_v2_samples_512_train.jsonl"
-TOKENIZER = "/work/shared/data/tokenizer/gpt2/tokenizer.json"
+DATA = str(Path(__file__).resolve().parent.parent / "examples/getting_started/data/raw/redpajama_v2_samples_512_train.jsonl")
+TOKENIZER = str(Path(__file__).resolve().parent.parent / "examples/getting_started/tokenizer/tokenizer.json")
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 

@@ -99,6 +99,10 @@ class Tokenizer:
         post = spec.get("post_processor")
         if post is not None and post.get("type") != "ByteLevel":
             return f"post-processor {post.get('type')!r} adds tokens"
+        if len({bool(t.get("normalized", True)) for t in self.added_tokens}) > 1:
+            # tokenizers matches non-normalized added tokens before normalized ones; the native matcher
+            # makes one leftmost-longest pass, which is the same only when all share the flag.
+            return "added tokens mix normalized and non-normalized matching"
         next_id = len(self._vocab)
         for t in self.added_tokens:
             if t.get("single_word") or t.get("lstrip") or t.get("rstrip"):

@@ -6,14 +6,14 @@ import os
 
 import pytest
 
-tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import Regex, Tokenizer, pre_tokenizers  # noqa: E402
+from tokenizers import Regex, Tokenizer, pre_tokenizers
 
-from fastlm._C import ByteLevelBPE  # noqa: E402
+from fastlm._C import ByteLevelBPE
 
-DATA = "/work/shared/data"
-GPT2_JSON = os.path.join(DATA, "tokenizer/gpt2/tokenizer.json")
-REDPAJAMA = [os.path.join(DATA, f"redpajama_v2_sample/redpajama_v2_samples_512_{s}.jsonl") for s in ("train", "test")]
+from conftest import GPT2, REDPAJAMA as _REDPAJAMA_DIR
+
+GPT2_JSON = str(GPT2 / "tokenizer.json")
+REDPAJAMA = [str(_REDPAJAMA_DIR / f"redpajama_v2_samples_512_{s}.jsonl") for s in ("train", "test")]
 HERE = os.path.dirname(os.path.abspath(__file__))
 HARD_UNICODE = os.path.join(HERE, "data", "hard_unicode.txt")
 EOD = "<|endoftext|>"

@@ -71,7 +71,8 @@ def test_redpajama_equals_tokenizers(tmp_path, gpt2_hf, split):
 
 
 def test_hard_unicode_file(tmp_path, gpt2_hf):
-    texts = [t for t in (DATA / "hard_unicode.txt").read_text(encoding="utf-8").split("\n\n") if t]
+    whole = (DATA / "hard_unicode.txt").read_bytes().decode("utf-8")
+    texts = [line for line in whole.split("\n") if line] + [whole]
     assert len(texts) > 20
     src = write_jsonl(tmp_path / "hard.jsonl", texts)
     _, dst = run_pack(tmp_path, src, num_cpus=2)
@@ -341,7 +342,7 @@ def test_token_size_counts_added_tokens(tmp_path):
     spec = json.loads((GPT2 / "tokenizer.json").read_text(encoding="utf-8"))
     for i in range(50257, 65601):
         spec["added_tokens"].append({"id": i, "content": f"<|extra_{i}|>", "single_word": False, "lstrip": False,
-                                     "rstrip": False, "normalized": False, "special": True})
+                                     "rstrip": False, "normalized": True, "special": True})
     tok = tmp_path / "big_tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
