@@ -70,12 +70,12 @@ class ProgressBridge {
 };
 
 py::dict raw_index_py(const std::string& path, int num_threads, bool skip_invalid, py::object progress,
-                      uint64_t block_bytes, py::object out_path, bool return_arrays) {
+                      uint64_t chunk_bytes, py::object out_path, bool return_arrays) {
   ProgressBridge bridge(std::move(progress));
   RawIndex index;
   try {
     py::gil_scoped_release release;
-    index = build_raw_index(path, num_threads, skip_invalid, bridge.fn(), block_bytes);
+    index = build_raw_index(path, num_threads, skip_invalid, bridge.fn(), chunk_bytes);
   } catch (const Aborted&) {
     bridge.reraise();
   }
@@ -171,7 +171,7 @@ void register_data(py::module_& m) {
   py::register_exception<InputError>(m, "InputError", PyExc_ValueError);
 
   m.def("build_raw_index", &raw_index_py, py::arg("path"), py::arg("num_threads") = 1,
-        py::arg("skip_invalid") = false, py::arg("progress") = py::none(), py::arg("block_bytes") = 64ull << 20,
+        py::arg("skip_invalid") = false, py::arg("progress") = py::none(), py::arg("chunk_bytes") = 16ull << 20,
         py::arg("out_path") = py::none(), py::arg("return_arrays") = true,
         "Index the lines of a JSONL file: dict(documents, offsets, lengths, lines, blank_lines, skipped_lines, "
         "first_skipped); with out_path, also write the .idx there. Raises InputError naming "

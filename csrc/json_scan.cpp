@@ -5,6 +5,10 @@
 #include <cstring>
 #include <stdexcept>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace fastlm {
 
 JsonPath::JsonPath(std::string_view pattern) : pattern_(pattern) {
@@ -57,6 +61,33 @@ inline uint64_t needs_attention(uint64_t x) {
   uint64_t backslash = has_zero_byte(x ^ (kOnes * '\\'));
   uint64_t control = (x - kOnes * 0x20) & ~x & kHighs;
   return quote | backslash | control | (x & kHighs);
+}
+
+// First byte in [p, end) that a string scan must look at: '"', '\\', a control character or a non-ASCII byte.
+// SSE2 (part of every x86-64) checks 16 bytes at a time; elsewhere SWAR checks 8.
+inline const unsigned char* skip_plain(const unsigned char* p, const unsigned char* end) {
+#if defined(__SSE2__)
+  const __m128i quote = _mm_set1_epi8('"');
+  const __m128i backslash = _mm_set1_epi8('\\');
+  const __m128i space = _mm_set1_epi8(0x20);
+  while (end - p >= 16) {
+    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    // A signed compare with 0x20 catches both control characters and bytes >= 0x80 (negative).
+    __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                               _mm_cmplt_epi8(v, space));
+    int mask = _mm_movemask_epi8(hit);
+    if (mask != 0) return p + __builtin_ctz(static_cast<unsigned>(mask));
+    p += 16;
+  }
+#endif
+  while (end - p >= 8) {
+    uint64_t x;
+    std::memcpy(&x, p, 8);
+    if (needs_attention(x)) break;
+    p += 8;
+  }
+  while (p < end && *p >= 0x20 && *p < 0x80 && *p != '"' && *p != '\\') ++p;
+  return p;
 }
 
 // Length of the valid UTF-8 sequence starting at p (p < end, *p >= 0x80), or 0 when invalid.
@@ -374,15 +405,9 @@ class Parser {
     const unsigned char* open = p_;
     ++p_;
     while (true) {
-      // Fast path: copy runs of plain ASCII eight bytes at a time.
+      // Fast path: runs of plain ASCII, 16 or 8 bytes at a time.
       const unsigned char* run = p_;
-      while (end_ - p_ >= 8) {
-        uint64_t x;
-        std::memcpy(&x, p_, 8);
-        if (needs_attention(x)) break;
-        p_ += 8;
-      }
-      while (p_ < end_ && *p_ >= 0x20 && *p_ < 0x80 && *p_ != '"' && *p_ != '\\') ++p_;
+      p_ = skip_plain(p_, end_);
       if (dest != nullptr && p_ > run) dest->append(reinterpret_cast<const char*>(run), p_ - run);
       if (p_ >= end_) return fail(open, "invalid JSON: string starting here is not closed before the end of line");
       unsigned char c = *p_;

@@ -1,6 +1,15 @@
 #include "line_index.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -50,83 +59,147 @@ void scan_part(const char* buf, size_t begin, size_t end, uint64_t file_offset, 
 
 }  // namespace
 
+namespace {
+
+// A read-only memory map of a whole file (empty files map nothing).
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path) {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw InputError(path + ": cannot open for reading: " + std::strerror(errno));
+    struct stat st;
+    if (::fstat(fd, &st) != 0 || S_ISDIR(st.st_mode)) {
+      ::close(fd);
+      throw InputError(path + ": not a readable file");
+    }
+    size_ = static_cast<size_t>(st.st_size);
+    if (size_ > 0) {
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+      if (p == MAP_FAILED) {
+        int err = errno;
+        ::close(fd);
+        throw InputError(path + ": cannot map: " + std::strerror(err));
+      }
+      data_ = static_cast<const char*>(p);
+      ::madvise(p, size_, MADV_SEQUENTIAL | MADV_WILLNEED);
+    }
+    ::close(fd);
+  }
+  ~MappedFile() {
+    if (data_ != nullptr) ::munmap(const_cast<char*>(data_), size_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  const char* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  const char* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace
+
 RawIndex build_raw_index(const std::string& path, int num_threads, bool skip_invalid,
-                         const ProgressFn& progress, uint64_t block_bytes) {
-  InputFile file(path);
-  RawIndex index;
+                         const ProgressFn& progress, uint64_t chunk_bytes) {
+  MappedFile file(path);
+  const char* buf = file.data();
+  const size_t size = file.size();
   num_threads = std::max(1, num_threads);
-  const uint64_t size = file.size();
-  std::vector<char> buf;
-  uint64_t block_start = 0;  // file offset of buf[0]
 
   // A UTF-8 byte-order mark is not part of the first line.
-  if (size >= 3) {
-    char bom[3];
-    file.read_at(0, bom, 3);
-    if (std::memcmp(bom, "\xEF\xBB\xBF", 3) == 0) block_start = 3;
+  size_t begin = (size >= 3 && std::memcmp(buf, "\xEF\xBB\xBF", 3) == 0) ? 3 : 0;
+
+  // Cut the file into chunks of whole lines, at least a few per thread so the load balances.
+  chunk_bytes = std::max<uint64_t>(1, std::min<uint64_t>(chunk_bytes, size / (4 * num_threads) + 1));
+  std::vector<size_t> cuts{begin};
+  while (cuts.back() < size) {
+    size_t guess = cuts.back() + chunk_bytes;
+    if (guess >= size) {
+      cuts.push_back(size);
+      break;
+    }
+    const char* nl = static_cast<const char*>(std::memchr(buf + guess, '\n', size - guess));
+    cuts.push_back(nl != nullptr ? static_cast<size_t>(nl - buf) + 1 : size);
   }
+  const size_t num_chunks = cuts.size() - 1;
 
-  while (block_start < size) {
-    uint64_t want = std::min<uint64_t>(block_bytes, size - block_start);
-    buf.resize(want);
-    file.read_at(block_start, buf.data(), want);
-    size_t usable = want;  // bytes of whole lines in buf
-    if (block_start + want < size) {
-      const char* last_nl = static_cast<const char*>(memrchr(buf.data(), '\n', want));
-      while (last_nl == nullptr) {  // one line longer than the block: grow until it ends
-        uint64_t more = std::min<uint64_t>(want, size - block_start - buf.size());
-        size_t old = buf.size();
-        buf.resize(old + more);
-        file.read_at(block_start + old, buf.data() + old, more);
-        last_nl = static_cast<const char*>(memrchr(buf.data() + old, '\n', more));
-        if (block_start + buf.size() >= size) break;
-      }
-      usable = last_nl != nullptr ? static_cast<size_t>(last_nl - buf.data()) + 1 : buf.size();
-    } else {
-      usable = buf.size();
-    }
+  std::vector<PartResult> parts(num_chunks);
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> first_faulty{num_chunks};  // chunks after a fault need not finish (no skipping)
+  std::atomic<uint64_t> bytes_done{0};
+  std::atomic<int> running{num_threads};
+  std::mutex mu;
+  std::condition_variable finished;
+  std::atomic<bool> stop{false};
+  std::exception_ptr error;
 
-    // Split the whole lines between threads at line ends.
-    std::vector<size_t> cuts{0};
-    for (int t = 1; t < num_threads; ++t) {
-      size_t guess = usable * static_cast<size_t>(t) / static_cast<size_t>(num_threads);
-      guess = std::max(guess, cuts.back());
-      const char* nl = guess < usable
-                           ? static_cast<const char*>(std::memchr(buf.data() + guess, '\n', usable - guess))
-                           : nullptr;
-      cuts.push_back(nl != nullptr ? static_cast<size_t>(nl - buf.data()) + 1 : usable);
-    }
-    cuts.push_back(usable);
-    std::vector<PartResult> parts(cuts.size() - 1);
-    std::vector<std::thread> threads;
-    for (size_t t = 0; t + 1 < cuts.size(); ++t) {
-      size_t b = cuts[t], e = cuts[t + 1];
-      if (b >= e) continue;
-      auto work = [&, b, e, t] { scan_part(buf.data(), b, e, block_start, skip_invalid, &parts[t]); };
-      if (t + 2 == cuts.size()) work(); else threads.emplace_back(work);
-    }
-    for (auto& th : threads) th.join();
-
-    for (auto& part : parts) {
-      for (auto& [local, column, reason] : part.faults) {
-        uint64_t line_no = index.lines + local + 1;
-        if (!skip_invalid) {
-          throw InputError(path + ":" + std::to_string(line_no) + ":" + std::to_string(column) + ": " + reason +
-                           "\nHINT: fix or remove that line, or pass --skip-invalid to skip invalid lines");
+  auto worker = [&] {
+    try {
+      for (size_t k; !stop.load() && (k = next.fetch_add(1)) < num_chunks;) {
+        if (k > first_faulty.load()) continue;
+        scan_part(buf, cuts[k], cuts[k + 1], 0, skip_invalid, &parts[k]);
+        if (!skip_invalid && !parts[k].faults.empty()) {
+          size_t f = first_faulty.load();
+          while (k < f && !first_faulty.compare_exchange_weak(f, k)) {
+          }
         }
-        if (index.first_skipped.size() < kKeepSkipped) {
-          index.first_skipped.emplace_back(line_no, "column " + std::to_string(column) + ": " + reason);
-        }
+        bytes_done += cuts[k + 1] - cuts[k];
       }
-      index.offsets.insert(index.offsets.end(), part.offsets.begin(), part.offsets.end());
-      index.lengths.insert(index.lengths.end(), part.lengths.begin(), part.lengths.end());
-      index.lines += part.lines;
-      index.blank_lines += part.blank;
-      index.skipped_lines += part.skipped;
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu);
+      error = std::current_exception();
     }
-    block_start += usable;
-    if (progress && !progress(block_start, index.offsets.size(), 0)) throw Aborted();
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      --running;
+    }
+    finished.notify_all();
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < num_threads; ++t) threads.emplace_back(worker);
+  bool aborted = false;
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    while (running.load() > 0) {
+      finished.wait_for(lock, std::chrono::milliseconds(100));
+      if (progress && !aborted) {
+        lock.unlock();
+        if (!progress(bytes_done.load(), 0, 0)) {
+          aborted = true;
+          stop = true;
+        }
+        lock.lock();
+      }
+    }
   }
+  for (auto& th : threads) th.join();
+  if (error) std::rethrow_exception(error);
+  if (aborted) throw Aborted();
+
+  RawIndex index;
+  size_t total_docs = 0;
+  for (auto& part : parts) total_docs += part.offsets.size();
+  index.offsets.reserve(total_docs);
+  index.lengths.reserve(total_docs);
+  for (auto& part : parts) {
+    for (auto& [local, column, reason] : part.faults) {
+      uint64_t line_no = index.lines + local + 1;
+      if (!skip_invalid) {
+        throw InputError(path + ":" + std::to_string(line_no) + ":" + std::to_string(column) + ": " + reason +
+                         "\nHINT: fix or remove that line, or pass --skip-invalid to skip invalid lines");
+      }
+      if (index.first_skipped.size() < kKeepSkipped) {
+        index.first_skipped.emplace_back(line_no, "column " + std::to_string(column) + ": " + reason);
+      }
+    }
+    index.offsets.insert(index.offsets.end(), part.offsets.begin(), part.offsets.end());
+    index.lengths.insert(index.lengths.end(), part.lengths.begin(), part.lengths.end());
+    index.lines += part.lines;
+    index.blank_lines += part.blank;
+    index.skipped_lines += part.skipped;
+  }
+  if (progress && !progress(size, index.offsets.size(), 0)) throw Aborted();
   return index;
 }
 

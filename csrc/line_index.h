@@ -1,7 +1,7 @@
 // The raw JSONL index (Modalities' `create_raw_index`): byte offset and length of every document line.
 //
-// The file is read in large blocks; each block's lines are split between threads, which find line ends
-// with memchr and validate every line as a JSON object. Blank lines are skipped and counted; a UTF-8 BOM
+// The file is memory-mapped and cut into chunks of whole lines; threads take chunks in turn, find line
+// ends with memchr and validate every line as a JSON object. Blank lines are skipped and counted; a UTF-8 BOM
 // at the start of the file is skipped; a line's length excludes its '\n' only (a CRLF line keeps its '\r').
 #pragma once
 
@@ -25,7 +25,7 @@ struct RawIndex {
 
 // Throws InputError "path:line:column: reason" on the first invalid line unless skip_invalid.
 RawIndex build_raw_index(const std::string& path, int num_threads, bool skip_invalid,
-                         const ProgressFn& progress, uint64_t block_bytes = 64ull << 20);
+                         const ProgressFn& progress, uint64_t chunk_bytes = 16ull << 20);
 
 // Writes `index` as Modalities' .idx (pickle protocol 4 of (offset, length) tuples) to `path`, streaming.
 void write_raw_index_file(const RawIndex& index, const std::string& path);

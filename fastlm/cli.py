@@ -93,6 +93,24 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pack_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `python -m fastlm.pack` and `fastlm data pack_encoded_data` (defined here, so that
+    building the CLI does not import the packer)."""
+    p.add_argument("config", nargs="?", help="pack config YAML (the tutorial's format)")
+    p.add_argument("--src", help="JSONL file (one-off run without a config)")
+    p.add_argument("--dst", help=".pbin file to write")
+    p.add_argument("--tokenizer", help="tokenizer.json or a folder holding it")
+    p.add_argument("--index", dest="index_path", help="raw index of --src (built when missing)")
+    p.add_argument("--jq-pattern", "--jq_pattern", default=".text", help="field holding the text (default .text)")
+    p.add_argument("--eod-token", "--eod_token", default="<|endoftext|>")
+    p.add_argument("--num-cpus", "--num_cpus", type=int, default=None, help="threads (default: all usable CPUs)")
+    p.add_argument("--skip-invalid", "--skip_invalid", action="store_true", default=None,
+                   help="skip invalid lines instead of stopping at the first")
+    p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
+                   default=None, help="when dst exists: error (default), skip or override")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastlm import __version__
 
@@ -113,10 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=_create_raw_index)
 
-    from fastlm.pack import build_parser as pack_parser
-
     p = data_verbs.add_parser("pack_encoded_data", help="tokenize a JSONL file into a .pbin")
-    pack_parser(p)
+    add_pack_arguments(p)
     p.set_defaults(fn=_pack)
 
     p = data_verbs.add_parser("inspect", help="summarise a .pbin file")

@@ -203,21 +203,11 @@ def format_summary(r: dict) -> str:
     return line
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="python -m fastlm.pack", description=__doc__.split("\n\n")[0])
-    p.add_argument("config", nargs="?", help="pack config YAML (the tutorial's format)")
-    p.add_argument("--src", help="JSONL file (one-off run without a config)")
-    p.add_argument("--dst", help=".pbin file to write")
-    p.add_argument("--tokenizer", help="tokenizer.json or a folder holding it")
-    p.add_argument("--index", dest="index_path", help="raw index of --src (built when missing)")
-    p.add_argument("--jq-pattern", "--jq_pattern", default=".text", help="field holding the text (default .text)")
-    p.add_argument("--eod-token", "--eod_token", default="<|endoftext|>")
-    p.add_argument("--num-cpus", "--num_cpus", type=int, default=None, help="threads (default: all usable CPUs)")
-    p.add_argument("--skip-invalid", "--skip_invalid", action="store_true", default=None,
-                   help="skip invalid lines instead of stopping at the first")
-    p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
-                   default=None, help="when dst exists: error (default), skip or override")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+def build_parser() -> argparse.ArgumentParser:
+    from fastlm.cli import add_pack_arguments
+
+    p = argparse.ArgumentParser(prog="python -m fastlm.pack", description=__doc__.split("\n\n")[0])
+    add_pack_arguments(p)
     return p
 
 

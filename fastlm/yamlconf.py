@@ -7,7 +7,6 @@ interpolation takes the interpolated type (an int for num_cpus); anything else i
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from pathlib import Path
@@ -85,6 +84,8 @@ def check_keys(
         raise ConfigError(f'{source}: "{prefix}" must be a mapping, found {type(section).__name__}')
     for key in section:
         if key not in allowed:
+            import difflib
+
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f' (did you mean "{prefix}.{close[0]}"?)' if close else ""
             raise ConfigError(

@@ -120,12 +120,19 @@ def test_thirty_documents_with_an_empty_fifth_are_all_kept(tmp_path, gpt2_hf):
 
 
 def test_single_20mb_document(tmp_path, gpt2_hf):
-    words = (REDPAJAMA / "redpajama_v2_samples_512_test.jsonl").read_text(encoding="utf-8")
-    text = json.loads(words.splitlines()[0])["raw_content"]
-    text = (text * (20_000_000 // len(text) + 1))[:20_000_000]
-    src = write_jsonl(tmp_path / "big.jsonl", [text])
+    # A 20 MB document is a repeated unit that starts with a letter and ends with "\n" after a
+    # non-space: pre-tokenization never joins across such a seam, so the document's ids are the unit's ids
+    # repeated (checked on three copies below). tokenizers itself needs ~30 s for 20 MB in one call.
+    docs = (REDPAJAMA / "redpajama_v2_samples_512_test.jsonl").read_text(encoding="utf-8").splitlines()
+    unit = json.loads(docs[0])["raw_content"].strip() + "\n"
+    assert unit[0].isalpha() and not unit[-2].isspace()
+    unit_ids = gpt2_hf.encode(unit).ids
+    assert gpt2_hf.encode(unit * 3).ids == unit_ids * 3
+    copies = 20_000_000 // len(unit.encode()) + 1
+    src = write_jsonl(tmp_path / "big.jsonl", [unit * copies])
+    assert src.stat().st_size > 20_000_000
     summary, dst = run_pack(tmp_path, src, num_cpus=2)
-    assert dst.read_bytes() == reference_pbin(expected_docs(gpt2_hf, [text]))
+    assert dst.read_bytes() == reference_pbin([unit_ids * copies + [EOD]])
     assert summary["documents"] == 1
 
 

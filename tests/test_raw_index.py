@@ -43,10 +43,10 @@ def test_byte_identical_to_modalities(tmp_path, name):
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-@pytest.mark.parametrize("threads, block", [(1, 64 << 20), (2, 64 << 20), (3, 100_000), (2, 4096)])
-def test_redpajama_matches_reference(split, threads, block):
+@pytest.mark.parametrize("threads, chunk", [(1, 64 << 20), (2, 64 << 20), (3, 100_000), (2, 4096), (2, 1)])
+def test_redpajama_matches_reference(split, threads, chunk):
     path = REDPAJAMA / f"redpajama_v2_samples_512_{split}.jsonl"
-    got, r = native_index(path, num_threads=threads, block_bytes=block)
+    got, r = native_index(path, num_threads=threads, chunk_bytes=chunk)
     assert got == reference_index(path.read_bytes())
     assert len(got) == 512 and r["blank_lines"] == 0
 
@@ -74,7 +74,7 @@ def test_line_longer_than_a_block(tmp_path):
     lines = [json.dumps({"text": "y" * n}).encode() for n in (10, 50_000, 3, 120_000, 7)]
     path = tmp_path / "long.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    got, _ = native_index(path, num_threads=2, block_bytes=4096)
+    got, _ = native_index(path, num_threads=2, chunk_bytes=4096)
     assert got == reference_index(path.read_bytes())
 
 
@@ -153,11 +153,11 @@ line_kinds = st.one_of(
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(line_kinds, max_size=30), st.booleans(), st.booleans(), st.integers(1, 3), st.integers(16, 300))
-def test_random_files_match_reference(tmp_path_factory, lines, bom, final_newline, threads, block):
+def test_random_files_match_reference(tmp_path_factory, lines, bom, final_newline, threads, chunk):
     data = ("\n".join(lines) + ("\n" if final_newline else "")).encode()
     if bom:
         data = b"\xef\xbb\xbf" + data
     path = tmp_path_factory.mktemp("rand") / "r.jsonl"
     path.write_bytes(data)
-    got, _ = native_index(path, num_threads=threads, block_bytes=block)
+    got, _ = native_index(path, num_threads=threads, chunk_bytes=chunk)
     assert got == reference_index(data)
