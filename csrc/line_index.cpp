@@ -92,6 +92,13 @@ class MappedFile {
   MappedFile& operator=(const MappedFile&) = delete;
   const char* data() const { return data_; }
   size_t size() const { return size_; }
+  // Drops the pages of [begin, end) from this process (they stay in the page cache), so that indexing a
+  // file larger than memory does not show up as resident memory.
+  void release(size_t begin, size_t end) const {
+    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    size_t first = (begin + page - 1) / page * page, last = end / page * page;
+    if (last > first) ::madvise(const_cast<char*>(data_) + first, last - first, MADV_DONTNEED);
+  }
 
  private:
   const char* data_ = nullptr;
@@ -139,6 +146,7 @@ RawIndex build_raw_index(const std::string& path, int num_threads, bool skip_inv
       for (size_t k; !stop.load() && (k = next.fetch_add(1)) < num_chunks;) {
         if (k > first_faulty.load()) continue;
         scan_part(buf, cuts[k], cuts[k + 1], 0, skip_invalid, &parts[k]);
+        file.release(cuts[k], cuts[k + 1]);
         if (!skip_invalid && !parts[k].faults.empty()) {
           size_t f = first_faulty.load();
           while (k < f && !first_faulty.compare_exchange_weak(f, k)) {

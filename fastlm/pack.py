@@ -119,13 +119,14 @@ def _library_encoder(tokenizer, num_cpus: int):
 
 
 def load_or_build_index(src: Path, index_path: Path | None, num_cpus: int, skip_invalid: bool, show_progress):
-    """Offsets and lengths of src's documents: read from index_path, or built (and saved there if given)."""
+    """Offsets and lengths of src's documents, and the invalid lines skipped while indexing: read from
+    index_path, or built (and saved there if given)."""
     import numpy as np
 
     from fastlm.data.pbin import read_raw_index, write_raw_index
 
     if index_path is not None and index_path.exists():
-        return read_raw_index(index_path)
+        return (*read_raw_index(index_path), 0, [])
     from fastlm import _C
 
     bar = progress_bar(src.stat().st_size, "index", show_progress)
@@ -137,7 +138,7 @@ def load_or_build_index(src: Path, index_path: Path | None, num_cpus: int, skip_
     offsets, lengths = np.asarray(result["offsets"]), np.asarray(result["lengths"])
     if index_path is not None:
         write_raw_index(index_path, offsets, lengths)
-    return offsets, lengths
+    return offsets, lengths, result["skipped_lines"], result["first_skipped"]
 
 
 def pack(job: PackJob, show_progress: bool | None = None) -> dict:
@@ -157,12 +158,15 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
             f"eod_token {job.eod_token!r} is not in the vocabulary of {tokenizer.path} "
             f"(it has {tokenizer.max_id + 1:,} ids)"
         )
-    offsets, lengths = load_or_build_index(job.src_path, job.index_path, job.num_cpus, job.skip_invalid, show_progress)
+    offsets, lengths, index_skipped, index_first_skipped = load_or_build_index(
+        job.src_path, job.index_path, job.num_cpus, job.skip_invalid, show_progress
+    )
     if tokenizer.native:
         bpe, encoder = tokenizer.native_encoder(), None
     else:
         os.environ.setdefault("RAYON_NUM_THREADS", str(job.num_cpus))
         bpe, encoder = None, _library_encoder(tokenizer, job.num_cpus)
+    t_pack = time.perf_counter()
     bar = progress_bar(int(lengths.sum()) + len(lengths), "pack", show_progress)
     try:
         with atomic_output(job.dst_path) as tmp:
@@ -173,15 +177,20 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - t0
-    result["invalid_lines"] = result.pop("skipped")
+    t_end = time.perf_counter()
+    seconds, pack_seconds = t_end - t0, t_end - t_pack
+    # lines skipped while indexing on the fly count too (they never reach the packer)
+    result["invalid_lines"] = result.pop("skipped") + index_skipped
+    result["first_skipped"] = sorted(index_first_skipped + result["first_skipped"])[:10]
     result.update(
         skipped=False,
         dst_path=str(job.dst_path),
         token_size=tokenizer.token_size,
         seconds=seconds,
-        mb_per_s=result["bytes_read"] / seconds / 1e6,
-        tokens_per_s=result["tokens"] / seconds,
+        setup_seconds=seconds - pack_seconds,  # tokenizer load and indexing
+        pack_seconds=pack_seconds,
+        mb_per_s=result["bytes_read"] / pack_seconds / 1e6,
+        tokens_per_s=result["tokens"] / pack_seconds,
         tokenizer_path_used="native" if tokenizer.native else "tokenizers",
         tokenizer=tokenizer.describe(),
         threads=job.num_cpus,
@@ -194,8 +203,9 @@ def format_summary(r: dict) -> str:
         return f"{r['dst_path']} exists; skipped (file_existence_policy: skip)"
     line = (
         f"packed {r['documents']:,} documents, {r['tokens']:,} tokens ({r['token_size']}-byte) into "
-        f"{r['dst_path']} in {r['seconds']:.2f} s: {r['mb_per_s']:.1f} MB/s, "
-        f"{r['tokens_per_s'] / 1e6:.2f} M tokens/s, tokenizer: {r['tokenizer']}, {r['threads']} threads"
+        f"{r['dst_path']} in {r['seconds']:.2f} s ({r['setup_seconds']:.2f} s tokenizer and index, "
+        f"{r['pack_seconds']:.2f} s packing: {r['mb_per_s']:.1f} MB/s, {r['tokens_per_s'] / 1e6:.2f} M tokens/s), "
+        f"tokenizer: {r['tokenizer']}, {r['threads']} threads"
     )
     if r["invalid_lines"]:
         first = ", ".join(f"line {n} ({why})" for n, why in r["first_skipped"][:3])

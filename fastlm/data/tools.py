@@ -26,17 +26,6 @@ def end_of_document_tokens(packed: PackedFile) -> np.ndarray:
     return np.unique(np.asarray(packed.tokens[last]))
 
 
-def _load_tokenizer(tokenizer_path: str | os.PathLike):
-    from tokenizers import Tokenizer  # imported here: only `inspect --tokenizer` needs it
-
-    path = Path(tokenizer_path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected a tokenizer.json file or a folder holding one")
-    return Tokenizer.from_file(str(path))
-
-
 def inspect_packed(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None, max_chars: int = 2000) -> str:
     """The report of `fastlm data inspect FILE.pbin [--tokenizer PATH]`, as a string.
 
@@ -68,7 +57,9 @@ def inspect_packed(path: str | os.PathLike, tokenizer_path: str | os.PathLike | 
         lines.append(f"first document:  {len(first):,} tokens: {np.asarray(first[:20]).tolist()}"
                      + (" ..." if len(first) > 20 else ""))
         if tokenizer_path is not None:
-            text = _load_tokenizer(tokenizer_path).decode(np.asarray(first).tolist(), skip_special_tokens=False)
+            from fastlm.tokenizer import Tokenizer
+
+            text = Tokenizer(tokenizer_path).decode(np.asarray(first).tolist())
             if len(text) > max_chars:
                 text = text[:max_chars] + f" ... ({len(text) - max_chars:,} more characters)"
             lines.append("first document decoded:")

@@ -1,0 +1,82 @@
+"""The `fastlm` command: help, inspect and merge from the command line, and bounded memory when packing."""
+
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fastlm.cli import main as cli
+
+from conftest import GPT2, MODALITIES, REDPAJAMA
+
+
+def fastlm(*args):
+    exe = shutil.which("fastlm")
+    cmd = [exe] if exe else [sys.executable, "-m", "fastlm"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True)
+
+
+def test_help_lists_the_modalities_verbs():
+    r = fastlm("data", "--help")
+    assert r.returncode == 0
+    for verb in ("create_raw_index", "pack_encoded_data", "inspect", "merge_packed_data"):
+        assert verb in r.stdout
+
+
+def test_inspect_golden_file_with_tokenizer():
+    r = fastlm("data", "inspect", str(MODALITIES / "lorem_ipsum.pbin"), "--tokenizer", str(GPT2))
+    assert r.returncode == 0, r.stderr
+    assert "documents:       12" in r.stdout and "tokens:          7,989" in r.stdout
+    assert "token size:      2 bytes" in r.stdout and "token 50256" in r.stdout
+    assert "0 Lorem ipsum dolor sit amet" in r.stdout  # the first document, decoded
+
+
+def test_inspect_corrupt_file_fails_with_the_file_name(tmp_path):
+    bad = tmp_path / "cut.pbin"
+    bad.write_bytes((MODALITIES / "lorem_ipsum.pbin").read_bytes()[:5000])
+    r = fastlm("data", "inspect", str(bad))
+    assert r.returncode == 1
+    assert "cut.pbin" in r.stderr and "HINT" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_merge_from_the_command_line(tmp_path, capsys):
+    a, b = MODALITIES / "lorem_ipsum.pbin", MODALITIES / "lorem_ipsum_long.pbin"
+    out = tmp_path / "merged.pbin"
+    assert cli(["data", "merge_packed_data", str(out), str(a), str(b)]) == 0
+    from fastlm.data.pbin import PackedFile
+
+    merged, pa, pb = PackedFile(out), PackedFile(a), PackedFile(b)
+    assert merged.num_documents == pa.num_documents + pb.num_documents
+    assert [merged.document(i).tolist() for i in range(merged.num_documents)] == (
+        [pa.document(i).tolist() for i in range(pa.num_documents)]
+        + [pb.document(i).tolist() for i in range(pb.num_documents)]
+    )
+    assert cli(["data", "merge_packed_data", str(out), str(a)]) == 1  # exists: the default policy is error
+    assert "already exists" in capsys.readouterr().err
+
+
+def _peak_rss_mb_of_pack(tmp_path, megabytes):
+    line_block = (REDPAJAMA / "redpajama_v2_samples_512_train.jsonl").read_bytes()
+    src = tmp_path / f"c{megabytes}.jsonl"
+    with open(src, "wb") as f:
+        for _ in range(megabytes * 1_000_000 // len(line_block) + 1):
+            f.write(line_block)
+    code = (
+        "import resource, sys; from fastlm.pack import main; rc = main(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, "--src", str(src), "--dst", str(tmp_path / f"c{megabytes}.pbin"),
+                        "--tokenizer", str(GPT2), "--jq-pattern", ".raw_content", "--num-cpus", "2", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.split()[-1]) / 1024
+
+
+def test_packing_memory_does_not_grow_with_the_corpus(tmp_path):
+    small = _peak_rss_mb_of_pack(tmp_path, 5)
+    large = _peak_rss_mb_of_pack(tmp_path, 60)
+    # 12x the corpus: the index grows by ~16 bytes per document (a few hundred KB here), nothing else
+    # may scale with it. Holding the texts or tokens would add 60+ MB.
+    assert large - small < 25, (small, large)
