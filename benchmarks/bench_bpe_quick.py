@@ -15,37 +15,10 @@ from pathlib import Path
 import os
 import time
 
+from fastlm.tokenizer import tiktoken_encoding
+
 DATA = str(Path(__file__).resolve().parent.parent / "examples/getting_started/data/raw/redpajama_v2_samples_512_train.jsonl")
 TOKENIZER = str(Path(__file__).resolve().parent.parent / "examples/getting_started/tokenizer/tokenizer.json")
-GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = list(bs)
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-def build_tiktoken(tj: dict):
-    import tiktoken
-
-    u2b = {u: b for b, u in bytes_to_unicode().items()}
-    ranks = {}
-    for tok, i in tj["model"]["vocab"].items():
-        try:
-            ranks[bytes(u2b[ch] for ch in tok)] = i
-        except KeyError:
-            pass
-    special = {a["content"]: a["id"] for a in tj["added_tokens"]}
-    for s in special:
-        ranks.pop(s.encode(), None)
-    return tiktoken.Encoding("gpt2_offline", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens=special)
 
 
 def best_of(fn, repeat: int) -> float:
@@ -97,7 +70,7 @@ def main() -> None:
     add("tokenizers encode per doc (1 thread)", lambda: [hf.encode(d) for d in docs])
     add("tokenizers encode_batch (all threads)", lambda: hf.encode_batch(docs))
     try:
-        enc = build_tiktoken(tj)
+        enc = tiktoken_encoding(args.tokenizer)
         allowed = {eod}
         add("tiktoken encode per doc (1 thread)", lambda: [enc.encode(d, allowed_special=allowed) for d in docs])
         add("tiktoken encode_batch (2 threads)",

@@ -53,7 +53,7 @@ PY_SCAN_MODALITIES_STYLE = textwrap.dedent(
                 line = f.readline()
                 if not line:
                     break
-                q.put((cursor, line[:-1] if line.endswith(b"\n") else line))
+                q.put((cursor, line[:-1] if line.endswith(b"\\n") else line))
         q.put(None)
     def indexer():
         while (item := q.get()) is not None:
@@ -84,20 +84,8 @@ BASELINE = textwrap.dedent(
         for i in range(0, len(texts), 1024):
             n += sum(len(e.ids) for e in tok.encode_batch(texts[i:i + 1024]))
     else:
-        import tiktoken
-        spec = json.load(open(tok_path, encoding="utf-8"))
-        # GPT-2's bytes_to_unicode, inverted: vocab strings back to raw bytes.
-        bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-        cs, k = bs[:], 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b); cs.append(256 + k); k += 1
-        unbyte = {chr(c): b for b, c in zip(bs, cs)}
-        ranks = {bytes(unbyte[ch] for ch in s): i for s, i in spec["model"]["vocab"].items()}
-        enc = tiktoken.Encoding(
-            "gpt2-offline",
-            pat_str=r"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+",
-            mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
+        from fastlm.tokenizer import tiktoken_encoding
+        enc = tiktoken_encoding(tok_path)
         t0 = time.perf_counter()
         n = sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=threads))
     dt = time.perf_counter() - t0

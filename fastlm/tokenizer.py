@@ -29,6 +29,36 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
     return p
 
 
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet of byte-level vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def tiktoken_encoding(path: str | os.PathLike):
+    """A `tiktoken` Encoding of a GPT-2-style tokenizer.json, built offline (for benchmarks): ranks are
+    the vocabulary ids, the split pattern GPT-2's, the added tokens its special tokens."""
+    import tiktoken
+
+    spec = json.loads(resolve_tokenizer_file(path).read_text(encoding="utf-8"))
+    unbyte = {c: b for b, c in bytes_to_unicode().items()}
+    special = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+    ranks = {bytes(unbyte[ch] for ch in token): i for token, i in spec["model"]["vocab"].items()
+             if token not in special and all(ch in unbyte for ch in token)}
+    return tiktoken.Encoding("offline-byte-level-bpe", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens=special)
+
+
 def token_size_for(num_ids: int) -> int:
     """Bytes per token in a .pbin: the smallest of 1, 2, 4 that holds ids 0..num_ids-1."""
     for size in (1, 2, 4):

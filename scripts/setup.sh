@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
 # Creates .venv (once) and installs fastlm (building its C++ extension) with what the tests need.
-# Safe to re-run: a second run only re-checks.
+# Safe to re-run: requirements are re-checked only when requirements-dev.txt changes, the extension is
+# rebuilt only when csrc/ or setup.py is newer than it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
+  "${PIP[@]}" --upgrade pip
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+stamp=.venv/.requirements-dev.sha256
+want=$(sha256sum requirements-dev.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "${PIP[@]}" -r requirements-dev.txt
+  echo "$want" > "$stamp"
+fi
+so=$(ls fastlm/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -z "$so" ] || [ -n "$(find csrc setup.py pyproject.toml -newer "$so" 2>/dev/null | head -n 1)" ] \
+   || ! .venv/bin/python -c "import fastlm._C" 2>/dev/null; then
+  echo "building fastlm (C++ extension, about a minute on 2 cores)..."
+  if ! "${PIP[@]}" --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
+    cat .venv/build.log
+    exit 1
+  fi
+fi

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1
+export PATH="$PWD/.venv/bin:$PATH"  # the `fastlm` entry point itself is under test
 exec .venv/bin/python -m pytest tests -q "$@"

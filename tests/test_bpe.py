@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, pre_tokenizers
 
 from fastlm._C import ByteLevelBPE
+from fastlm.tokenizer import bytes_to_unicode
 
 from conftest import GPT2, REDPAJAMA as _REDPAJAMA_DIR
 
@@ -21,18 +22,6 @@ EOD = "<|endoftext|>"
 WHITESPACE_KINDS = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(chr(c) for c in range(0x2000, 0x200B))
                     + "\u2028\u2029\u202f\u205f\u3000")
 ZERO_WIDTH = "\u200b\u200c\u200d\ufeff"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = list(bs)
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def from_tokenizer_json(tj: dict) -> ByteLevelBPE:

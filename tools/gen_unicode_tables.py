@@ -26,6 +26,8 @@ import sys
 import tokenizers
 from tokenizers import Regex, pre_tokenizers
 
+from fastlm.tokenizer import bytes_to_unicode
+
 OTHER, LETTER, NUMBER, SPACE = 0, 1, 2, 3
 MAX_CP = 0x110000
 
@@ -103,18 +105,6 @@ def gpt2_split(s: str, cls: bytearray) -> list[str]:
         else:
             out.append(s[i:e - 1]); i = e - 1
     return out
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = list(bs)
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def verify(cls: bytearray) -> None:
