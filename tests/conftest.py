@@ -13,6 +13,20 @@ REDPAJAMA = EXAMPLE / "data" / "raw"
 GPT2 = EXAMPLE / "tokenizer"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter. It is chosen when a kernel
+# is defined, so it must be set before fastlm.kernels is imported.
+HAS_GPU = os.path.exists("/dev/nvidiactl")
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/device_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
