@@ -13,6 +13,11 @@ fi
 stamp=.venv/.requirements-dev.sha256
 want=$(sha256sum requirements-dev.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # torch: the CPU wheel on local disk where the machine has one (PyPI's torch 2.13.0 is a CUDA build)
+  cpu_torch=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -n "$cpu_torch" ]; then
+    "${PIP[@]}" "$cpu_torch"
+  fi
   "${PIP[@]}" -r requirements-dev.txt
   echo "$want" > "$stamp"
 fi
