@@ -1,0 +1,339 @@
+"""The typed run config: one YAML file describes a whole training run.
+
+Sections are dataclasses; every key has a type, a default and a one-line doc (the `doc` metadata), from
+which the README's config reference is generated. Loading checks everything at start: unknown keys are
+errors with "did you mean", values are type-checked, and numbers that must agree are checked together,
+with the arithmetic in the message. `key=value` overrides from the command line are typed by the field
+they set (`optim.lr=3e-4`, `parallel.fsdp=false`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastlm.model import ModelConfig
+from fastlm.yamlconf import ConfigError, check_keys, interpolate, load_yaml
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class RunSection:
+    name: str = doc("run name: the folder under output_dir and the wandb run name", "run")
+    output_dir: str = doc("where run folders go (checkpoints/, metrics.jsonl)", "checkpoints")
+    seed: int = doc("seed of initialisation, data order and dropout", 1337)
+    resume: str = doc("none | auto (the latest complete checkpoint of the run folder) | a checkpoint path", "none")
+    device: str = doc("auto (cuda when available, else cpu) | cpu | cuda", "auto")
+
+
+@dataclass
+class DataSection:
+    train_path: str = doc("training .pbin (from fastlm data pack_encoded_data)", "")
+    val_path: str = doc("validation .pbin; empty: no evaluation", "")
+    tokenizer_path: str = doc("tokenizer.json or its folder (for generation and vocab checks)", "")
+    dataset: str = doc("continuous (Modalities' blocks) | document_aligned", "continuous")
+    num_workers: int = doc("background loader processes (0: load in the training process)", 1)
+
+
+@dataclass
+class OptimSection:
+    lr: float = doc("peak learning rate", 6e-4)
+    betas: list = doc("AdamW betas", factory=lambda: [0.9, 0.95])
+    eps: float = doc("AdamW epsilon", 1e-8)
+    weight_decay: float = doc("decoupled weight decay of matrices (not norms, biases, embeddings)", 0.1)
+    grad_clip: float = doc("clip the global gradient norm to this; 0: no clipping", 1.0)
+    fused: bool = doc("use the fused AdamW implementation on CUDA", True)
+
+
+@dataclass
+class ScheduleSection:
+    warmup_steps: int = doc("linear warm-up steps from 0 to optim.lr", 100)
+    decay: str = doc("after warm-up: cosine | linear | constant", "cosine")
+    min_lr: float = doc("learning rate at the end of the decay", 6e-5)
+
+
+@dataclass
+class BatchSection:
+    micro_batch_size: int = doc("sequences per rank per forward pass", 8)
+    grad_accum_steps: int = doc("micro batches per optimizer step; 0: derived from global_batch_tokens", 1)
+    global_batch_tokens: int = doc("tokens per optimizer step across all ranks; 0: micro x seq x accum x world", 0)
+
+
+@dataclass
+class TargetSection:
+    steps: int = doc("optimizer steps to train; 0: derived from tokens", 0)
+    tokens: int = doc("tokens to train on (when steps is 0)", 0)
+    allow_repeat: bool = doc("allow more tokens than one pass over the training data", False)
+
+
+@dataclass
+class IntervalSection:
+    log: int = doc("log every N steps (one host sync per log interval)", 10)
+    eval: int = doc("evaluate every N steps and at the end; 0: only at the end", 0)
+    eval_batches: int = doc("micro batches per evaluation; 0: the whole validation set", 0)
+    checkpoint: int = doc("checkpoint every N steps and at the end; 0: only at the end", 0)
+
+
+@dataclass
+class ParallelSection:
+    fsdp: bool = doc("shard parameters, gradients and optimizer state with FSDP2 (fully_shard)", True)
+    reshard_after_forward: bool = doc("free gathered parameters after each block's forward", True)
+    activation_checkpointing: str = doc("none | full | selective (every other block)", "none")
+    compile: bool = doc("torch.compile each block", False)
+
+
+@dataclass
+class LoggingSection:
+    console: bool = doc("progress bar and log lines on rank 0", True)
+    metrics_file: bool = doc("write metrics.jsonl in the run folder", True)
+    wandb_mode: str = doc("online | offline | disabled", "disabled")
+    wandb_project: str = doc("wandb project", "fastlm")
+
+
+@dataclass
+class CheckpointSection:
+    keep_last: int = doc("keep the last K complete checkpoints (0: keep all)", 2)
+    consolidated: bool = doc("also write model.safetensors + model.json at the end", True)
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    target: TargetSection = field(default_factory=TargetSection)
+    intervals: IntervalSection = field(default_factory=IntervalSection)
+    precision: str = doc("bf16 | fp16 | fp32 (bf16 and fp16 on CUDA only; fp32 on CPU)", "bf16")
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    source: str = field(default="config", metadata={"internal": True})
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+_CHOICES = {
+    "run.resume": None,  # free text
+    "run.device": ("auto", "cpu", "cuda"),
+    "data.dataset": ("continuous", "document_aligned"),
+    "schedule.decay": ("cosine", "linear", "constant"),
+    "parallel.activation_checkpointing": ("none", "full", "selective"),
+    "logging.wandb_mode": ("online", "offline", "disabled"),
+    "precision": ("bf16", "fp16", "fp32"),
+}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS if dataclasses.is_dataclass(hints[name])}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check `value` against the field type (int accepts int; float accepts int; bool only bool)."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:  # Optional[X] / X | None
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is bool and isinstance(value, bool):
+        return value
+    if typ is str and isinstance(value, str):
+        return value
+    if typ in (list, "list") and isinstance(value, list):
+        return value
+    found = type(value).__name__
+    raise ConfigError(f"{where} must be {getattr(typ, '__name__', typ)}, found {value!r} ({found})")
+
+
+def _build_section(cls: type, section: dict, prefix: str, source: str):
+    if cls is ModelConfig:
+        return ModelConfig.from_dict(section, source)
+    names = [f.name for f in dataclasses.fields(cls)]
+    check_keys(section, names, prefix, source)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in section:
+            values[f.name] = _coerce(section[f.name], hints[f.name], f"{source}: {prefix}.{f.name}")
+    return cls(**values)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
+    """Set `section.key=value` items (YAML-typed values) on the raw config mapping."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+        parts = key.split(".")
+        if parts[0] not in SECTIONS:
+            close = difflib.get_close_matches(parts[0], list(SECTIONS), n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            raise ConfigError(f'override {item!r}: unknown section "{parts[0]}"{hint}')
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = interpolate(_parse_scalar(text), f"override {key}")
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    source = str(path)
+    raw = load_yaml(path)
+    raw = apply_overrides(raw, list(overrides), source)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    check_keys(raw, list(SECTIONS), "config", source)
+    classes = _section_classes()
+    values = {}
+    for name, cls in classes.items():
+        section = raw.get(name, {})
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise ConfigError(f'{source}: "{name}" must be a mapping, found {type(section).__name__}')
+        values[name] = _build_section(cls, section, name, source)
+    if "precision" in raw:
+        values["precision"] = _coerce(raw["precision"], str, f"{source}: precision")
+    cfg = Config(**values, source=source)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks of single values and of numbers that must agree (with world size checked at run time)."""
+    src = cfg.source
+    for key, allowed in _CHOICES.items():
+        if allowed is None:
+            continue
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section), name) if section else getattr(cfg, name)
+        if value not in allowed:
+            raise ConfigError(f"{src}: {key} must be one of {' | '.join(allowed)}, found {value!r}")
+    positive = {"batch.micro_batch_size": cfg.batch.micro_batch_size, "intervals.log": cfg.intervals.log}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{src}: {key} must be at least 1, found {value}")
+    for key, value in {"batch.grad_accum_steps": cfg.batch.grad_accum_steps,
+                       "batch.global_batch_tokens": cfg.batch.global_batch_tokens,
+                       "target.steps": cfg.target.steps, "target.tokens": cfg.target.tokens,
+                       "intervals.eval": cfg.intervals.eval, "intervals.checkpoint": cfg.intervals.checkpoint,
+                       "schedule.warmup_steps": cfg.schedule.warmup_steps,
+                       "checkpoint.keep_last": cfg.checkpoint.keep_last}.items():
+        if value < 0:
+            raise ConfigError(f"{src}: {key} must not be negative, found {value}")
+    if cfg.target.steps == 0 and cfg.target.tokens == 0:
+        raise ConfigError(f"{src}: set target.steps or target.tokens (both are 0)")
+    if cfg.batch.grad_accum_steps == 0 and cfg.batch.global_batch_tokens == 0:
+        raise ConfigError(f"{src}: set batch.grad_accum_steps or batch.global_batch_tokens (both are 0)")
+    if not cfg.data.train_path:
+        raise ConfigError(f'{src}: missing key "data.train_path"')
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"{src}: optim.betas must be two numbers, found {cfg.optim.betas!r}")
+    if cfg.schedule.min_lr > cfg.optim.lr:
+        raise ConfigError(f"{src}: schedule.min_lr ({cfg.schedule.min_lr}) exceeds optim.lr ({cfg.optim.lr})")
+
+
+@dataclass
+class Derived:
+    """Numbers that follow from the config and the world size, computed once at start."""
+
+    world_size: int
+    tokens_per_micro_batch: int  # per rank
+    grad_accum_steps: int
+    tokens_per_step: int  # across ranks
+    steps: int
+    total_tokens: int
+
+
+def derive(cfg: Config, world_size: int, train_tokens: int | None = None) -> Derived:
+    """Batch and target arithmetic; errors show the numbers."""
+    src, seq = cfg.source, cfg.model.sequence_length
+    per_micro = cfg.batch.micro_batch_size * seq
+    if cfg.batch.global_batch_tokens:
+        unit = per_micro * world_size
+        if cfg.batch.global_batch_tokens % unit:
+            raise ConfigError(
+                f"{src}: batch.global_batch_tokens ({cfg.batch.global_batch_tokens:,}) is not divisible by "
+                f"micro_batch_size x sequence_length x world_size = {cfg.batch.micro_batch_size} x {seq} x "
+                f"{world_size} = {unit:,}"
+            )
+        accum = cfg.batch.global_batch_tokens // unit
+        if cfg.batch.grad_accum_steps and cfg.batch.grad_accum_steps != accum:
+            raise ConfigError(
+                f"{src}: batch.grad_accum_steps ({cfg.batch.grad_accum_steps}) disagrees with global_batch_tokens: "
+                f"{cfg.batch.global_batch_tokens:,} / ({cfg.batch.micro_batch_size} x {seq} x {world_size}) = {accum}"
+            )
+    else:
+        accum = cfg.batch.grad_accum_steps
+    per_step = per_micro * accum * world_size
+    steps = cfg.target.steps or -(-cfg.target.tokens // per_step)
+    total = steps * per_step
+    if train_tokens is not None and total > train_tokens and not cfg.target.allow_repeat:
+        raise ConfigError(
+            f"{src}: the run needs {steps:,} steps x {per_step:,} tokens = {total:,} tokens but "
+            f"{cfg.data.train_path} holds {train_tokens:,}; lower target.steps/target.tokens or set "
+            f"target.allow_repeat: true"
+        )
+    return Derived(world_size, per_micro, accum, per_step, steps, total)
+
+
+def config_reference() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every key of the config, the source of the README's reference."""
+    rows = []
+    for name, cls in _section_classes().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            typ = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
+            rows.append((f"{name}.{f.name}", typ, repr(default), f.metadata.get("doc", MODEL_DOCS.get(f.name, ""))))
+    precision = next(f for f in dataclasses.fields(Config) if f.name == "precision")
+    rows.append(("precision", "str", repr(precision.default), precision.metadata["doc"]))
+    return rows
+
+
+MODEL_DOCS = {
+    "vocab_size": "the tokenizer's vocabulary size; the embedding is padded to a multiple of 64",
+    "sequence_length": "tokens per training sample (context length)",
+    "n_layer": "transformer blocks",
+    "n_head": "attention (query) heads",
+    "n_kv_head": "key/value heads (grouped-query attention); empty: n_head",
+    "n_embd": "model width",
+    "ffn_hidden": "MLP hidden width; empty: 4 x n_embd (gelu) or 8/3 x n_embd (swiglu)",
+    "dropout": "dropout on embeddings and residual branches",
+    "bias": "biases in linear layers and LayerNorm",
+    "pos_encoding": "rope | learned | none",
+    "rope_theta": "RoPE base",
+    "norm": "layernorm | rmsnorm",
+    "norm_eps": "normalisation epsilon",
+    "activation": "gelu | swiglu",
+    "tie_weights": "share the token embedding with the LM head",
+    "attention": "auto (triton on CUDA, sdpa elsewhere) | triton | sdpa | manual",
+    "loss": "auto (fused on CUDA, torch elsewhere) | fused | torch",
+    "init_std": "standard deviation of the weight initialisation",
+}
+
