@@ -53,6 +53,9 @@ class OptimSection:
     weight_decay: float = doc("decoupled weight decay of matrices (not norms, biases, embeddings)", 0.1)
     grad_clip: float = doc("clip the global gradient norm to this; 0: no clipping", 1.0)
     fused: bool = doc("use the fused AdamW implementation on CUDA", True)
+    skip_nonfinite: bool = doc(
+        "skip a step whose loss or gradient norm is not finite (one host sync per step); false: stop at the "
+        "next log, naming the first bad step", False)
 
 
 @dataclass

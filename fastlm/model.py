@@ -12,6 +12,7 @@ Implementation choices are plain `if`s on the config: attention "triton" (fastlm
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -103,6 +104,22 @@ class ModelConfig:
 
 def _round_up(x: int, multiple: int) -> int:
     return (x + multiple - 1) // multiple * multiple
+
+
+def _normal(shape, std: float, seed: int, name: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+def _copy_full(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full CPU tensor into a parameter, which may be a DTensor shard (FSDP2) or on the meta device."""
+    if param.device.type == "meta":
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+    param.copy_(value)
 
 
 def resolve_attention(cfg: ModelConfig, device: torch.device) -> str:
@@ -239,8 +256,16 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.checkpointing = False  # recompute this block's activations in backward (set by parallelize)
 
     def forward(self, x, rope, input_pos, mask):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, rope, input_pos, mask, use_reentrant=False)
+        return self._forward(x, rope, input_pos, mask)
+
+    def _forward(self, x, rope, input_pos, mask):
         x = x + self.dropout(self.attn(self.norm1(x), rope, input_pos, mask))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
@@ -265,20 +290,24 @@ class GPT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """GPT-2 initialisation: N(0, init_std) for weights, residual projections scaled by
-        1/sqrt(2 * n_layer), zero biases, unit norms. Also recomputes the rotary tables, so that a model
-        built on the meta device and materialised with to_empty() is complete after this call."""
+        1/sqrt(2 * n_layer), zero biases, unit norms. Each parameter draws from its own generator, seeded
+        by `seed` (default: torch's initial seed) and its name, and is generated whole before it is
+        sharded: the same seed gives the same model on any number of ranks. Also recomputes the rotary
+        tables, so a model built on the meta device is complete after to_empty() and this call."""
+        seed = torch.initial_seed() if seed is None else seed
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+                value = _normal(p.shape, std / math.sqrt(2 * self.cfg.n_layer), seed, name)
             elif p.ndim >= 2:
-                nn.init.normal_(p, 0.0, std)
+                value = _normal(p.shape, std, seed, name)
             elif name.endswith("bias"):
-                nn.init.zeros_(p)
+                value = torch.zeros(p.shape)
             else:  # norm weights
-                nn.init.ones_(p)
+                value = torch.ones(p.shape)
+            _copy_full(p, value)
         if self.cfg.pos_encoding == "rope":
             cos, sin = rope_cache(self.max_seq, self.cfg.head_dim, self.cfg.rope_theta, device=self.rope_cos.device)
             self.rope_cos.copy_(cos)

@@ -1,0 +1,161 @@
+"""Checkpoints of the full training state with torch.distributed.checkpoint (DCP).
+
+Layout of a run folder:
+
+    RUN/checkpoints/step_00000100/   DCP shards of model + optimizer, train_state.json, rng_rank*.json
+    RUN/checkpoints/latest           the name of the newest complete checkpoint (written last)
+    RUN/model.safetensors, model.json   the consolidated model for generation and sharing
+
+A checkpoint is written to a temporary folder and renamed when every rank has finished, so a crash
+mid-write leaves only a `.tmp` folder that `resume=auto` ignores. Non-tensor state (step, tokens, data
+position, RNG states) is JSON, never pickle; DCP files are read with DCP's own loader.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _rng_state() -> dict:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    def tensor(text):
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep_last: int) -> Path:
+    """Save the whole training state at `step` (a collective: every rank calls it)."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    _write_json(tmp / f"rng_rank{_rank()}.json", _rng_state())
+    _barrier()
+    if _rank() == 0:
+        _write_json(tmp / "train_state.json", train_state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_json(root / "latest", {"checkpoint": final.name})
+        if keep_last > 0:
+            for old in complete_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    return STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file() and (
+        path / "train_state.json").is_file()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of interrupted saves are skipped)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and is_complete(p)), key=lambda p: p.name)
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint: the `latest` pointer when it names one, else a scan."""
+    root = checkpoint_root(run_dir)
+    try:
+        name = json.loads((root / "latest").read_text())["checkpoint"]
+        if is_complete(root / name):
+            return root / name
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Load model and optimizer state (resharded to this run's world size) and this rank's RNG state;
+    returns train_state.json's content."""
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"{path}: not a complete fastlm checkpoint (expected DCP .metadata and train_state.json)"
+        )
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train_state = json.loads((path / "train_state.json").read_text())
+    rng_file = path / f"rng_rank{_rank()}.json"
+    if not rng_file.is_file():  # fewer ranks wrote the checkpoint than read it
+        rng_file = path / "rng_rank0.json"
+    _set_rng_state(json.loads(rng_file.read_text()))
+    return train_state
+
+
+def save_consolidated(run_dir: Path, model, model_config: dict) -> Path | None:
+    """model.safetensors (full, unsharded, fp32, tied weights stored once) + model.json, on rank 0."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=options)
+    if _rank() != 0:
+        return None
+    from safetensors.torch import save_file
+
+    if model_config.get("tie_weights"):
+        sd.pop("lm_head.weight", None)
+    sd = {k: v.contiguous().float() for k, v in sd.items()}
+    out = Path(run_dir) / "model.safetensors"
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    save_file(sd, str(tmp), metadata={"format": "fastlm", "config": json.dumps(model_config)})
+    os.replace(tmp, out)
+    _write_json(Path(run_dir) / "model.json", model_config)
+    return out

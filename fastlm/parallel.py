@@ -1,0 +1,85 @@
+"""Distributed set-up and `parallelize`: activation checkpointing, per-block compile and FSDP2, applied
+as separate switchable steps in that order (each a no-op when disabled), torchtitan style.
+
+fastlm relies on torch.distributed and torchrun for processes and rendezvous; it adds no launcher.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastlm.config import ParallelSection
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: object = None  # a 1-D DeviceMesh when distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def setup_distributed(device_pref: str = "auto") -> Dist:
+    """Join the process group torchrun prepared (nccl on CUDA, gloo on CPU), or run as one process."""
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is cuda but no CUDA device is available")
+    if "RANK" not in os.environ:  # plain `python -m fastlm.train`
+        return Dist(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world,))
+    return Dist(rank, world, local, device, mesh)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(model, pcfg: ParallelSection, d: Dist, param_dtype: torch.dtype) -> None:
+    """Apply, in order: activation checkpointing (recompute inside the block, so it composes with FSDP's
+    per-block gather), per-block torch.compile (before sharding, so compiled code sees plain modules
+    wrapped by FSDP's hooks), FSDP2 per block then the root (bf16/fp16 compute with fp32 gradient
+    reduction)."""
+    if pcfg.activation_checkpointing != "none":
+        for i, block in enumerate(model.blocks):
+            block.checkpointing = pcfg.activation_checkpointing == "full" or i % 2 == 0
+    if pcfg.compile:
+        for block in model.blocks:
+            block.compile()
+    if pcfg.fsdp and d.mesh is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mesh=d.mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward)
+        # the root keeps embeddings, final norm and LM head; no point resharding what backward needs first
+        fully_shard(model, mesh=d.mesh, mp_policy=mp, reshard_after_forward=False)
+    elif d.mesh is not None:
+        from fastlm.yamlconf import ConfigError
+
+        raise ConfigError(
+            f"parallel.fsdp is false but {d.world_size} processes were started: set parallel.fsdp: true "
+            f"(FSDP2 covers the data-parallel case too) or run a single process"
+        )

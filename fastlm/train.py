@@ -1,0 +1,394 @@
+"""Training: `torchrun --nproc_per_node N -m fastlm.train CONFIG [key=value ...]` (or plain `python -m
+fastlm.train CONFIG` for one process; `fastlm run --config_file_path CONFIG` is the same).
+
+One `main()` read top to bottom: set-up (config, processes, data, model, optimizer, resume), the loop
+(accumulate, clip, step, log, evaluate, checkpoint), the end (final evaluation, checkpoint, consolidated
+model). Runs on CPU with gloo as well as on GPUs with NCCL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastlm import checkpoint as ckpt
+from fastlm.config import Config, derive, load_config
+from fastlm.data.datasets import PackedMemMapDatasetContinuous, PackedMemMapDatasetDocumentAligned
+from fastlm.data.loader import BatchLoader, ResumableDistributedSampler
+from fastlm.model import GPT, resolve_attention, resolve_loss
+from fastlm.parallel import Dist, parallelize, setup_distributed, teardown_distributed
+from fastlm.yamlconf import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def lr_at(step: int, cfg: Config, total_steps: int) -> float:
+    """Linear warm-up to optim.lr, then cosine | linear | constant decay to schedule.min_lr."""
+    peak, low, warm = cfg.optim.lr, cfg.schedule.min_lr, cfg.schedule.warmup_steps
+    if step < warm:
+        return peak * (step + 1) / warm
+    if cfg.schedule.decay == "constant" or total_steps <= warm:
+        return peak
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    if cfg.schedule.decay == "linear":
+        return peak - (peak - low) * progress
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * progress))
+
+
+def make_dataset(path: str, cfg: Config):
+    if cfg.data.dataset == "document_aligned":
+        return PackedMemMapDatasetDocumentAligned(path, cfg.model.sequence_length)
+    return PackedMemMapDatasetContinuous(path, cfg.model.sequence_length)
+
+
+class Logger:
+    """Console (rank 0), metrics.jsonl and optional Weights & Biases."""
+
+    def __init__(self, cfg: Config, run_dir: Path, d: Dist, steps: int, start_step: int):
+        self.cfg, self.d = cfg, d
+        self.metrics = None
+        self.wandb = None
+        self.bar = None
+        if not d.is_main:
+            return
+        if cfg.logging.metrics_file:
+            self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if cfg.logging.wandb_mode != "disabled":
+            self.wandb = start_wandb(cfg, run_dir)
+        if cfg.logging.console and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.d.is_main:
+            return
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("event",)}, step=record["step"])
+        if not self.cfg.logging.console:
+            return
+        if record["event"] == "train":
+            text = (f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                    f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
+                    + (f" | mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""))
+        elif record["event"] == "eval":
+            text = f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
+        else:
+            text = json.dumps(record)
+        if self.bar is not None:
+            self.bar.set_postfix_str(text.split("| ", 1)[-1], refresh=False)
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(cfg: Config, run_dir: Path):
+    """wandb is optional: a missing package or, online, a missing API key fails at start, not later."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            f"{cfg.source}: logging.wandb_mode is {cfg.logging.wandb_mode} but wandb is not installed "
+            f"(pip install wandb), or set logging.wandb_mode: disabled"
+        ) from None
+    if cfg.logging.wandb_mode == "online":
+        import os
+
+        if not os.environ.get("WANDB_API_KEY") and not wandb.api.api_key:
+            raise ConfigError(
+                f"{cfg.source}: logging.wandb_mode is online but no W&B API key is set (WANDB_API_KEY or "
+                f"`wandb login`); use wandb_mode: offline to log without network"
+            )
+    return wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, mode=cfg.logging.wandb_mode,
+                      dir=str(run_dir), config=config_dict(cfg), resume="allow")
+
+
+def config_dict(cfg: Config) -> dict:
+    out = asdict(cfg)
+    out.pop("source", None)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, cfg: Config, d: Dist, val_dataset, autocast) -> tuple[float, int]:
+    """Mean loss over the validation set (or its first eval_batches micro batches), split over ranks."""
+    model.eval()
+    micro = cfg.batch.micro_batch_size
+    n = len(val_dataset)
+    total_batches = -(-n // micro)
+    if cfg.intervals.eval_batches:
+        total_batches = min(total_batches, cfg.intervals.eval_batches)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    count = torch.zeros((), dtype=torch.float64, device=d.device)
+    for b in range(d.rank, total_batches, d.world_size):
+        idx = range(b * micro, min(n, (b + 1) * micro))
+        rows = torch.stack([torch.from_numpy(val_dataset[i][val_dataset.sample_key]) for i in idx]).to(d.device)
+        with autocast:
+            _, loss = model(rows[:, :-1], rows[:, 1:])
+        loss_sum += loss.double() * rows[:, 1:].numel()
+        count += rows[:, 1:].numel()
+    if d.enabled:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(count)
+    model.train()
+    return (loss_sum / count).item(), int(count.item())
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) ask for a checkpoint and a clean exit at the next check."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, d: Dist) -> bool:
+        """True when any rank was signalled (a collective in distributed runs)."""
+        if not d.enabled:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=d.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    d = setup_distributed(cfg.run.device)
+    try:
+        return train(cfg, d)
+    finally:
+        teardown_distributed()
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m fastlm.train", description="Train a GPT from one YAML config.")
+    p.add_argument("config", nargs="?", help="the run config (YAML)")
+    p.add_argument("--config_file_path", "--config-file-path", dest="config_flag", help="same as CONFIG")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4")
+    args = p.parse_args(argv)
+    if args.config_flag:
+        if args.config:
+            args.overrides.insert(0, args.config)
+        args.config = args.config_flag
+    if not args.config:
+        p.error("a config file is required")
+    if "=" in args.config:
+        p.error(f"the first argument must be the config file, found the override {args.config!r}")
+    return args
+
+
+def train(cfg: Config, d: Dist) -> int:
+    # ---- set-up ---------------------------------------------------------------------------------------
+    if d.device.type != "cuda" and cfg.precision != "fp32":
+        raise ConfigError(f"{cfg.source}: precision {cfg.precision} needs a CUDA device; set precision: fp32 on CPU")
+    dtype = DTYPES[cfg.precision]
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)
+
+    train_set = make_dataset(cfg.data.train_path, cfg)
+    val_set = make_dataset(cfg.data.val_path, cfg) if cfg.data.val_path else None
+    derived = derive(cfg, d.world_size, len(train_set) * cfg.model.sequence_length)
+
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    n_params = model.num_params()
+    parallelize(model, cfg.parallel, d, dtype)
+    model.to_empty(device=d.device)
+    model.init_weights(seed=cfg.run.seed)
+    model.train()
+    use_fsdp = cfg.parallel.fsdp and d.mesh is not None
+    # without FSDP, mixed precision is autocast; with it, FSDP's policy casts parameters per block
+    autocast = (torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 and not use_fsdp
+                else nullcontext())
+    scaler = None
+    if cfg.precision == "fp16":
+        if use_fsdp:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler = ShardedGradScaler()
+        else:
+            scaler = torch.amp.GradScaler("cuda")
+
+    optimizer = torch.optim.AdamW(
+        model.optimizer_groups(cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps, fused=(d.device.type == "cuda" and cfg.optim.fused) or None,
+    )
+
+    start_step, tokens_seen = 0, 0
+    resume_from = None
+    if cfg.run.resume == "auto":
+        resume_from = ckpt.find_latest(run_dir)
+    elif cfg.run.resume not in ("none", ""):
+        resume_from = Path(cfg.run.resume)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, model, optimizer)
+        start_step, tokens_seen = state["step"], state["tokens"]
+
+    samples_per_step = derived.grad_accum_steps * d.world_size * cfg.batch.micro_batch_size
+    sampler = ResumableDistributedSampler(len(train_set), cfg.batch.micro_batch_size, d.world_size, d.rank,
+                                          seed=cfg.run.seed, position=start_step * samples_per_step)
+    loader = BatchLoader(train_set, sampler, d.device, prefetch=2 if cfg.data.num_workers > 0 else 0)
+
+    if d.is_main:
+        print(json.dumps({"config": config_dict(cfg)}, indent=1) if cfg.logging.console else "", flush=True)
+        attn, loss_impl = resolve_attention(cfg.model, d.device), resolve_loss(cfg.model, d.device)
+        print(f"fastlm: {n_params:,} parameters | {d.world_size} x {d.device.type} | attention {attn}, loss "
+              f"{loss_impl}, {cfg.precision}, fsdp {use_fsdp}\n"
+              f"fastlm: {derived.tokens_per_step:,} tokens per step = micro batch {cfg.batch.micro_batch_size} x "
+              f"sequence {cfg.model.sequence_length} x accumulation {derived.grad_accum_steps} x world "
+              f"{d.world_size}; {derived.steps:,} steps, {derived.total_tokens:,} tokens; train data "
+              f"{len(train_set):,} samples"
+              + (f"; resuming from {resume_from} at step {start_step}" if resume_from else ""), flush=True)
+
+    logger = Logger(cfg, run_dir, d, derived.steps, start_step)
+    stop = StopRequest()
+    model_cfg = asdict(cfg.model)
+
+    def save(step: int) -> None:
+        state = {"step": step, "tokens": tokens_seen, "data_position": step * samples_per_step,
+                 "world_size": d.world_size, "config": config_dict(cfg)}
+        path = ckpt.save(run_dir, step, model, optimizer, state, cfg.checkpoint.keep_last)
+        logger.log({"event": "checkpoint", "step": step, "path": str(path)})
+
+    def run_eval(step: int) -> None:
+        if val_set is None:
+            return
+        val_loss, n_tokens = evaluate(model, cfg, d, val_set, autocast)
+        logger.log({"event": "eval", "step": step, "tokens": tokens_seen, "val_loss": val_loss,
+                    "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": n_tokens})
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    window_losses: list[torch.Tensor] = []
+    grad_norm = torch.zeros((), device=d.device)
+    t_last, step = time.perf_counter(), start_step
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    stopped_early = False
+    try:
+        while step < derived.steps:
+            lr = lr_at(step, cfg, derived.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=d.device)
+            for micro in range(derived.grad_accum_steps):
+                last = micro == derived.grad_accum_steps - 1
+                if use_fsdp:
+                    model.set_requires_gradient_sync(last)  # reduce-scatter once per step, not per micro batch
+                x, y = loader.next()
+                with autocast:
+                    _, loss = model(x, y)
+                scaled = loss / derived.grad_accum_steps
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                loss_sum += loss.detach()
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            step_loss = loss_sum / derived.grad_accum_steps
+            if cfg.optim.skip_nonfinite and not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)).item():
+                optimizer.zero_grad(set_to_none=True)
+                logger.log({"event": "skipped_step", "step": step, "loss": step_loss.item()})
+                step += 1
+                continue
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_losses.append(step_loss)
+            step += 1
+            tokens_seen += derived.tokens_per_step
+            logger.advance()
+
+            if step % cfg.intervals.log == 0 or step == derived.steps:
+                losses = torch.stack(window_losses)  # the one host sync of the log interval
+                if d.enabled:
+                    dist.all_reduce(losses)
+                    losses /= d.world_size
+                losses = losses.tolist()
+                if not all(math.isfinite(v) for v in losses):
+                    first = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+                    raise FloatingPointError(
+                        f"loss is {losses[first]} at step {step - len(losses) + first + 1} of {derived.steps}. "
+                        f"HINT: lower optim.lr, check the data, or set optim.skip_nonfinite: true to skip such steps"
+                    )
+                now = time.perf_counter()
+                elapsed, t_last = now - t_last, now
+                tok_s = len(losses) * derived.tokens_per_step / elapsed
+                mfu, _ = model.estimate_mfu(tok_s / d.world_size, d.device)
+                record = {"event": "train", "step": step, "tokens": tokens_seen, "loss": sum(losses) / len(losses),
+                          "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                          "tokens_per_s_per_device": tok_s / d.world_size, "mfu": mfu,
+                          "step_time_s": elapsed / len(losses)}
+                if d.device.type == "cuda":
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+                logger.log(record)
+                window_losses = []
+                if stop.agreed(d):
+                    stopped_early = True
+                    break
+            if cfg.intervals.eval and step % cfg.intervals.eval == 0 and step != derived.steps:
+                run_eval(step)
+            if cfg.intervals.checkpoint and step % cfg.intervals.checkpoint == 0 and step != derived.steps:
+                save(step)
+        # ---- the end ----------------------------------------------------------------------------------
+        if stopped_early:
+            save(step)
+            if d.is_main:
+                print(f"fastlm: stopped by a signal at step {step}; checkpoint saved, resume with run.resume=auto",
+                      flush=True)
+            return 0
+        run_eval(step)
+        save(step)
+        if cfg.checkpoint.consolidated:
+            path = ckpt.save_consolidated(run_dir, model, model_cfg)
+            if d.is_main:
+                print(f"fastlm: done at step {step}; consolidated model in {path}", flush=True)
+        return 0
+    finally:
+        stop.restore()
+        loader.close()
+        logger.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
