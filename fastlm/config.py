@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastlm.model import ModelConfig
-from fastlm.yamlconf import ConfigError, check_keys, interpolate, load_yaml
+from fastlm.yamlconf import ConfigError, check_keys, coerce_value, interpolate, load_yaml
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -143,26 +143,6 @@ def _section_classes() -> dict[str, type]:
     return {name: hints[name] for name in SECTIONS if dataclasses.is_dataclass(hints[name])}
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Check `value` against the field type (int accepts int; float accepts int; bool only bool)."""
-    origin = typing.get_origin(typ)
-    if origin is typing.Union:  # Optional[X] / X | None
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], where)
-    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if typ is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if typ is bool and isinstance(value, bool):
-        return value
-    if typ is str and isinstance(value, str):
-        return value
-    if typ in (list, "list") and isinstance(value, list):
-        return value
-    found = type(value).__name__
-    raise ConfigError(f"{where} must be {getattr(typ, '__name__', typ)}, found {value!r} ({found})")
-
-
 def _build_section(cls: type, section: dict, prefix: str, source: str):
     if cls is ModelConfig:
         return ModelConfig.from_dict(section, source)
@@ -172,7 +152,7 @@ def _build_section(cls: type, section: dict, prefix: str, source: str):
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in section:
-            values[f.name] = _coerce(section[f.name], hints[f.name], f"{source}: {prefix}.{f.name}")
+            values[f.name] = coerce_value(section[f.name], hints[f.name], f"{source}: {prefix}.{f.name}")
     return cls(**values)
 
 
@@ -221,7 +201,7 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
             raise ConfigError(f'{source}: "{name}" must be a mapping, found {type(section).__name__}')
         values[name] = _build_section(cls, section, name, source)
     if "precision" in raw:
-        values["precision"] = _coerce(raw["precision"], str, f"{source}: precision")
+        values["precision"] = coerce_value(raw["precision"], str, f"{source}: precision")
     cfg = Config(**values, source=source)
     validate(cfg)
     return cfg

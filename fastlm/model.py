@@ -12,6 +12,7 @@ Implementation choices are plain `if`s on the config: attention "triton" (fastlm
 from __future__ import annotations
 
 import math
+import typing
 import zlib
 from dataclasses import dataclass, fields
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastlm.yamlconf import ConfigError, check_keys
+from fastlm.yamlconf import ConfigError, check_keys, coerce_value
 
 IGNORE_INDEX = -100
 
@@ -92,10 +93,14 @@ class ModelConfig:
     def from_dict(cls, section: dict, source: str = "config") -> "ModelConfig":
         names = [f.name for f in fields(cls)]
         check_keys(section, names, "model", source)
+        hints = typing.get_type_hints(cls)
         try:
             cfg = cls.__new__(cls)
             for f in fields(cls):
-                setattr(cfg, f.name, section.get(f.name, f.default))
+                value = section.get(f.name, f.default)
+                if f.name in section:
+                    value = coerce_value(value, hints[f.name], f"{source}: model.{f.name}")
+                setattr(cfg, f.name, value)
             cfg.__post_init__()
         except ConfigError as err:
             raise ConfigError(str(err).replace("model: ", f"{source}: ", 1)) from None
@@ -312,6 +317,13 @@ class GPT(nn.Module):
             cos, sin = rope_cache(self.max_seq, self.cfg.head_dim, self.cfg.rope_theta, device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """nn.Module.to_empty gives each module its own new tensor, which unties a tied LM head; tie again."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_weights and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight
+        return self
 
     def num_params(self, exclude_position_embeddings: bool = True) -> int:
         """Parameters (a tied weight counted once); by default without position embeddings, the N of

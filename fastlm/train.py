@@ -186,12 +186,22 @@ class StopRequest:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    d = setup_distributed(cfg.run.device)
     try:
-        return train(cfg, d)
-    finally:
-        teardown_distributed()
+        cfg = load_config(args.config, args.overrides)
+        d = setup_distributed(cfg.run.device)
+        try:
+            return train(cfg, d)
+        finally:
+            teardown_distributed()
+    except (ConfigError, FloatingPointError, FileNotFoundError, ValueError) as err:
+        # bad input or a diverged run: one clear line, no traceback (FASTLM_TRACEBACK=1 shows it)
+        import os
+        import traceback
+
+        if os.environ.get("FASTLM_TRACEBACK"):
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
 
 
 def parse_args(argv):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+import typing
 from typing import Any, Iterable
 
 _INTERP = re.compile(r"\$\{([a-z_]+):([^}]*)\}")
@@ -94,3 +95,38 @@ def check_keys(
     for key in required:
         if key not in section:
             raise ConfigError(f'{source}: missing key "{prefix}.{key}"')
+
+
+def coerce_value(value: Any, typ: Any, where: str) -> Any:
+    """Check `value` against a field type: int takes ints; float takes ints, floats and numeric strings
+    (YAML 1.1 reads `3e-4` as a string); bool only true/false; `X | None` also None."""
+    if isinstance(typ, str):  # postponed annotations
+        typ = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(typ, typ)
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or type(typ).__name__ == "UnionType":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else coerce_value(value, args[0], where)
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list:
+        if isinstance(value, list):
+            return value
+    else:
+        return value
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{where} must be {name}, found {value!r} ({type(value).__name__})")

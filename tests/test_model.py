@@ -92,6 +92,7 @@ def test_meta_device_build_then_init_weights():
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")
+    assert model.lm_head.weight is model.tok_emb.weight  # still tied
     model.init_weights()
     reference = GPT(cfg)
     torch.testing.assert_close(model.rope_cos, reference.rope_cos)

@@ -1,0 +1,144 @@
+"""Training end to end on CPU: one process and torchrun with 2 gloo ranks, exact resume, checkpoints,
+config errors, NaN detection, preemption, wandb offline."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastlm.config import ConfigError, derive, load_config
+
+from conftest import MODALITIES, ROOT
+
+TRAIN = MODALITIES / "lorem_ipsum_long.pbin"  # 335k GPT-2 tokens of repetitive text: learns fast
+VAL = MODALITIES / "lorem_ipsum.pbin"
+# a small, quick run of the tiny model: 4 x 32 tokens per micro batch
+BASE = [
+    f"data.train_path={TRAIN}", f"data.val_path={VAL}", "model.sequence_length=32", "batch.micro_batch_size=4",
+    "intervals.log=1", "intervals.eval=0", "intervals.eval_batches=2", "schedule.warmup_steps=2",
+    "logging.console=true", "checkpoint.keep_last=0",
+]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def train(tmp_path, *overrides, ranks=1, check=True, name="run"):
+    args = ["-m", "fastlm.train", str(ROOT / "configs" / "tiny.yaml"), *BASE, f"run.output_dir={tmp_path}",
+            f"run.name={name}", *overrides]
+    if ranks == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+               str(29500 + os.getpid() % 1000), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def losses(run_dir):
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["event"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_trains_checkpoints_and_resumes_exactly(tmp_path, ranks):
+    train(tmp_path, "target.steps=12", "intervals.checkpoint=6", "intervals.eval=6", ranks=ranks, name="full")
+    full = tmp_path / "full"
+    first = losses(full)
+    assert sorted(first) == list(range(1, 13))
+    assert first[12] < first[1] - 1.0, first  # the loss clearly falls
+    records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "eval" and r["step"] == 6 for r in records)
+    assert any(r["event"] == "eval" and r["step"] == 12 for r in records)
+    ckpts = full / "checkpoints"
+    assert (ckpts / "step_00000006" / ".metadata").is_file() and (ckpts / "step_00000012").is_dir()
+    assert json.loads((ckpts / "latest").read_text()) == {"checkpoint": "step_00000012"}
+    assert (full / "model.safetensors").is_file() and json.loads((full / "model.json").read_text())["n_layer"] == 2
+
+    # resume from the middle checkpoint in a fresh run folder: the later losses are the same, bit for bit
+    train(tmp_path, "target.steps=12", "intervals.checkpoint=6", f"run.resume={ckpts / 'step_00000006'}",
+          ranks=ranks, name="resumed")
+    again = losses(tmp_path / "resumed")
+    assert sorted(again) == list(range(7, 13))
+    assert all(again[s] == first[s] for s in range(7, 13)), (again, first)
+
+
+def test_two_rank_checkpoint_loads_into_one_rank(tmp_path):
+    train(tmp_path, "target.steps=4", "intervals.checkpoint=2", ranks=2, name="two")
+    r = train(tmp_path, "target.steps=6", f"run.resume={tmp_path / 'two' / 'checkpoints' / 'step_00000004'}",
+              name="one")
+    assert "resuming from" in r.stdout
+    assert sorted(losses(tmp_path / "one")) == [5, 6]
+
+
+def test_resume_auto_ignores_an_interrupted_checkpoint(tmp_path):
+    train(tmp_path, "target.steps=4", "intervals.checkpoint=2", name="run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    # a save killed mid-write leaves its temporary folder; the latest pointer still names step 4
+    shutil.copytree(ckpts / "step_00000004", ckpts / ".step_00000006.tmp")
+    (ckpts / ".step_00000006.tmp" / "train_state.json").unlink()
+    # an incomplete folder with a final name (no .metadata) is not complete either
+    (ckpts / "step_00000008").mkdir()
+    (ckpts / "latest").write_text("{broken")
+    r = train(tmp_path, "target.steps=6", "run.resume=auto", name="run")
+    assert f"resuming from {ckpts / 'step_00000004'}" in r.stdout
+    assert [s for s in losses(tmp_path / "run") if s > 4] == [5, 6]
+
+
+def test_config_errors_are_clear(tmp_path):
+    cfg = ROOT / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r'unknown key "optim.lrr" \(did you mean "optim.lr"\?\)'):
+        load_config(cfg, ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r'unknown section "optm" \(did you mean "optim"\?\)'):
+        load_config(cfg, ["optm.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"optim.lr must be float, found 'fast'"):
+        load_config(cfg, ["optim.lr=fast"])
+    c = load_config(cfg, ["batch.global_batch_tokens=1000", "batch.grad_accum_steps=0"])
+    with pytest.raises(ConfigError, match=r"1,000\) is not divisible by micro_batch_size x sequence_length x "
+                                          r"world_size = 8 x 64 x 2 = 1,024"):
+        derive(c, world_size=2)
+    c = load_config(cfg, ["target.steps=1000"])
+    with pytest.raises(ConfigError, match=r"needs 1,000 steps x 512 tokens = 512,000 tokens but .* holds 100,000"):
+        derive(c, world_size=1, train_tokens=100_000)
+    r = train(tmp_path, "optim.lrr=1", check=False)
+    assert r.returncode != 0 and 'did you mean "optim.lr"' in r.stderr
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path):
+    r = train(tmp_path, "target.steps=3", "model.init_std=1e30", check=False)
+    assert r.returncode != 0
+    assert re.search(r"error: loss is (nan|inf) at step [123] of 3\. HINT", r.stderr), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "fastlm.train", str(ROOT / "configs" / "tiny.yaml"), *BASE,
+           f"run.output_dir={tmp_path}", "run.name=pre", "target.steps=500"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step      2 |"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped by a signal" in out
+    saved = sorted(p.name for p in (tmp_path / "pre" / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert len(saved) == 1 and 2 <= int(saved[0][5:]) < 500
+
+
+def test_wandb_offline_writes_its_run_folder(tmp_path):
+    train(tmp_path, "target.steps=2", "logging.wandb_mode=offline", name="wb")
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].rglob("*.wandb"))
