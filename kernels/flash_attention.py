@@ -53,21 +53,35 @@ def _configs(interpret_blocks, gpu_blocks):
 
 # Autotuning keys: seq lengths and head_dim decide the tile shape; CAUSAL changes the work per tile. The
 # autotuner adds the tensors' dtypes to the key by itself. Configs that do not fit in shared memory (e.g.
-# 128x128 tiles, head_dim 128, 4 stages) are dropped by the autotuner (OutOfResources), not errors.
+# 128x128 tiles, head_dim 128) are dropped by the autotuner (OutOfResources), not errors. The lists are short
+# on purpose: every config is compiled (~1-2 s each) for every new dtype / head_dim / causal combination.
 _TUNE_KEY = ["seq_q", "seq_k", "HEAD_DIM", "CAUSAL"]
+# Head counts and the GQA group only enter index arithmetic: specializing on their values (==1, %16) would
+# only multiply compilations.
+_NO_SPECIALIZE = ["n_head", "group"]
+
+
+def _prune_fp32(configs, named_args, **kwargs):
+    # fp32 (IEEE matmuls) is for checks, not training speed, and each of its configs takes ~10-30 s to
+    # compile: tune nothing, take the first config.
+    return configs[:1] if named_args["Q"].dtype == torch.float32 else configs
+
+
+_PRUNE = {"early_config_prune": _prune_fp32}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the forward keeps a BLOCK_M x HEAD_DIM fp32 accumulator.
 _FWD_CONFIGS = _configs(
     (32, 16),
-    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 64, 4, 2)],
+    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
 )
-# dk/dv: a program owns BLOCK_N keys and streams BLOCK_M queries through them.
+# dk/dv: a program owns BLOCK_N keys (two BLOCK_N x HEAD_DIM fp32 accumulators) and streams BLOCK_M queries.
 _BWD_KV_CONFIGS = _configs(
     (16, 32),
-    [(64, 128, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (32, 128, 8, 2), (128, 128, 8, 2)],
+    [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
 )
 # dq: a program owns BLOCK_M queries and streams BLOCK_N keys through them.
 _BWD_Q_CONFIGS = _configs(
     (32, 16),
-    [(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2)],
+    [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
 )
 
 
@@ -106,8 +120,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, o
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
-@triton.jit
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
                 stride_qb, stride_qh, stride_qt,
                 stride_kb, stride_kh, stride_kt,
@@ -210,8 +224,8 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_KV_CONFIGS, key=_TUNE_KEY)
-@triton.jit
+@triton.autotune(configs=_BWD_KV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["n_kv_head"])
 def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qt,
                    stride_kb, stride_kh, stride_kt,
@@ -303,8 +317,8 @@ def _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo
     return dq
 
 
-@triton.autotune(configs=_BWD_Q_CONFIGS, key=_TUNE_KEY)
-@triton.jit
+@triton.autotune(configs=_BWD_Q_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
                   stride_qb, stride_qh, stride_qt,
                   stride_kb, stride_kh, stride_kt,

@@ -204,6 +204,9 @@ def test_cpu_without_interpreter_is_a_clear_error(tmp_path):
 
 
 # --- GPU: realistic shapes, bf16 and fp16 -----------------------------------------------------------------
+# Each new (dtype, head_dim, causal, seq % 16) combination compiles every autotune config of three kernels
+# (~1-3 s each), so the list covers each path once and keeps benchmarks/device_check.sh in its time budget.
+# fp32 on GPU (IEEE matmuls, ~10-30 s per compile) is left to the interpreter tests.
 
 GPU_CASES = {
     "mha_T1024_hd64": (4, 8, 8, 1024, 1024, 64, True),
@@ -212,26 +215,14 @@ GPU_CASES = {
     "cached_q256_k1024_hd64": (2, 8, 8, 256, 1024, 64, True),
     "noncausal_T1000_hd64": (2, 8, 8, 1000, 1000, 64, False),
 }
+GPU_RUNS = [(case, torch.bfloat16) for case in GPU_CASES] + [
+    ("mha_T1024_hd64", torch.float16), ("mha_T1024_hd128", torch.float16)]
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
+@pytest.mark.parametrize("case, dtype", GPU_RUNS, ids=[f"{c}-{str(d)[6:]}" for c, d in GPU_RUNS])
 def test_gpu_within_2x_of_torch(case, dtype):
     *shape, causal = GPU_CASES[case]
     q, k, v, do = _inputs(*shape, dtype=dtype, device="cuda", seed=3)
     _check(q, k, v, do, causal)
-
-
-@pytest.mark.gpu
-@requires_cuda
-def test_gpu_fp32_matches_reference():
-    q, k, v, do = _inputs(1, 4, 2, 300, 300, 64, torch.float32, device="cuda", seed=4)
-    # The fp32 reference on GPU must not use TF32 either, or it would be the less accurate side.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        _check(q, k, v, do, causal=True)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
