@@ -1,8 +1,8 @@
 """Flash attention (FlashAttention-2 style) forward and backward in Triton, with grouped-query attention.
 
 Layering, top to bottom: `@triton.jit` kernels -> launchers (`_forward`, `_backward`) that validate inputs and
-pick the grid -> a thin `torch.autograd.Function` -> the public `flash_attention`. `attention_reference` is the
-plain fp32 torch computation that tests and benchmarks hold the kernels to.
+pick the grid -> a thin `torch.autograd.Function` -> the public `flash_attention`. `attention_reference` is
+the plain fp32 torch computation that tests and benchmarks hold the kernels to.
 
 Layout: q is (batch, n_head, seq_q, head_dim); k and v are (batch, n_kv_head, seq_k, head_dim) with
 n_head % n_kv_head == 0; query head h reads kv head h // (n_head // n_kv_head). Any strides are accepted
@@ -14,10 +14,10 @@ Numerics: scores, the online softmax and all accumulators are fp32; the probabil
 score gradients) are rounded to the input dtype before they meet v (q, k) in a matmul, as FlashAttention does.
 fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match an fp32 reference closely.
 
-Limits: head_dim in {16, 32, 64, 128}; causal needs seq_q <= seq_k (a query with no visible key has no softmax);
-no dropout, no attention bias, no variable-length (packed) batches. On CPU the kernels run only under Triton's
-interpreter (TRITON_INTERPRET=1 set before this module is imported), which is for tests: it is slow, and its
-bf16 matmuls are wrong, so bf16 is checked on GPU only.
+Limits: head_dim in {16, 32, 64, 128}; causal needs seq_q <= seq_k (a query with no visible key has no
+softmax); no dropout, no attention bias, no variable-length (packed) batches. On CPU the kernels run only
+under Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported), which is for tests: it is
+slow, and its bf16 matmuls are wrong, so bf16 is checked on GPU only.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def _configs(interpret_blocks, gpu_blocks):
     if _INTERPRET:
         m, n = interpret_blocks
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_blocks]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in gpu_blocks]
 
 
 # Autotuning keys: seq lengths and head_dim decide the tile shape; CAUSAL changes the work per tile. The
@@ -192,8 +193,8 @@ def _bwd_delta_kernel(O, DO, DELTA,
     row_ok = offs_m < seq_q
     o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
@@ -341,8 +342,8 @@ def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     row_ok = offs_m < seq_q
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + off_b * stride_kb + off_kvh * stride_kh
@@ -358,7 +359,8 @@ def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, n_full,
-                      offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale, False, CAUSAL, PRECISION, BLOCK_N)
+                      offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale,
+                      False, CAUSAL, PRECISION, BLOCK_N)
     dq = _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_full, hi,
                       offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale, True, CAUSAL, PRECISION, BLOCK_N)
     dq = dq * sm_scale

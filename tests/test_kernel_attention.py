@@ -30,8 +30,8 @@ from fastlm.kernels import attention_reference, flash_attention  # noqa: E402
 FP32_ATOL = 1e-5
 FP32_RTOL = 1e-5
 # fp16/bf16 (STYLE.md): the kernel's max error against the fp32 reference may be at most 2x the max error of
-# PyTorch's own SDPA run in the same dtype on the same inputs (measured: the kernel is at or below SDPA's error
-# on every tensor, so 2x is the rule, not a fudge).
+# PyTorch's own SDPA run in the same dtype on the same inputs (measured on CPU: the kernel is at or below
+# SDPA's error on every tensor, so 2x is the rule, not a fudge).
 LOWP_RATIO = 2.0
 # ...plus an absolute floor of a quarter fp16 ulp at 1.0 (2^-12), so that a lucky, near-exact SDPA tensor
 # cannot turn rounding noise of the same order into a failure.
@@ -77,14 +77,16 @@ def _inputs(batch, n_head, n_kv_head, seq_q, seq_k, head_dim, dtype, device="cpu
 def _check(q, k, v, do, causal, softmax_scale=None):
     """Kernel output and gradients against the fp32 reference, with the tolerance rule of q's dtype."""
     names = ("out", "dq", "dk", "dv")
-    ref = _out_and_grads(attention_reference, q.float(), k.float(), v.float(), do.float(), causal, softmax_scale)
+    ref = _out_and_grads(attention_reference, q.float(), k.float(), v.float(), do.float(), causal,
+                         softmax_scale)
     got = _out_and_grads(flash_attention, q, k, v, do, causal, softmax_scale)
     for name, g, r, t in zip(names, got, ref, (q, q, k, v)):
-        assert g.shape == t.shape and g.dtype == t.dtype, f"{name}: {g.shape} {g.dtype} vs {t.shape} {t.dtype}"
+        assert (g.shape, g.dtype) == (t.shape, t.dtype), f"{name}: {g.shape} {g.dtype} != {t.shape} {t.dtype}"
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
     if q.dtype == torch.float32:
         for name, g, r in zip(names, got, ref):
-            torch.testing.assert_close(g, r, atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(g, r, atol=FP32_ATOL, rtol=FP32_RTOL,
+                                       msg=lambda m, n=name: f"{n}: {m}")
         return
     torch_lowp = _out_and_grads(_sdpa, q, k, v, do, causal, softmax_scale)
     for name, g, t, r in zip(names, got, torch_lowp, ref):
@@ -167,7 +169,7 @@ def _qkv(n_head=2, n_kv_head=2, head_dim=32, dtypes=(torch.float32,) * 3, seq_q=
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(dtypes=(torch.float16, torch.float32, torch.float32)), TypeError, r"one dtype.*q torch.float16"),
-    (dict(dtypes=(torch.float64,) * 3), TypeError, r"q must be float16, bfloat16 or float32, got torch.float64"),
+    (dict(dtypes=(torch.float64,) * 3), TypeError, r"q must be float16, bfloat16 or float32, got .*float64"),
     (dict(head_dim=48), ValueError, r"head_dim must be one of .* got 48"),
     (dict(n_head=3, n_kv_head=2), ValueError, r"n_head \(q.shape\[1\] = 3\) must be a multiple of n_kv_head"),
     (dict(seq_q=9, seq_k=8), ValueError, r"seq_q <= seq_k.*got seq_q 9 > seq_k 8"),
@@ -200,7 +202,8 @@ def test_cpu_without_interpreter_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "ERROR:" in done.stdout and "CUDA" in done.stdout and "TRITON_INTERPRET=1" in done.stdout, done.stdout
+    out = done.stdout
+    assert "ERROR:" in out and "CUDA" in out and "TRITON_INTERPRET=1" in out, out
 
 
 # --- GPU: realistic shapes, bf16 and fp16 -----------------------------------------------------------------
