@@ -1,0 +1,545 @@
+"""Flash attention (FlashAttention-2 style) forward and backward in Triton, with grouped-query attention.
+
+Layering, top to bottom: `@triton.jit` kernels -> launchers (`_forward`, `_backward`) that validate inputs and
+pick the grid -> a thin `torch.autograd.Function` -> the public `flash_attention`. `attention_reference` is
+the plain fp32 torch computation that tests and benchmarks hold the kernels to.
+
+Layout: q is (batch, n_head, seq_q, head_dim); k and v are (batch, n_kv_head, seq_k, head_dim) with
+n_head % n_kv_head == 0; query head h reads kv head h // (n_head // n_kv_head). Any strides are accepted
+(the last dimension is made contiguous if it is not). The output is a new contiguous tensor of q's shape and
+dtype. Causal masking is aligned bottom-right: query i sees keys j <= i + seq_k - seq_q, which is the usual
+triangle when seq_q == seq_k and the KV-cached decoding mask when seq_q < seq_k.
+
+Numerics: scores, the online softmax and all accumulators are fp32; the probabilities (and in the backward the
+score gradients) are rounded to the input dtype before they meet v (q, k) in a matmul, as FlashAttention does.
+fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match an fp32 reference closely.
+
+Limits: head_dim in {16, 32, 64, 128}; causal needs seq_q <= seq_k (a query with no visible key has no
+softmax); no dropout, no attention bias, no variable-length (packed) batches. On CPU the kernels run only
+under Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported), which is for tests: it is
+slow, and its bf16 matmuls are wrong, so bf16 is checked on GPU only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once: @triton.jit decides at import time whether the kernels are compiled or interpreted.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# exp2 is cheaper than exp on GPU: scores are kept in log2 units (score * softmax_scale * log2(e)), and so
+# is the saved log-sum-exp. It is an internal quantity: only the backward kernels read it.
+_LOG2E = 1.4426950408889634
+
+
+def _configs(interpret_blocks, gpu_blocks):
+    """One config under the interpreter (autotune with several configs fails there), a small list on GPU.
+
+    The interpreter blocks are deliberately small and unequal (BLOCK_M != BLOCK_N) so that the tiny test
+    shapes cross several blocks and exercise the partial-block and causal-diagonal paths of both axes.
+    """
+    if _INTERPRET:
+        m, n = interpret_blocks
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in gpu_blocks]
+
+
+# Autotuning keys: seq lengths and head_dim decide the tile shape; CAUSAL changes the work per tile. The
+# autotuner adds the tensors' dtypes to the key by itself. Configs that do not fit in shared memory (e.g.
+# 128x128 tiles, head_dim 128) are dropped by the autotuner (OutOfResources), not errors. The lists are short
+# on purpose: every config is compiled (~1-2 s each) for every new dtype / head_dim / causal combination.
+_TUNE_KEY = ["seq_q", "seq_k", "HEAD_DIM", "CAUSAL"]
+# Head counts and the GQA group only enter index arithmetic: specializing on their values (==1, %16) would
+# only multiply compilations.
+_NO_SPECIALIZE = ["n_head", "group"]
+
+
+def _prune_fp32(configs, named_args, **kwargs):
+    # fp32 (IEEE matmuls) is for checks, not training speed, and each of its configs takes ~10-30 s to
+    # compile: tune nothing, take the first config.
+    return configs[:1] if named_args["Q"].dtype == torch.float32 else configs
+
+
+_PRUNE = {"early_config_prune": _prune_fp32}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the forward keeps a BLOCK_M x HEAD_DIM fp32 accumulator.
+_FWD_CONFIGS = _configs(
+    (32, 16),
+    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+)
+# dk/dv: a program owns BLOCK_N keys (two BLOCK_N x HEAD_DIM fp32 accumulators) and streams BLOCK_M queries.
+_BWD_KV_CONFIGS = _configs(
+    (16, 32),
+    [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
+)
+# dq: a program owns BLOCK_M queries and streams BLOCK_N keys through them.
+_BWD_Q_CONFIGS = _configs(
+    (32, 16),
+    [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_n, offs_d,
+               seq_k, causal_shift, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASKED blocks may cross seq_k or the causal diagonal."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kT_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]  # (HEAD_DIM, BLOCK_N)
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]  # (BLOCK_N, HEAD_DIM)
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+        else:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
+                stride_qb, stride_qh, stride_qt,
+                stride_kb, stride_kh, stride_kt,
+                stride_vb, stride_vh, stride_vt,
+                stride_ob, stride_oh, stride_ot,
+                n_head, group, seq_q, seq_k,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_head).to(tl.int64)
+    off_h = (pid_bh % n_head).to(tl.int64)
+    off_kvh = off_h // group
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    # Key range: causal rows of this block see keys < start_m + BLOCK_M + shift, so later blocks are never
+    # visited. Keys < n_full lie inside seq_k and are visible to every row of the block: no mask there.
+    causal_shift = seq_k - seq_q
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + causal_shift)
+        n_full = tl.maximum(0, tl.minimum(start_m + causal_shift + 1, seq_k)) // BLOCK_N * BLOCK_N
+    else:
+        hi = seq_k
+        n_full = seq_k // BLOCK_N * BLOCK_N
+
+    # m starts finite so that a row whose first block is fully masked gives exp2(-inf - m) = 0, not NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, n_full,
+                               offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale,
+                               False, CAUSAL, PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, n_full, hi,
+                               offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale,
+                               True, CAUSAL, PRECISION, BLOCK_N)
+
+    out = acc / l_i[:, None]
+    o_base = O + off_b * stride_ob + off_h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    # LSE is (batch, n_head, seq_q) contiguous fp32, in log2 units of the scaled scores.
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA,
+                      stride_ob, stride_oh, stride_ot,
+                      stride_dob, stride_doh, stride_dot,
+                      n_head, seq_q,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id: the row term of the softmax gradient, dS = P * (dP - delta)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_head).to(tl.int64)
+    off_h = (pid_bh % n_head).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, hi,
+                  offs_n, offs_m0, offs_d, seq_q, causal_shift, qk_scale,
+                  MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dk, dv of one key block over query blocks [lo, hi); MASKED applies the causal mask.
+
+    Works on transposed scores (keys x queries) so that dv += P^T dO and dk += dS^T Q need no transposes of
+    the accumulators. Query rows past seq_q load q = dO = 0, lse = delta = 0, so they add exactly zero.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m0
+        row_ok = rows < seq_q
+        q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= rows[None, :] + causal_shift, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_BWD_KV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE + ["n_kv_head"])
+def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
+                   stride_qb, stride_qh, stride_qt,
+                   stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt,
+                   stride_dob, stride_doh, stride_dot,
+                   stride_dkb, stride_dkh, stride_dkt,
+                   stride_dvb, stride_dvh, stride_dvt,
+                   n_head, n_kv_head, group, seq_q, seq_k,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # GQA: one program owns a key block of one kv head and loops over every query head of its group, so
+    # dk/dv sum the group's contributions in fp32 registers: no atomics, no (batch, n_head, seq_k, head_dim)
+    # temporaries to reduce with torch afterwards, and the fp32 sum is rounded to the input dtype only once.
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    off_b = (pid_bkv // n_kv_head).to(tl.int64)
+    off_kvh = (pid_bkv % n_kv_head).to(tl.int64)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < seq_k
+    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+
+    # Query range: causal query i sees key j iff i >= j - shift. Query blocks before m_lo see none of this
+    # block's keys and are skipped; blocks from m_full on see all of them and need no mask.
+    causal_shift = seq_k - seq_q
+    if CAUSAL:
+        m_lo = tl.maximum(0, start_n - causal_shift) // BLOCK_M * BLOCK_M
+        first_full_row = tl.maximum(0, start_n + BLOCK_N - 1 - causal_shift)
+        m_full = tl.minimum((first_full_row + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seq_q)
+        m_full = tl.maximum(m_full, m_lo)
+    else:
+        m_lo = 0
+        m_full = 0
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(0, group):
+        off_h = off_kvh * group + g
+        bh = off_b * n_head + off_h
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        lse_base = LSE + bh * seq_q
+        delta_base = DELTA + bh * seq_q
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                               m_lo, m_full, offs_n, offs_m0, offs_d, seq_q, causal_shift, qk_scale,
+                               True, PRECISION, BLOCK_M)
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                               m_full, seq_q, offs_n, offs_m0, offs_d, seq_q, causal_shift, qk_scale,
+                               False, PRECISION, BLOCK_M)
+
+    dk = dk * sm_scale  # scores are sm_scale * q k^T
+    tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + off_b * stride_dvb + off_kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_n, offs_d,
+                 seq_k, causal_shift, qk_scale,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulate dq of one query block over key blocks [lo, hi), the same ranges as the forward."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kT_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]  # (HEAD_DIM, BLOCK_N)
+        vT_ptrs = v_base + cols[None, :] * stride_vt + offs_d[:, None]
+        if MASKED:
+            kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+            vT = tl.load(vT_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+        else:
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_BWD_Q_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _bwd_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
+                  stride_qb, stride_qh, stride_qt,
+                  stride_kb, stride_kh, stride_kt,
+                  stride_vb, stride_vh, stride_vt,
+                  stride_dob, stride_doh, stride_dot,
+                  stride_dqb, stride_dqh, stride_dqt,
+                  n_head, group, seq_q, seq_k,
+                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_head).to(tl.int64)
+    off_h = (pid_bh % n_head).to(tl.int64)
+    off_kvh = off_h // group
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+
+    causal_shift = seq_k - seq_q
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + causal_shift)
+        n_full = tl.maximum(0, tl.minimum(start_m + causal_shift + 1, seq_k)) // BLOCK_N * BLOCK_N
+    else:
+        hi = seq_k
+        n_full = seq_k // BLOCK_N * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, n_full,
+                      offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale,
+                      False, CAUSAL, PRECISION, BLOCK_N)
+    dq = _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_full, hi,
+                      offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale, True, CAUSAL, PRECISION, BLOCK_N)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, causal) -> None:
+    """Raise a ValueError/TypeError naming the argument, what was expected and what was found."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"flash_attention: {name} must be 4-D (batch, heads, seq, head_dim), "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"flash_attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"flash_attention: q, k, v must have one dtype, got q {q.dtype}, k {k.dtype}, "
+                        f"v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: q, k, v must be on one device, got q {q.device}, k {k.device}, "
+                         f"v {v.device}")
+    if q.device.type == "cpu":
+        if not _INTERPRET:
+            raise RuntimeError(
+                "flash_attention: q, k, v are CPU tensors; the Triton kernels need a CUDA device. CPU runs "
+                "only under Triton's interpreter: set TRITON_INTERPRET=1 in the environment before importing "
+                "fastlm.kernels (slow; meant for tests)")
+    elif q.device.type != "cuda":
+        raise ValueError(f"flash_attention: expected CUDA tensors (or CPU under TRITON_INTERPRET=1), "
+                         f"got device {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k and v must have the same shape, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    batch, n_head, seq_q, head_dim = q.shape
+    kv_batch, n_kv_head, seq_k, kv_head_dim = k.shape
+    if kv_batch != batch:
+        raise ValueError(f"flash_attention: k/v batch must equal q batch {batch}, got {kv_batch}")
+    if kv_head_dim != head_dim:
+        raise ValueError(f"flash_attention: k/v head_dim must equal q head_dim {head_dim}, got {kv_head_dim}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"flash_attention: head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if n_kv_head == 0 or n_head % n_kv_head != 0:
+        raise ValueError(f"flash_attention: n_head (q.shape[1] = {n_head}) must be a multiple of n_kv_head "
+                         f"(k.shape[1] = {n_kv_head})")
+    if seq_q == 0 or seq_k == 0 or batch == 0 or n_head == 0:
+        raise ValueError(f"flash_attention: empty input, q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if causal and seq_q > seq_k:
+        raise ValueError(f"flash_attention: causal attention needs seq_q <= seq_k (the mask is aligned "
+                         f"bottom-right), got seq_q {seq_q} > seq_k {seq_k}")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernels take the batch/head/seq strides and assume unit stride along head_dim.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bhs_strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: IEEE matmuls, else Triton's default TF32 would give ~1e-3 relative error.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(q, k, v, causal: bool, sm_scale: float):
+    batch, n_head, seq_q, head_dim = q.shape
+    n_kv_head, seq_k = k.shape[1], k.shape[2]
+    o = torch.empty((batch, n_head, seq_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_head, seq_q), dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
+
+    _fwd_kernel[grid](
+        q, k, v, o, lse, sm_scale * _LOG2E,
+        *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(o),
+        n_head, n_head // n_kv_head, seq_q, seq_k,
+        HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=_precision(q.dtype),
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
+    batch, n_head, seq_q, head_dim = q.shape
+    n_kv_head, seq_k = k.shape[1], k.shape[2]
+    group = n_head // n_kv_head
+    precision = _precision(q.dtype)
+
+    delta = torch.empty_like(lse)
+    block = 32 if _INTERPRET else 128
+    _bwd_delta_kernel[(triton.cdiv(seq_q, block), batch * n_head)](
+        o, do, delta, *_bhs_strides(o), *_bhs_strides(do), n_head, seq_q, HEAD_DIM=head_dim, BLOCK_M=block,
+    )
+
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+
+    def kv_grid(meta):
+        return (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head)
+
+    _bwd_kv_kernel[kv_grid](
+        q, k, v, do, lse, delta, dk, dv, sm_scale * _LOG2E, sm_scale,
+        *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
+        *_bhs_strides(dk), *_bhs_strides(dv),
+        n_head, n_kv_head, group, seq_q, seq_k,
+        HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision,
+    )
+
+    def q_grid(meta):
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
+
+    _bwd_q_kernel[q_grid](
+        q, k, v, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale,
+        *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do), *_bhs_strides(dq),
+        n_head, group, seq_q, seq_k,
+        HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale):
+        o, lse = _forward(q, k, v, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = _last_dim_contiguous(do)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale [+ causal mask]) v with FlashAttention-2 tiling; differentiable.
+
+    q: (batch, n_head, seq_q, head_dim); k, v: (batch, n_kv_head, seq_k, head_dim), n_head % n_kv_head == 0.
+    softmax_scale defaults to 1/sqrt(head_dim). Returns (batch, n_head, seq_q, head_dim) in q's dtype.
+    """
+    _check_inputs(q, k, v, causal)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale))
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        softmax_scale: float | None = None) -> torch.Tensor:
+    """Plain attention in fp32 (GQA by repeating kv heads, bottom-right causal mask); returns q's dtype."""
+    n_head, seq_q, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    n_kv_head, seq_k = k.shape[1], k.shape[2]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    group = n_head // n_kv_head
+    qf = q.float()
+    kf = k.float().repeat_interleave(group, dim=1)  # (B, n_head, seq_k, hd)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = (qf @ kf.transpose(-2, -1)) * softmax_scale  # (B, n_head, seq_q, seq_k)
+    if causal:
+        rows = torch.arange(seq_q, device=q.device)[:, None]
+        cols = torch.arange(seq_k, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows + (seq_k - seq_q), float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ vf).to(q.dtype)
