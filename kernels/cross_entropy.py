@@ -265,6 +265,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         raise ValueError("cross_entropy: targets must have the logits' shape without the last (vocabulary) "
                          f"dimension, got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}")
     out_shape = targets.shape
-    loss = _CrossEntropyFunction.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index,
-                                       reduction, inplace)
+    n_rows = targets.numel()  # not reshape(-1, V): ambiguous when there are no elements
+    loss = _CrossEntropyFunction.apply(logits.reshape(n_rows, logits.shape[-1]), targets.reshape(n_rows),
+                                       ignore_index, reduction, inplace)
     return loss.reshape(out_shape) if reduction == "none" else loss

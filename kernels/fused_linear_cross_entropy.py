@@ -202,8 +202,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"{OP}: targets must have hidden's shape without the last (feature) dimension, got "
                          f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)}")
     out_shape = targets.shape
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    targets1d = targets.reshape(-1)
+    n_rows = targets.numel()  # not reshape(-1, D): ambiguous when there are no elements
+    hidden2d = hidden.reshape(n_rows, hidden.shape[-1])
+    targets1d = targets.reshape(n_rows)
     _validate(hidden2d, weight, targets1d, bias, reduction, chunk_rows)
     loss = _FusedLinearCrossEntropyFunction.apply(hidden2d, weight, bias, targets1d, ignore_index, reduction,
                                                   chunk_rows)
