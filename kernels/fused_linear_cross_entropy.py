@@ -27,6 +27,7 @@ Limits and choices:
   and becomes memory bound. A chunk then holds no more memory than that accumulator, which exists anyway.
 - The stored grad_weight is cast to the weight's dtype at the end of the forward (the fp32 accumulator
   is freed there): it is held across the rest of the model's backward.
+- Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first, as F.linear would be.
 - The backward runs once (stored gradients are scaled in place); see cross_entropy's other notes
   (all-ignored "mean" is 0, out-of-range targets give NaN, fp16 underflow of tiny gradients).
 
@@ -202,6 +203,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"{OP}: targets must have hidden's shape without the last (feature) dimension, got "
                          f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)}")
     out_shape = targets.shape
+    if isinstance(weight, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # Do what F.linear would do under autocast: the matmul in the autocast dtype.
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
     n_rows = targets.numel()  # not reshape(-1, D): ambiguous when there are no elements
     hidden2d = hidden.reshape(n_rows, hidden.shape[-1])
     targets1d = targets.reshape(n_rows)

@@ -372,6 +372,20 @@ def test_fused_linear_cross_entropy_tied_weight_and_batched_shape():
     assert loss.shape == (2, 3)
 
 
+def test_fused_linear_cross_entropy_autocast():
+    # Under autocast the matmul runs in the autocast dtype, as F.linear's would; fp32 weights get fp32 grads.
+    hidden, weight, targets = flce_inputs()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        loss = fused_linear_cross_entropy(h, w, targets)
+    loss.backward()
+    h16, w16 = hidden.half().requires_grad_(), weight.half().requires_grad_()
+    ref = fused_linear_cross_entropy(h16, w16, targets)
+    ref.backward()
+    assert loss.item() == ref.item()
+    assert w.grad.dtype == torch.float32 and torch.equal(w.grad, w16.grad.float())
+
+
 def test_default_chunk_rows():
     # The benchmark's shape, GPT-2 124M at 8 x 1024 tokens in bf16: a chunk about the size of hidden would
     # be 128 rows; with a weight gradient it is raised to 1024 rows (the grad_weight matmul's efficiency).
