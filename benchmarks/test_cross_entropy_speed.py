@@ -1,4 +1,4 @@
-"""Cross-entropy kernels on a GPU, side by side with what the model would otherwise run (same run, same card).
+"""Cross-entropy kernels on a GPU, side by side with what the model would otherwise run (same run and card).
 
 GPT-2 124M's loss at 8 x 1024 tokens, vocabulary 50304, hidden 768, bf16; each measurement is one
 forward + backward:
@@ -6,8 +6,9 @@ forward + backward:
     (the model's torch path), and F.cross_entropy on the bf16 logits directly for reference;
 (b) fused_linear_cross_entropy(hidden, weight, targets) vs F.cross_entropy(F.linear(hidden, weight).float(),
     targets).
-Time: triton.testing.do_bench (median, gradients reset each call). Peak memory: torch.cuda.max_memory_allocated
-over one step, reset before it, minus what was allocated before the step (the inputs): the step's own memory.
+Time: triton.testing.do_bench (median, gradients reset each call). Peak memory:
+torch.cuda.max_memory_allocated over one step, reset before it, minus what was allocated before the step
+(the inputs): the step's own memory.
 Bars: at least 4x less peak memory, and no slower (time ratio >= 1).
 Without CUDA this file says so and skips: under Triton's interpreter the kernels' speed means nothing.
 """
@@ -113,7 +114,8 @@ def test_fused_linear_cross_entropy_speed(inputs):
     hidden, weight, targets = inputs
     with torch.no_grad():  # sanity check; the matmul's bf16 rounding differs only in summation order
         torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, targets),
-                                   F.cross_entropy(F.linear(hidden, weight).float(), targets), rtol=1e-3, atol=1e-3)
+                                   F.cross_entropy(F.linear(hidden, weight).float(), targets),
+                                   rtol=1e-3, atol=1e-3)
 
     def ours():
         fused_linear_cross_entropy(hidden, weight, targets).backward()

@@ -125,10 +125,11 @@ def check_device(*tensors: torch.Tensor, op: str) -> None:
         if INTERPRETED:
             return
         raise RuntimeError(
-            f"{op}: got CPU tensors but Triton kernels need a CUDA device. HINT: move the tensors to CUDA, or "
-            "set TRITON_INTERPRET=1 in the environment before importing fastlm.kernels to run them (slowly) "
-            "on CPU under Triton's interpreter")
-    raise RuntimeError(f"{op}: unsupported device {device}; expected a CUDA device (or CPU with TRITON_INTERPRET=1)")
+            f"{op}: got CPU tensors but Triton kernels need a CUDA device. HINT: move the tensors to CUDA, "
+            "or set TRITON_INTERPRET=1 in the environment before importing fastlm.kernels to run them "
+            "(slowly) on CPU under Triton's interpreter")
+    raise RuntimeError(f"{op}: unsupported device {device}; expected a CUDA device "
+                       "(or CPU with TRITON_INTERPRET=1)")
 
 
 def check_targets(targets: torch.Tensor, n_rows: int, op: str) -> None:
@@ -137,7 +138,8 @@ def check_targets(targets: torch.Tensor, n_rows: int, op: str) -> None:
     if targets.dtype not in TARGET_DTYPES:
         raise TypeError(f"{op}: targets must be int64 (or int32) class indices, got {targets.dtype}")
     if targets.dim() != 1 or targets.shape[0] != n_rows:
-        raise ValueError(f"{op}: targets must have shape ({n_rows},) to match the rows, got {tuple(targets.shape)}")
+        raise ValueError(f"{op}: targets must have shape ({n_rows},) to match the rows, "
+                         f"got {tuple(targets.shape)}")
 
 
 def check_reduction(reduction: str, op: str) -> None:
@@ -165,7 +167,8 @@ def num_warps(block: int) -> int:
 
 
 def launch(logits: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor, grad: torch.Tensor | None,
-           scale: torch.Tensor, ignore_index: int, *, scale_per_row: bool = False, block: int | None = None) -> None:
+           scale: torch.Tensor, ignore_index: int, *, scale_per_row: bool = False,
+           block: int | None = None) -> None:
     """Run the kernel over rows of already validated 2-D tensors (logits with unit column stride).
     Writes the per-row loss into loss_rows (fp32) and, when grad is given, the scaled gradient into grad
     (which may be logits itself). Shared with the fused linear cross-entropy, which calls it per chunk."""
@@ -206,7 +209,7 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
         raise ValueError(f"{op}: block must be a power of two >= 16, got {block}")
 
     if logits.stride(1) != 1:
-        logits = logits.contiguous()  # the kernel walks columns with unit stride; in place then fills the copy
+        logits = logits.contiguous()  # the kernel walks columns with unit stride (in place fills the copy)
     targets = targets.contiguous()
     scale, n_valid = grad_scale(targets, ignore_index, reduction)
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -239,9 +242,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.used:
-            raise RuntimeError("cross_entropy: backward ran twice through the same graph; the stored gradient "
-                               "is scaled in place to save memory. HINT: recompute the loss instead of "
-                               "retain_graph=True")
+            raise RuntimeError("cross_entropy: backward ran twice through the same graph; the stored "
+                               "gradient is scaled in place to save memory. HINT: recompute the loss "
+                               "instead of retain_graph=True")
         ctx.used = True
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":

@@ -78,14 +78,16 @@ def _validate(hidden, weight, targets, bias, reduction, chunk_rows):
                         f"{weight.dtype} and hidden {hidden.dtype}. HINT: cast hidden, or run under autocast "
                         "outside this call")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype:
+        if (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
+                or bias.dtype != weight.dtype):
             raise ValueError(f"{OP}: bias must be a ({weight.shape[0]},) tensor of dtype {weight.dtype}, got "
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
                              f"{' ' + str(bias.dtype) if isinstance(bias, torch.Tensor) else ''}")
     check_targets(targets, hidden.shape[0], OP)
     check_reduction(reduction, OP)
     check_device(hidden, weight, targets, *(() if bias is None else (bias,)), op=OP)
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool)
+                                   or chunk_rows < 1):
         raise ValueError(f"{OP}: chunk_rows must be a positive int, got {chunk_rows!r}")
 
 
@@ -106,8 +108,9 @@ def fused_linear_cross_entropy_forward(
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     d_hidden = torch.empty_like(hidden) if compute_grad and grad_hidden else None
     # fp32 accumulators across chunks: summing many chunks' bf16 products in bf16 would lose low bits.
-    d_weight = torch.zeros(vocab, dim, dtype=torch.float32, device=hidden.device) if compute_grad and grad_weight else None
-    d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if compute_grad and grad_bias and bias is not None else None
+    fp32 = dict(dtype=torch.float32, device=hidden.device)
+    d_weight = torch.zeros(vocab, dim, **fp32) if compute_grad and grad_weight else None
+    d_bias = torch.zeros(vocab, **fp32) if compute_grad and grad_bias and bias is not None else None
     # The product of a chunk in the input dtype (fp32 accumulation inside the matmul), added to d_weight.
     partial = (torch.empty(vocab, dim, dtype=hidden.dtype, device=hidden.device)
                if d_weight is not None and hidden.dtype != torch.float32 else None)
@@ -155,8 +158,8 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         scale, n_valid = grad_scale(targets, ignore_index, reduction)
         if reduction == "none":
             # Losses only; the backward recomputes the chunks once grad_output (per row) is known.
-            loss_rows, _, _, _ = fused_linear_cross_entropy_forward(hidden, weight, targets, bias, ignore_index,
-                                                                    chunk_rows=chunk_rows)
+            loss_rows, _, _, _ = fused_linear_cross_entropy_forward(hidden, weight, targets, bias,
+                                                                    ignore_index, chunk_rows=chunk_rows)
             ctx.save_for_backward(hidden, weight, bias, targets)
             return loss_rows
         loss_rows, d_hidden, d_weight, d_bias = fused_linear_cross_entropy_forward(
@@ -190,7 +193,8 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                ignore_index: int = -100, reduction: str = "mean",
-                               bias: torch.Tensor | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+                               bias: torch.Tensor | None = None,
+                               chunk_rows: int | None = None) -> torch.Tensor:
     """Cross-entropy of F.linear(hidden, weight, bias) against targets, as fp32, without materialising the
     logits: hidden (..., D), weight (V, D), bias (V,) or None, targets (...) int64/int32 class indices.
 

@@ -53,9 +53,10 @@ def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check(name: str, ours: torch.Tensor, torch_same, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """ours within ACCURACY_FACTOR x torch's error (the worst of torch_same, one tensor or several) + floor."""
+    """ours within ACCURACY_FACTOR x torch's error (the worst of torch_same: a tensor or several) + floor."""
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    torch_err = max(max_err(t, ref) for t in (torch_same if isinstance(torch_same, (list, tuple)) else [torch_same]))
+    torch_same = torch_same if isinstance(torch_same, (list, tuple)) else [torch_same]
+    torch_err = max(max_err(t, ref) for t in torch_same)
     bound = ACCURACY_FACTOR * torch_err + FLOOR_REL[dtype] * ref.abs().max().item()
     err = max_err(ours, ref)
     assert err <= bound, f"{name}: max error {err:.3g} vs float64 > bound {bound:.3g} (torch {torch_err:.3g})"
@@ -256,7 +257,8 @@ def run_flce(hidden, weight, bias, targets, reduction, chunk_rows, go, how):
                                reduction=reduction)
     else:
         n = hidden.shape[0]
-        rows = chunk_rows or default_chunk_rows(n, weight.shape[0], weight.shape[1], hidden.element_size(), True)
+        vocab, dim = weight.shape
+        rows = chunk_rows or default_chunk_rows(n, vocab, dim, hidden.element_size(), weight_grad=True)
         parts = [F.cross_entropy(F.linear(hidden[s:s + rows], weight, bias).float(), targets[s:s + rows],
                                  ignore_index=IGNORE, reduction="none" if reduction == "none" else "sum")
                  for s in range(0, n, rows)]
@@ -279,7 +281,8 @@ def test_fused_linear_cross_entropy_matches_torch(n, dim, vocab, chunk_rows, red
     go = grad_out_for(torch.zeros(()) if reduction != "none" else torch.zeros(n), gen).to(DEVICE)
 
     outs = {}
-    for how, leaf_dtype in (("fused", dtype), ("torch", dtype), ("torch_chunked", dtype), ("ref", torch.float64)):
+    for how, leaf_dtype in (("fused", dtype), ("torch", dtype), ("torch_chunked", dtype),
+                            ("ref", torch.float64)):
         h = leaf(hidden.to(dtype), leaf_dtype)
         w = leaf(weight.to(dtype), leaf_dtype)
         b = None if bias is None else leaf(bias.to(dtype), leaf_dtype)
