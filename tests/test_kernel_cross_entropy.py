@@ -127,6 +127,21 @@ def test_cross_entropy_several_blocks_per_row():
     torch.testing.assert_close(grad.double(), x.grad, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["row_slice", "transposed"])
+def test_cross_entropy_strided_logits(layout):
+    # A padded vocabulary sliced back (row stride > V, no copy), and a transposed view (copied first).
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(6, 1024, generator=gen) if layout == "row_slice" else torch.randn(1000, 6, generator=gen)
+    base = base.to(DEVICE).requires_grad_()
+    logits = base[:, :1000] if layout == "row_slice" else base.t()
+    targets = make_targets(6, 1000, gen)
+    cross_entropy(logits, targets).backward()
+    ref_base = base.detach().double().requires_grad_()
+    ref_logits = ref_base[:, :1000] if layout == "row_slice" else ref_base.t()
+    F.cross_entropy(ref_logits, targets, ignore_index=IGNORE).backward()
+    torch.testing.assert_close(base.grad.double(), ref_base.grad, rtol=0, atol=1e-7)
+
+
 def test_cross_entropy_extreme_logits():
     # Large positive and negative logits: the online max keeps exp() in range.
     logits = torch.tensor([[1e4, -1e4, 0.0, 3.0], [-5e3, -5e3, -5e3, -4e3]], device=DEVICE).requires_grad_()
