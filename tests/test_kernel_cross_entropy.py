@@ -114,12 +114,14 @@ def test_cross_entropy_matches_torch(n, vocab, reduction, dtype):
         assert (ours[ignored] == 0).all()
 
 
-def test_cross_entropy_several_blocks_per_row():
-    # A narrow block makes the vocabulary loop run 8 times with a ragged last block (1000 = 7*128 + 104).
+@pytest.mark.parametrize("vocab,block", [(1000, 128), (257, 128), (1, 16)])
+def test_cross_entropy_several_blocks_per_row(vocab, block):
+    # A narrow block makes the vocabulary loop run several times: a ragged last block (1000 = 7*128 + 104),
+    # a last block of one column (257 = 2*128 + 1), and a vocabulary of one (loss 0).
     gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(6, 1000, generator=gen) * 4).to(DEVICE)
-    targets = make_targets(6, 1000, gen)
-    loss, grad = cross_entropy_forward(logits, targets, IGNORE, "sum", block=128)
+    logits = (torch.randn(6, vocab, generator=gen) * 4).to(DEVICE)
+    targets = make_targets(6, vocab, gen)
+    loss, grad = cross_entropy_forward(logits, targets, IGNORE, "sum", block=block)
     x = logits.double().requires_grad_()
     ref = F.cross_entropy(x, targets, ignore_index=IGNORE, reduction="sum")
     ref.backward()
