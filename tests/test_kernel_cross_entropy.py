@@ -28,6 +28,8 @@ from fastlm.kernels.cross_entropy import INTERPRETED, cross_entropy_forward  # n
 from fastlm.kernels.fused_linear_cross_entropy import default_chunk_rows  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+# Triton 3.6's interpreter turns 1-element arrays into Python ints in a way numpy >= 1.25 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 IGNORE = -100
 
 # Tolerances, written once.
