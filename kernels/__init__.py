@@ -1,27 +1,16 @@
-"""Triton kernels of fastlm (flash attention, fused cross-entropy); imported as fastlm.kernels.
+"""Triton kernels of fastlm, imported as fastlm.kernels: flash attention (forward and backward) and
+cross-entropy, plain and fused with the LM head.
 
-Exports resolve lazily, so `import fastlm.kernels` stays cheap: torch and triton are imported (and the
-kernels decorated) on first use of a name. Set TRITON_INTERPRET=1 before that first use to run on CPU.
+Each public function always runs its Triton kernels: on CUDA tensors, or on CPU tensors when
+TRITON_INTERPRET=1 was set before this package was first imported (Triton picks the interpreter when a
+kernel is defined). Choosing a fallback is the model's job, not the kernels'.
+
+Each function has the name of its module; importing the functions here binds the package attributes
+to the functions, not the modules (reach private names with `from fastlm.kernels.cross_entropy import _x`).
 """
 
-_EXPORTS = {
-    "flash_attention": "flash_attention",
-    "attention_reference": "flash_attention",
-}
+from .flash_attention import attention_reference, flash_attention
+from .cross_entropy import cross_entropy
+from .fused_linear_cross_entropy import fused_linear_cross_entropy
 
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-        # Importing the submodule bound its name (flash_attention) on this package to the module; the
-        # public names are the functions, so bind every export of that module over it.
-        for export, source in _EXPORTS.items():
-            if source == _EXPORTS[name]:
-                globals()[export] = getattr(module, export)
-        value = globals()[name]
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["flash_attention", "attention_reference", "cross_entropy", "fused_linear_cross_entropy"]
