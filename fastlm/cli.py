@@ -4,6 +4,8 @@
     fastlm data pack_encoded_data CONFIG.yaml
     fastlm data inspect FILE.pbin [--tokenizer PATH]
     fastlm data merge_packed_data OUT.pbin IN1.pbin IN2.pbin ...
+    fastlm run --config_file_path CONFIG.yaml [key=value ...]     (= python -m fastlm.train)
+    fastlm plot RUN_DIR
 
 Start-up is cheap: argparse only; each verb imports what it needs when it runs (the data verbs never
 import torch).
@@ -111,6 +113,19 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _run(args: argparse.Namespace) -> int:
+    from fastlm.train import main as train_main
+
+    return train_main(["--config_file_path", args.config_file_path, *args.overrides])
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from fastlm.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastlm import __version__
 
@@ -146,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
                    default="error")
     p.set_defaults(fn=_merge)
+
+    p = verbs.add_parser("run", help="train from a config (under torchrun for several processes)")
+    p.add_argument("--config_file_path", "--config-file-path", required=True, help="the run config (YAML)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4")
+    p.set_defaults(fn=_run)
+
+    p = verbs.add_parser("plot", help="plot loss and throughput of a run folder to PNG")
+    p.add_argument("run_dir", help="the run folder (holds metrics.jsonl)")
+    p.add_argument("--out", help="the PNG to write (default RUN_DIR/loss.png)")
+    p.set_defaults(fn=_plot)
     return parser
 
 

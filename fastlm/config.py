@@ -68,7 +68,8 @@ class ScheduleSection:
 @dataclass
 class BatchSection:
     micro_batch_size: int = doc("sequences per rank per forward pass", 8)
-    grad_accum_steps: int = doc("micro batches per optimizer step; 0: derived from global_batch_tokens", 1)
+    grad_accum_steps: int = doc(
+        "micro batches per optimizer step; 0: derived from global_batch_tokens (1 when that is 0 too)", 0)
     global_batch_tokens: int = doc("tokens per optimizer step across all ranks; 0: micro x seq x accum x world", 0)
 
 
@@ -231,8 +232,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: {key} must not be negative, found {value}")
     if cfg.target.steps == 0 and cfg.target.tokens == 0:
         raise ConfigError(f"{src}: set target.steps or target.tokens (both are 0)")
-    if cfg.batch.grad_accum_steps == 0 and cfg.batch.global_batch_tokens == 0:
-        raise ConfigError(f"{src}: set batch.grad_accum_steps or batch.global_batch_tokens (both are 0)")
     if not cfg.data.train_path:
         raise ConfigError(f'{src}: missing key "data.train_path"')
     if len(cfg.optim.betas) != 2:
@@ -272,7 +271,7 @@ def derive(cfg: Config, world_size: int, train_tokens: int | None = None) -> Der
                 f"{cfg.batch.global_batch_tokens:,} / ({cfg.batch.micro_batch_size} x {seq} x {world_size}) = {accum}"
             )
     else:
-        accum = cfg.batch.grad_accum_steps
+        accum = cfg.batch.grad_accum_steps or 1
     per_step = per_micro * accum * world_size
     steps = cfg.target.steps or -(-cfg.target.tokens // per_step)
     total = steps * per_step

@@ -213,13 +213,25 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
+_FLASH = None
+
+
+def _flash_attention():
+    """fastlm.kernels.flash_attention, kept out of torch.compile graphs (its autotuned Triton launches run
+    eagerly; the rest of a compiled block is still fused around it)."""
+    global _FLASH
+    if _FLASH is None:
+        from fastlm.kernels import flash_attention
+
+        _FLASH = torch.compiler.disable(flash_attention)
+    return _FLASH
+
+
 def attention(q, k, v, mask, impl: str):
     """Causal attention of q (B, H, Tq, D) over k/v (B, Hkv, Tk, D). With `mask` (Tq, Tk) bool (True =
     may attend), that mask replaces the causal one (decoding with a KV cache)."""
     if impl == "triton" and mask is None:
-        from fastlm.kernels import flash_attention
-
-        return flash_attention(q, k, v, causal=True)
+        return _flash_attention()(q, k, v, causal=True)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)

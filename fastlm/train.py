@@ -378,8 +378,10 @@ def train(cfg: Config, d: Dist) -> int:
                     break
             if cfg.intervals.eval and step % cfg.intervals.eval == 0 and step != derived.steps:
                 run_eval(step)
+                t_last = time.perf_counter()  # throughput counts training time only
             if cfg.intervals.checkpoint and step % cfg.intervals.checkpoint == 0 and step != derived.steps:
                 save(step)
+                t_last = time.perf_counter()
         # ---- the end ----------------------------------------------------------------------------------
         if stopped_early:
             save(step)

@@ -103,9 +103,13 @@ def test_config_errors_are_clear(tmp_path):
         load_config(cfg, ["optm.lr=1e-3"])
     with pytest.raises(ConfigError, match=r"optim.lr must be float, found 'fast'"):
         load_config(cfg, ["optim.lr=fast"])
-    c = load_config(cfg, ["batch.global_batch_tokens=1000", "batch.grad_accum_steps=0"])
+    c = load_config(cfg, ["batch.global_batch_tokens=1000"])
     with pytest.raises(ConfigError, match=r"1,000\) is not divisible by micro_batch_size x sequence_length x "
                                           r"world_size = 8 x 64 x 2 = 1,024"):
+        derive(c, world_size=2)
+    c = load_config(cfg, ["batch.global_batch_tokens=4096", "batch.grad_accum_steps=3"])
+    with pytest.raises(ConfigError, match=r"grad_accum_steps \(3\) disagrees with global_batch_tokens: "
+                                          r"4,096 / \(8 x 64 x 2\) = 4"):
         derive(c, world_size=2)
     c = load_config(cfg, ["target.steps=1000"])
     with pytest.raises(ConfigError, match=r"needs 1,000 steps x 512 tokens = 512,000 tokens but .* holds 100,000"):
@@ -142,3 +146,17 @@ def test_wandb_offline_writes_its_run_folder(tmp_path):
     train(tmp_path, "target.steps=2", "logging.wandb_mode=offline", name="wb")
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].rglob("*.wandb"))
+
+
+def test_fastlm_run_and_plot_commands(tmp_path):
+    exe = shutil.which("fastlm") or ""
+    cmd = [exe] if exe else [sys.executable, "-m", "fastlm"]
+    r = subprocess.run(cmd + ["run", "--config_file_path", str(ROOT / "configs" / "tiny.yaml"), *BASE,
+                              f"run.output_dir={tmp_path}", "run.name=cli", "target.steps=3"],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(losses(tmp_path / "cli")) == [1, 2, 3]
+    r = subprocess.run(cmd + ["plot", str(tmp_path / "cli")], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    png = (tmp_path / "cli" / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -1,0 +1,103 @@
+"""Training throughput on one GPU: fastlm's loop (Triton attention, fused loss, per-block compile,
+bf16) against a plain PyTorch loop of the same model (SDPA attention, torch cross-entropy, bf16 autocast,
+fused AdamW), same batch, measured in the same run. Needs CUDA; without it, says so and skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, record
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("training throughput needs a CUDA GPU (run benchmarks/device_check.sh on one)",
+                allow_module_level=True)
+
+STEPS, WARMUP = 30, 10
+MICRO = {"gpt60m": 16, "gpt124m": 16}
+
+
+@pytest.fixture(scope="module")
+def synthetic_pbin(tmp_path_factory):
+    """4 M random GPT-2 token ids in a .pbin (throughput does not depend on what the tokens say)."""
+    from fastlm.data.pbin import write_packed
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "random.pbin"
+    docs = (np.append(rng.integers(0, 50256, 4095), 50256) for _ in range(1024))
+    write_packed(path, docs, token_size=2)
+    return path
+
+
+def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool) -> float:
+    out = tmp_path / f"{name}-{compile_blocks}"
+    cmd = [sys.executable, "-m", "fastlm.train", str(ROOT / "configs" / f"{name}.yaml"), f"data.train_path={data}",
+           "data.val_path=", f"run.output_dir={out}", f"target.steps={STEPS}", f"intervals.log={WARMUP}",
+           f"batch.micro_batch_size={MICRO[name]}", "batch.global_batch_tokens=0", "batch.grad_accum_steps=1",
+           f"parallel.compile={str(compile_blocks).lower()}", "checkpoint.consolidated=false",
+           "intervals.checkpoint=0", "checkpoint.keep_last=1", "logging.console=false"]
+    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if r["event"] == "train"][1:]  # drop the warm-up window
+    return float(np.median(rates))
+
+
+def baseline_tokens_per_s(name, data) -> tuple[float, object]:
+    """The plain PyTorch loop a user would write for the same model."""
+    from fastlm.config import load_config
+    from fastlm.data.pbin import PackedFile
+    from fastlm.model import GPT
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", ["model.attention=sdpa", "model.loss=torch"]).model
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.from_numpy(PackedFile(data).tokens[: 4_000_000].astype(np.int64))
+    B, T = MICRO[name], cfg.sequence_length
+
+    def step(i):
+        start = (i * B * (T + 1)) % (len(tokens) - B * (T + 1))
+        batch = tokens[start:start + B * (T + 1)].view(B, T + 1).cuda(non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(WARMUP):
+        step(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(STEPS - WARMUP):
+        step(WARMUP + i)
+    torch.cuda.synchronize()
+    rate = (STEPS - WARMUP) * B * T / (time.perf_counter() - t0)
+    return rate, model
+
+
+@pytest.mark.parametrize("name", ["gpt60m", "gpt124m"])
+def test_training_throughput(name, synthetic_pbin, tmp_path):
+    base, model = baseline_tokens_per_s(name, synthetic_pbin)
+    base_mfu, _ = model.estimate_mfu(base)
+    del model
+    torch.cuda.empty_cache()
+    fast = fastlm_tokens_per_s(name, synthetic_pbin, tmp_path, compile_blocks=True)
+    from fastlm.config import load_config
+    from fastlm.model import GPT
+
+    with torch.device("meta"):
+        meta = GPT(load_config(ROOT / "configs" / f"{name}.yaml").model)
+    mfu, why = meta.estimate_mfu(fast, "cuda")
+    record(f"train {name}, 1 GPU, bf16, micro batch {MICRO[name]}", fast, "tokens/s",
+           "plain PyTorch (SDPA, torch CE, eager)", base, bar=1.2, mfu=mfu, baseline_mfu=base_mfu, mfu_note=why)
+    print(f"  MFU fastlm {mfu if mfu is None else f'{mfu:.1%}'} vs baseline "
+          f"{base_mfu if base_mfu is None else f'{base_mfu:.1%}'} ({why})")
