@@ -5,6 +5,7 @@
     fastlm data inspect FILE.pbin [--tokenizer PATH]
     fastlm data merge_packed_data OUT.pbin IN1.pbin IN2.pbin ...
     fastlm run --config_file_path CONFIG.yaml [key=value ...]     (= python -m fastlm.train)
+    fastlm generate_text --config_file_path CONFIG.yaml                (= python -m fastlm.generate)
     fastlm plot RUN_DIR
 
 Start-up is cheap: argparse only; each verb imports what it needs when it runs (the data verbs never
@@ -119,6 +120,12 @@ def _run(args: argparse.Namespace) -> int:
     return train_main(["--config_file_path", args.config_file_path, *args.overrides])
 
 
+def _generate_text(args: argparse.Namespace) -> int:
+    from fastlm.generate import main as generate_main
+
+    return generate_main(["--config_file_path", args.config_file_path, "--interactive"])
+
+
 def _plot(args: argparse.Namespace) -> int:
     from fastlm.plot import plot_run
 
@@ -166,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config_file_path", "--config-file-path", required=True, help="the run config (YAML)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4")
     p.set_defaults(fn=_run)
+
+    p = verbs.add_parser("generate_text", help="the interactive prompt: continue prompts with a checkpoint")
+    p.add_argument("--config_file_path", "--config-file-path", required=True, help="generation config (YAML)")
+    p.set_defaults(fn=_generate_text)
 
     p = verbs.add_parser("plot", help="plot loss and throughput of a run folder to PNG")
     p.add_argument("run_dir", help="the run folder (holds metrics.jsonl)")

@@ -165,7 +165,8 @@ def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D) by the angles of cos/sin (T, D/2)."""
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D) by the angles of cos/sin, (T, D/2) or
+    (B, 1, T, D/2) for per-row positions."""
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
@@ -228,8 +229,8 @@ def _flash_attention():
 
 
 def attention(q, k, v, mask, impl: str):
-    """Causal attention of q (B, H, Tq, D) over k/v (B, Hkv, Tk, D). With `mask` (Tq, Tk) bool (True =
-    may attend), that mask replaces the causal one (decoding with a KV cache)."""
+    """Causal attention of q (B, H, Tq, D) over k/v (B, Hkv, Tk, D). With `mask`, (Tq, Tk) or (B, 1, Tq, Tk)
+    bool (True = may attend), that mask replaces the causal one (decoding with a KV cache)."""
     if impl == "triton" and mask is None:
         return _flash_attention()(q, k, v, causal=True)
     groups = q.shape[1] // k.shape[1]
@@ -362,10 +363,13 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                pad_lens: torch.Tensor | None = None):
         """idx (B, T) token ids. Training: targets (B, T) -> (logits or None, loss); with the fused loss the
         logits are never materialised and None is returned in their place. Decoding: after
-        setup_caches(), input_pos (T,) gives the positions of idx and logits (B, T, V) come back."""
+        setup_caches(), input_pos (T,) gives the cache slots of idx and logits (B, T, V) come back; with
+        left-padded prompts, pad_lens (B,) gives each row's padding, which no query attends and which
+        positions skip (row b's first real token is at position 0)."""
         B, T = idx.shape
         decoding = self.blocks[0].attn.kv_cache is not None
         if decoding and input_pos is None:
@@ -374,15 +378,25 @@ class GPT(nn.Module):
             if T > self.cfg.sequence_length:
                 raise ValueError(f"sequence of {T} tokens exceeds sequence_length {self.cfg.sequence_length}")
             input_pos = torch.arange(T, device=idx.device)
-        mask = None
+        mask, positions = None, input_pos  # positions: (T,), or (B, T) with padding
         if decoding:
-            # query at position p may attend every cache slot <= p (slots beyond are unwritten)
-            mask = input_pos[:, None] >= torch.arange(self.max_seq, device=idx.device)[None, :]  # (T, max_seq)
+            slots = torch.arange(self.max_seq, device=idx.device)
+            # a query at slot p may attend every written slot <= p (slots beyond are unwritten)
+            mask = input_pos[:, None] >= slots[None, :]  # (T, max_seq)
+            if pad_lens is not None:
+                # ... except the row's padding; a padding query attends itself only (no empty softmax rows)
+                real = slots[None, None, :] >= pad_lens[:, None, None]  # (B, 1, max_seq)
+                mask = (mask[None] & real) | (input_pos[None, :, None] == slots[None, None, :])  # (B, T, max_seq)
+                mask = mask[:, None]  # (B, 1, T, max_seq): broadcast over heads
+                positions = (input_pos[None, :] - pad_lens[:, None]).clamp(min=0)  # (B, T)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(input_pos)
+            x = x + self.pos_emb(positions)
         x = self.dropout(x)
-        rope = (self.rope_cos[input_pos], self.rope_sin[input_pos]) if self.cfg.pos_encoding == "rope" else None
+        rope = None
+        if self.cfg.pos_encoding == "rope":
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D/2) or (B, T, D/2)
+            rope = (cos, sin) if cos.ndim == 2 else (cos[:, None], sin[:, None])  # (B, 1, T, D/2) over heads
         for block in self.blocks:
             x = block(x, rope, input_pos, mask)
         x = self.norm(x)

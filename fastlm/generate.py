@@ -1,0 +1,374 @@
+"""Text generation from a checkpoint: `fastlm generate_text --config_file_path CONFIG` (the tutorial's
+interactive prompt) and `python -m fastlm.generate --checkpoint PATH --tokenizer PATH --prompt "..."`.
+
+A static KV cache per layer (model.setup_caches), the prompt prefilled in one forward, then one token per
+step through the same forward as training. Prompts of different lengths are left-padded; padding is
+masked out and skipped by the positions. Small functions: prefill, decode_one_token, sample, generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from fastlm.model import GPT, ModelConfig
+from fastlm.yamlconf import ConfigError, check_keys, coerce_value, load_yaml
+
+
+@dataclass
+class GenerationSettings:
+    model_path: str = ""  # a run folder, a model.safetensors, or a checkpoint folder (DCP)
+    tokenizer_path: str = ""  # tokenizer.json or its folder
+    device: str = "auto"  # auto | cpu | cuda | a GPU index such as 0
+    sequence_length: int = 0  # context window; 0: the model's sequence_length
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    seed: int = 0
+    stop_at_eod: bool = True
+    eod_token: str = "<|endoftext|>"
+    prompt_too_long: str = "error"  # error | truncate_left
+    context_full: str = "stop"  # stop | slide (drop the oldest half of the context and continue)
+    compile: str = "auto"  # auto (CUDA: compile the decode step with CUDA graphs) | true | false
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+
+
+SETTING_CHOICES = {"prompt_too_long": ("error", "truncate_left"), "context_full": ("stop", "slide"),
+                   "compile": ("auto", "true", "false"), "dtype": ("auto", "bf16", "fp16", "fp32")}
+
+
+def load_generation_config(path: str | Path) -> GenerationSettings:
+    """The tutorial's generation config: a `settings` block (unknown keys are errors). Its
+    `referencing_keys` and the `text_inference_component` block are accepted for compatibility."""
+    source = str(path)
+    raw = load_yaml(path)
+    check_keys(raw, ["settings", "text_inference_component"], "config", source, required=["settings"])
+    section = raw["settings"]
+    names = [f.name for f in fields(GenerationSettings)]
+    check_keys(section, names + ["referencing_keys"], "settings", source, required=["model_path"])
+    hints = {f.name: f.type for f in fields(GenerationSettings)}
+    values = {}
+    for name in names:
+        if name in section:
+            value = section[name]
+            if name in ("device", "compile") and not isinstance(value, str):
+                value = str(value).lower()
+            values[name] = coerce_value(value, hints[name], f"{source}: settings.{name}")
+    settings = GenerationSettings(**values)
+    for key, allowed in SETTING_CHOICES.items():
+        if getattr(settings, key) not in allowed:
+            raise ConfigError(f"{source}: settings.{key} must be one of {' | '.join(allowed)}, "
+                              f"found {getattr(settings, key)!r}")
+    return settings
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.isdigit():
+        return torch.device("cuda", int(spec))
+    return torch.device(spec)
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> GPT:
+    """A GPT from a run folder (its model.safetensors, else its latest checkpoint), a model.safetensors
+    file, or a DCP checkpoint folder. Safetensors and DCP only: nothing is unpickled. A tensor whose name
+    or shape does not fit the config is an error that names it."""
+    from fastlm import checkpoint as ckpt
+
+    path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"
+    elif path.is_dir() and not ckpt.is_complete(path):
+        latest = ckpt.find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path}: no model.safetensors and no complete checkpoint in this folder")
+        path = latest
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        config_file = path.with_name("model.json")
+        if "config" in meta:
+            model_cfg = json.loads(meta["config"])
+        elif config_file.is_file():
+            model_cfg = json.loads(config_file.read_text())
+        else:
+            raise FileNotFoundError(f"{path}: no model config (expected model.json beside it)")
+        cfg = ModelConfig.from_dict(model_cfg, str(path))
+        model = GPT(cfg)
+        if cfg.tie_weights:
+            state.setdefault("lm_head.weight", state.get("tok_emb.weight"))
+        _load_checked(model, state, str(path))
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        train_state = json.loads((path / "train_state.json").read_text())
+        cfg = ModelConfig.from_dict(train_state["config"]["model"], str(path / "train_state.json"))
+        model = GPT(cfg)
+        sd = model.state_dict()
+        try:
+            dcp.load({"model": sd}, checkpoint_id=str(path))
+        except Exception as err:  # DCP reports missing keys and shape conflicts as plain exceptions
+            raise ValueError(f"{path}: checkpoint does not fit the model config: {err}") from None
+        model.load_state_dict(sd)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _load_checked(model: GPT, state: dict, source: str) -> None:
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in state:
+            raise ValueError(f"{source}: tensor {name!r} is missing (the model config expects shape "
+                             f"{tuple(tensor.shape)})")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} but the model "
+                             f"config expects {tuple(tensor.shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ValueError(f"{source}: tensors the model config does not have: {', '.join(extra[:5])}")
+    model.load_state_dict(state)
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V): greedy at temperature 0, else softmax(logits / T) restricted to
+    the top_k largest (when top_k > 0) and to the smallest set whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    logits = filter_logits(logits, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """-inf for every id outside the top-k and outside the nucleus of mass top_p (the most likely id
+    always stays)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the ids ranked above each one
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+# ---- the decoding loop --------------------------------------------------------------------------------
+
+def prefill(model: GPT, tokens: torch.Tensor, pad_lens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Run the (left-padded) prompts through the model, filling the caches; logits of the last position."""
+    input_pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+    logits, _ = model(tokens, input_pos=input_pos, pad_lens=pad_lens)
+    return logits[:, -1]
+
+
+def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, pad_lens: torch.Tensor):
+    logits, _ = model(token[:, None], input_pos=input_pos, pad_lens=pad_lens)
+    return logits[:, -1]
+
+
+class Generator:
+    """A model, a tokenizer and the settings, ready to continue prompts."""
+
+    def __init__(self, settings: GenerationSettings):
+        from fastlm.tokenizer import Tokenizer
+
+        self.s = settings
+        self.device = resolve_device(settings.device)
+        dtype = settings.dtype
+        if dtype == "auto":
+            dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        if not settings.tokenizer_path:
+            raise ConfigError("settings.tokenizer_path is required (tokenizer.json or its folder)")
+        self.tokenizer = Tokenizer(settings.tokenizer_path)
+        self.model = load_model(settings.model_path, self.device, self.dtype)
+        cfg = self.model.cfg
+        self.context = settings.sequence_length or cfg.sequence_length
+        if cfg.pos_encoding == "learned" and self.context > cfg.sequence_length:
+            raise ConfigError(f"settings.sequence_length {self.context} exceeds the model's learned positions "
+                              f"({cfg.sequence_length})")
+        self.eod_id = self.tokenizer.token_to_id(settings.eod_token)
+        if self.eod_id is None:
+            raise ConfigError(f"eod_token {settings.eod_token!r} is not in the vocabulary of {self.tokenizer.path}")
+        use_compile = settings.compile == "true" or (settings.compile == "auto" and self.device.type == "cuda")
+        self._decode = (torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if use_compile
+                        else decode_one_token)
+        self._batch = 0
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], on_token=None) -> list[list[int]]:
+        """Continuations (ids) of each prompt. on_token(row, id) is called as tokens are chosen."""
+        s, model, device = self.s, self.model, self.device
+        prompts = [self._fit(p) for p in prompts]
+        B = len(prompts)
+        width = max(len(p) for p in prompts)
+        if B != self._batch:
+            model.setup_caches(B, self.context, dtype=self.dtype)
+            self._batch = B
+        pad_lens = torch.tensor([width - len(p) for p in prompts], device=device)
+        tokens = torch.full((B, width), self.eod_id, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            tokens[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        gen = torch.Generator(device=device).manual_seed(s.seed)
+        vocab = model.cfg.vocab_size  # ids past the tokenizer's vocabulary (embedding padding) never win
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        logits = prefill(model, tokens, pad_lens)
+        pos = width
+        history = tokens  # for sliding the window
+        for _ in range(s.max_new_tokens):
+            nxt = sample(logits[:, :vocab], s.temperature, s.top_k, s.top_p, gen)
+            nxt = torch.where(done, torch.full_like(nxt, self.eod_id), nxt)
+            for b, t in enumerate(nxt.tolist()):
+                if not done[b]:
+                    out[b].append(t)
+                    if on_token is not None:
+                        on_token(b, t)
+            if s.stop_at_eod:
+                done |= nxt == self.eod_id
+            if bool(done.all()):
+                break
+            history = torch.cat([history, nxt[:, None]], dim=1)
+            if pos >= self.context:
+                if s.context_full == "stop":
+                    print(f"fastlm: reached the context of {self.context} tokens; stopping "
+                          f"(settings.context_full: slide keeps going)", file=sys.stderr)
+                    break
+                keep = self.context // 2  # slide: recompute the caches over the newest half
+                cut = history.shape[1] - keep
+                history = history[:, cut:]
+                pad_lens = (pad_lens - cut).clamp(min=0)
+                logits = prefill(model, history, pad_lens)
+                pos = history.shape[1]
+                continue
+            logits = self._decode(model, nxt, torch.tensor([pos], device=device), pad_lens).clone()
+            pos += 1
+        return out
+
+    def _fit(self, ids: list[int]) -> list[int]:
+        room = self.context - 1
+        if len(ids) <= room:
+            return ids or [self.eod_id]
+        if self.s.prompt_too_long == "truncate_left":
+            return ids[-room:]
+        raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.context} (one is needed "
+                         f"for the answer); shorten it or set settings.prompt_too_long: truncate_left")
+
+
+def stream_text(tokenizer, ids: list[int], printed: int) -> tuple[str, int]:
+    """The new text of a growing id list, holding back an incomplete UTF-8 character."""
+    text = tokenizer.decode(ids)
+    if text.endswith("\ufffd"):
+        return "", printed
+    return text[printed:], len(text)
+
+
+def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout) -> int:
+    """The tutorial's loop: `enter prompt> `, the continuation streamed, again; an empty line or EOF ends
+    it. With stdin not a terminal, every input line is a prompt."""
+    tty = stdin.isatty()
+    while True:
+        if tty:
+            stdout.write("enter prompt> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or (tty and not line.strip()):
+            break
+        prompt = line.rstrip("\n")
+        if not tty:
+            stdout.write(f"enter prompt> {prompt}\n")
+        ids: list[int] = []
+        printed = 0
+        stdout.write(prompt)
+
+        def on_token(_row, token):
+            nonlocal printed
+            if token == gen.eod_id:
+                return
+            ids.append(token)
+            new, printed = stream_text(gen.tokenizer, ids, printed)
+            stdout.write(new)
+            stdout.flush()
+
+        gen.generate([gen.encode(prompt)], on_token=on_token)
+        stdout.write("\n")
+        stdout.flush()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastlm.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config_file_path", "--config-file-path", help="generation config (the tutorial's format)")
+    p.add_argument("--checkpoint", help="run folder, model.safetensors or checkpoint folder")
+    p.add_argument("--tokenizer", help="tokenizer.json or its folder")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--batch-file", help="a file with one prompt per line, generated as one batch")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--interactive", action="store_true", help="prompt loop (the default with a config file)")
+    return p
+
+
+def settings_from_args(args) -> GenerationSettings:
+    s = load_generation_config(args.config_file_path) if args.config_file_path else GenerationSettings()
+    for flag, key in (("checkpoint", "model_path"), ("tokenizer", "tokenizer_path"), ("max_new_tokens", None),
+                      ("temperature", None), ("top_k", None), ("top_p", None), ("seed", None), ("device", None)):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(s, key or flag, value)
+    if not s.model_path:
+        raise ConfigError("give --checkpoint (or a config file with settings.model_path)")
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastlm.cli import run_guarded
+
+    args = build_parser().parse_args(argv)
+    return run_guarded(_run, args)
+
+
+def _run(args) -> int:
+    gen = Generator(settings_from_args(args))
+    prompts = list(args.prompt or [])
+    if args.batch_file:
+        prompts += [line.rstrip("\n") for line in Path(args.batch_file).read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+    if not prompts or args.interactive:
+        return interactive(gen)
+    outputs = gen.generate([gen.encode(p) for p in prompts])
+    for prompt, ids in zip(prompts, outputs):
+        ids = [t for t in ids if t != gen.eod_id]
+        print(json.dumps({"prompt": prompt, "completion": gen.tokenizer.decode(ids)}, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
