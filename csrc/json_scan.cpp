@@ -55,29 +55,28 @@ constexpr uint64_t kHighs = 0x8080808080808080ULL;
 
 inline uint64_t has_zero_byte(uint64_t x) { return (x - kOnes) & ~x & kHighs; }
 
-// Nonzero when any of the 8 bytes is '"', '\\', a control character (< 0x20) or non-ASCII (>= 0x80).
+// Nonzero when any of the 8 bytes is '"', '\\' or a control character (< 0x20). Bytes >= 0x80 are plain:
+// the whole line's UTF-8 is validated before parsing.
 inline uint64_t needs_attention(uint64_t x) {
   uint64_t quote = has_zero_byte(x ^ (kOnes * '"'));
   uint64_t backslash = has_zero_byte(x ^ (kOnes * '\\'));
   uint64_t control = (x - kOnes * 0x20) & ~x & kHighs;
-  return quote | backslash | control | (x & kHighs);
+  return quote | backslash | control;
 }
 
-// First byte in [p, end) that a string scan must look at: '"', '\\', a control character or a non-ASCII byte.
+// First byte in [p, end) that a string scan must look at: '"', '\\' or a control character.
 // SSE2 (part of every x86-64) checks 16 bytes at a time; elsewhere SWAR checks 8.
 inline const unsigned char* skip_plain(const unsigned char* p, const unsigned char* end) {
 #if defined(__SSE2__)
   const __m128i quote = _mm_set1_epi8('"');
   const __m128i backslash = _mm_set1_epi8('\\');
-  const __m128i space = _mm_set1_epi8(0x20);
-  // A signed compare with 0x20 catches both control characters and bytes >= 0x80 (negative).
-  auto hits = [&](const unsigned char* q) {
-    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    return _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
-                        _mm_cmplt_epi8(v, space));
-  };
+  const __m128i control_max = _mm_set1_epi8(0x1F);
   while (end - p >= 16) {
-    int mask = _mm_movemask_epi8(hits(p));
+    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    // unsigned v <= 0x1F  <=>  max(v, 0x1F) == 0x1F
+    __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                               _mm_cmpeq_epi8(_mm_max_epu8(v, control_max), control_max));
+    int mask = _mm_movemask_epi8(hit);
     if (mask != 0) return p + __builtin_ctz(static_cast<unsigned>(mask));
     p += 16;
   }
@@ -88,7 +87,7 @@ inline const unsigned char* skip_plain(const unsigned char* p, const unsigned ch
     if (needs_attention(x)) break;
     p += 8;
   }
-  while (p < end && *p >= 0x20 && *p < 0x80 && *p != '"' && *p != '\\') ++p;
+  while (p < end && *p >= 0x20 && *p != '"' && *p != '\\') ++p;
   return p;
 }
 
@@ -116,6 +115,45 @@ inline size_t utf8_sequence_length(const unsigned char* p, const unsigned char* 
     if ((p[k] & 0xC0) != 0x80) return 0;
   }
   return n;
+}
+
+// Offset of the first byte of [p, end) that is not valid UTF-8, or end - p when all of it is. ASCII is
+// skipped 16 (or 8) bytes at a time; runs of multi-byte characters are checked in a tight loop.
+inline size_t first_invalid_utf8(const unsigned char* begin, const unsigned char* end) {
+  const unsigned char* p = begin;
+  while (p < end) {
+    // Jump over ASCII straight to the next byte >= 0x80.
+    bool found = false;
+#if defined(__SSE2__)
+    while (end - p >= 16) {
+      int mask = _mm_movemask_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      if (mask != 0) {
+        p += __builtin_ctz(static_cast<unsigned>(mask));
+        found = true;
+        break;
+      }
+      p += 16;
+    }
+#endif
+    while (!found && end - p >= 8) {
+      uint64_t x;
+      std::memcpy(&x, p, 8);
+      if (uint64_t high = x & kHighs) {
+        p += __builtin_ctzll(high) / 8;  // little-endian: the lowest set bit is the first such byte
+        found = true;
+        break;
+      }
+      p += 8;
+    }
+    while (!found && p < end && *p < 0x80) ++p;
+    // Validate the run of multi-byte characters.
+    while (p < end && *p >= 0x80) {
+      size_t n = utf8_sequence_length(p, end);
+      if (n == 0) return static_cast<size_t>(p - begin);
+      p += n;
+    }
+  }
+  return static_cast<size_t>(end - begin);
 }
 
 inline void append_utf8(std::string* out, uint32_t cp) {
@@ -167,6 +205,11 @@ class Parser {
         out_(out) {}
 
   JsonResult run() {
+    size_t bad = first_invalid_utf8(begin_, end_);
+    if (bad < static_cast<size_t>(end_ - begin_)) {
+      return fail_at(begin_ + bad, "invalid UTF-8: " + describe_byte(begin_ + bad, end_) +
+                                       " does not start a valid sequence");
+    }
     skip_ws();
     if (p_ >= end_) return fail_at(p_, "expected a JSON object, found an empty line");
     if (*p_ != '{') {
@@ -407,7 +450,7 @@ class Parser {
     const unsigned char* open = p_;
     ++p_;
     while (true) {
-      // Fast path: runs of plain ASCII, 16 or 8 bytes at a time.
+      // Fast path: plain runs (any byte but '"', '\\' and controls), 16 or 8 bytes at a time.
       const unsigned char* run = p_;
       p_ = skip_plain(p_, end_);
       if (dest != nullptr && p_ > run) dest->append(reinterpret_cast<const char*>(run), p_ - run);
@@ -426,17 +469,6 @@ class Parser {
         return fail(p_, "invalid JSON: unescaped control character " + describe_byte(p_, end_) +
                             " inside a string");
       }
-      // A run of non-ASCII characters (a word in Cyrillic, CJK, ...) is validated in one tight loop.
-      const unsigned char* start = p_;
-      do {
-        size_t n = utf8_sequence_length(p_, end_);
-        if (n == 0) {
-          if (dest != nullptr) dest->append(reinterpret_cast<const char*>(start), p_ - start);
-          return fail(p_, "invalid UTF-8: " + describe_byte(p_, end_) + " does not start a valid sequence");
-        }
-        p_ += n;
-      } while (p_ < end_ && *p_ >= 0x80);
-      if (dest != nullptr) dest->append(reinterpret_cast<const char*>(start), p_ - start);
     }
   }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 FILE_EXISTENCE_POLICIES = ("error", "skip", "override")
 

@@ -80,7 +80,7 @@ def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep_las
         tmp.mkdir()
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _write_json(tmp / f"rng_rank{_rank()}.json", _rng_state())
     _barrier()
     if _rank() == 0:
@@ -132,7 +132,7 @@ def load(path: Path, model, optimizer) -> dict:
         )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state = json.loads((path / "train_state.json").read_text())
     rng_file = path / f"rng_rank{_rank()}.json"

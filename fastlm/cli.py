@@ -18,9 +18,8 @@ import argparse
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from fastlm.atomic import FILE_EXISTENCE_POLICIES
 from fastlm.progress import progress_bar
@@ -36,6 +35,8 @@ def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
         return 130
     except (ValueError, OSError) as err:
         if os.environ.get("FASTLM_TRACEBACK"):
+            import traceback
+
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 1
