@@ -32,7 +32,7 @@ timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_kernel_attention.py 
 
 since "GPU benchmarks"
 FASTLM_BENCH_OUT="$R" timeout 330 $PY -m pytest -q -s -p no:cacheprovider benchmarks/test_attention_speed.py \
-  benchmarks/test_cross_entropy_speed.py benchmarks/test_train_speed.py 2>&1 | tee "$R/bench.log" | grep -E "fastlm|bar|passed|failed|error" | tail -n 40
+  benchmarks/test_cross_entropy_speed.py benchmarks/test_train_speed.py "benchmarks/test_generate_speed.py::test_gpu_decoding_gpt60m" 2>&1 | tee "$R/bench.log" | grep -E "fastlm|bar|passed|failed|error" | tail -n 40
 
 since "done"
 ls -l "$R"

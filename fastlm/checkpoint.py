@@ -20,6 +20,8 @@ import re
 import shutil
 from pathlib import Path
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -80,7 +82,9 @@ def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep_las
         tmp.mkdir()
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # DCP warns that a single process saves alone: that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _write_json(tmp / f"rng_rank{_rank()}.json", _rng_state())
     _barrier()
     if _rank() == 0:
@@ -132,7 +136,9 @@ def load(path: Path, model, optimizer) -> dict:
         )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state = json.loads((path / "train_state.json").read_text())
     rng_file = path / f"rng_rank{_rank()}.json"

@@ -86,6 +86,8 @@ class Logger:
                     + (f" | mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""))
         elif record["event"] == "eval":
             text = f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
+        elif record["event"] == "checkpoint":
+            text = f"step {record['step']:>6} | checkpoint {record['path']}"
         else:
             text = json.dumps(record)
         if self.bar is not None:
@@ -276,7 +278,8 @@ def train(cfg: Config, d: Dist) -> int:
     loader = BatchLoader(train_set, sampler, d.device, prefetch=2 if cfg.data.num_workers > 0 else 0)
 
     if d.is_main:
-        print(json.dumps({"config": config_dict(cfg)}, indent=1) if cfg.logging.console else "", flush=True)
+        if cfg.logging.console:
+            print(f"fastlm: config {cfg.source}: {json.dumps(config_dict(cfg))}", flush=True)
         attn, loss_impl = resolve_attention(cfg.model, d.device), resolve_loss(cfg.model, d.device)
         print(f"fastlm: {n_params:,} parameters | {d.world_size} x {d.device.type} | attention {attn}, loss "
               f"{loss_impl}, {cfg.precision}, fsdp {use_fsdp}\n"

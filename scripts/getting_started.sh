@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: the getting-started tutorial on the shipped RedPajama sample, end to end, from a fresh
-# machine (it installs what it needs). Today this is the data part: raw indexes, packed token files and
-# a look inside them; training and generation join as they land.
-# A second run reuses what is already there (file_existence_policy skip).
+# machine (it installs what it needs): raw indexes, packed token files, training with evaluation on the
+# test split (the 60M model on GPUs; a tiny model on a CPU-only machine, a few minutes on 2 cores), the
+# loss plot, and a continuation of a sample prompt from the trained checkpoint.
+# A second run reuses what is already there (existing files are skipped, a finished run is not retrained).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -29,8 +30,34 @@ for split in train test; do
   timed "pack $split" fastlm data pack_encoded_data example_dataset_config_$split.yaml --file_existence_policy skip
 done
 step "inspect the packed training data"
-fastlm data inspect data/mem_map/redpajama_v2_samples_512_train.pbin --tokenizer tokenizer | head -n 11
+fastlm data inspect data/mem_map/redpajama_v2_samples_512_train.pbin --tokenizer tokenizer | head -n 8
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L | wc -l)
+  config=example_config.yaml run=gpt60m_redpajama
+  launch=(torchrun --standalone --nproc_per_node "$gpus" -m fastlm.train)
+else
+  config=example_config_cpu.yaml run=tiny_redpajama
+  launch=(python -m fastlm.train)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+fi
+step "train: ${launch[*]} $config"
+if [ -f "checkpoints/$run/model.safetensors" ]; then
+  echo "checkpoints/$run is trained already (delete it to train again)"
+else
+  timed "train" "${launch[@]}" "$config" run.resume=auto
+fi
+
+step "loss plot"
+timed "plot" fastlm plot "checkpoints/$run"
+
+step "generate from the checkpoint"
+timed "generate" python -m fastlm.generate --config_file_path example_text_generation_config.yaml \
+  --checkpoint "checkpoints/$run" --prompt "The best way to learn a new language is" --max-new-tokens 40
 
 step "outputs"
-ls -l data/mem_map/ | sed "s|^|  |"
-echo "in $ROOT/examples/getting_started/data/mem_map"
+echo "packed data:    $ROOT/examples/getting_started/data/mem_map/"
+echo "run folder:     $ROOT/examples/getting_started/checkpoints/$run/ (metrics.jsonl, checkpoints/, model.safetensors)"
+echo "loss plot:      $ROOT/examples/getting_started/checkpoints/$run/loss.png"
+echo "chat with it:   cd examples/getting_started && fastlm generate_text --config_file_path example_text_generation_config.yaml"
+echo "                (set settings.model_path: checkpoints/$run)"
