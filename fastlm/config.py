@@ -102,6 +102,7 @@ class LoggingSection:
     metrics_file: bool = doc("write metrics.jsonl in the run folder", True)
     wandb_mode: str = doc("online | offline | disabled", "disabled")
     wandb_project: str = doc("wandb project", "fastlm")
+    wandb_dir: str = doc("folder in which wandb keeps its wandb/ folder (default: the working directory)", ".")
 
 
 @dataclass

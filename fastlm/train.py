@@ -64,7 +64,7 @@ class Logger:
         if cfg.logging.metrics_file:
             self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if cfg.logging.wandb_mode != "disabled":
-            self.wandb = start_wandb(cfg, run_dir)
+            self.wandb = start_wandb(cfg)
         if cfg.logging.console and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -109,7 +109,7 @@ class Logger:
             self.wandb.finish()
 
 
-def start_wandb(cfg: Config, run_dir: Path):
+def start_wandb(cfg: Config):
     """wandb is optional: a missing package or, online, a missing API key fails at start, not later."""
     try:
         import wandb
@@ -127,7 +127,7 @@ def start_wandb(cfg: Config, run_dir: Path):
                 f"`wandb login`); use wandb_mode: offline to log without network"
             )
     return wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, mode=cfg.logging.wandb_mode,
-                      dir=str(run_dir), config=config_dict(cfg), resume="allow")
+                      dir=cfg.logging.wandb_dir, config=config_dict(cfg), resume="allow")
 
 
 def config_dict(cfg: Config) -> dict:

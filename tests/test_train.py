@@ -143,8 +143,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_wandb_offline_writes_its_run_folder(tmp_path):
-    train(tmp_path, "target.steps=2", "logging.wandb_mode=offline", name="wb")
-    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    train(tmp_path, "target.steps=2", "logging.wandb_mode=offline", f"logging.wandb_dir={tmp_path}", name="wb")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].rglob("*.wandb"))
 
 
