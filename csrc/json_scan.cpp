@@ -8,6 +8,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__)
+#include <tmmintrin.h>  // SSSE3: only inside functions built for it and called after a CPU check
+#endif
 
 namespace fastlm {
 
@@ -156,6 +159,95 @@ inline size_t first_invalid_utf8(const unsigned char* begin, const unsigned char
   return static_cast<size_t>(end - begin);
 }
 
+#if defined(__x86_64__)
+// Branch-free UTF-8 validation, 16 bytes at a time (the lookup-table method of Keiser and Lemire,
+// "Validating UTF-8 in less than one instruction per byte", 2021). Each byte pair (previous, current) is
+// classified by three 16-entry tables indexed by nibbles; a fault bit survives the AND of the three only
+// for an invalid pair. Third and fourth bytes of long sequences are checked separately (must23).
+// Built for SSSE3 (pshufb, palignr), used only when the CPU has it; the build stays portable.
+namespace utf8simd {
+constexpr uint8_t kTooShort = 1 << 0;   // lead byte not followed by a continuation
+constexpr uint8_t kTooLong = 1 << 1;    // continuation after ASCII
+constexpr uint8_t kOverlong3 = 1 << 2;  // E0 80..9F
+constexpr uint8_t kTooLarge = 1 << 3;   // above U+10FFFF
+constexpr uint8_t kSurrogate = 1 << 4;  // ED A0..BF
+constexpr uint8_t kOverlong2 = 1 << 5;  // C0, C1
+constexpr uint8_t kTooLarge1000 = 1 << 6;
+constexpr uint8_t kOverlong4 = 1 << 6;  // F0 80..8F
+constexpr uint8_t kTwoConts = 1 << 7;   // continuation after continuation (fine only inside a sequence)
+constexpr uint8_t kCarry = kTooShort | kTooLong | kTwoConts;
+
+__attribute__((target("ssse3"))) inline __m128i table(const uint8_t (&t)[16]) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(t));
+}
+
+__attribute__((target("ssse3"))) bool valid(const unsigned char* p, size_t n) {
+  static const uint8_t k1High[16] = {
+      kTooLong, kTooLong, kTooLong, kTooLong, kTooLong, kTooLong, kTooLong, kTooLong,
+      kTwoConts, kTwoConts, kTwoConts, kTwoConts,
+      kTooShort | kOverlong2, kTooShort, kTooShort | kOverlong3 | kSurrogate,
+      kTooShort | kTooLarge | kTooLarge1000 | kOverlong4};
+  static const uint8_t k1Low[16] = {
+      kCarry | kOverlong3 | kOverlong2 | kOverlong4, kCarry | kOverlong2, kCarry, kCarry, kCarry | kTooLarge,
+      kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000,
+      kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000,
+      kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000,
+      kCarry | kTooLarge | kTooLarge1000 | kSurrogate, kCarry | kTooLarge | kTooLarge1000,
+      kCarry | kTooLarge | kTooLarge1000};
+  static const uint8_t k2High[16] = {
+      kTooShort, kTooShort, kTooShort, kTooShort, kTooShort, kTooShort, kTooShort, kTooShort,
+      kTooLong | kOverlong2 | kTwoConts | kOverlong3 | kTooLarge1000 | kOverlong4,
+      kTooLong | kOverlong2 | kTwoConts | kOverlong3 | kTooLarge,
+      kTooLong | kOverlong2 | kTwoConts | kSurrogate | kTooLarge,
+      kTooLong | kOverlong2 | kTwoConts | kSurrogate | kTooLarge,
+      kTooShort, kTooShort, kTooShort, kTooShort};
+  // The largest byte that completes the sequence it is in, by position at the end of a block.
+  static const uint8_t kIncomplete[16] = {255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+                                          0xF0 - 1, 0xE0 - 1, 0xC0 - 1};
+  const __m128i t1h = table(k1High), t1l = table(k1Low), t2h = table(k2High), incomplete = table(kIncomplete);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  __m128i prev = _mm_setzero_si128(), error = _mm_setzero_si128(), prev_incomplete = _mm_setzero_si128();
+  alignas(16) unsigned char tail[16];
+  for (size_t i = 0; i < n; i += 16) {
+    __m128i in;
+    if (n - i >= 16) {
+      in = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+    } else {  // the last bytes, padded with ASCII zeros: an unfinished sequence then fails as too short
+      std::memset(tail, 0, sizeof(tail));
+      std::memcpy(tail, p + i, n - i);
+      in = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+    }
+    // No shortcut for all-ASCII blocks: in real text they alternate with others too irregularly for the
+    // branch to predict; the full check costs less than the mispredictions.
+    __m128i prev1 = _mm_alignr_epi8(in, prev, 15);
+    __m128i b1h = _mm_shuffle_epi8(t1h, _mm_and_si128(_mm_srli_epi16(prev1, 4), nibble));
+    __m128i b1l = _mm_shuffle_epi8(t1l, _mm_and_si128(prev1, nibble));
+    __m128i b2h = _mm_shuffle_epi8(t2h, _mm_and_si128(_mm_srli_epi16(in, 4), nibble));
+    __m128i special = _mm_and_si128(_mm_and_si128(b1h, b1l), b2h);
+    __m128i prev2 = _mm_alignr_epi8(in, prev, 14), prev3 = _mm_alignr_epi8(in, prev, 13);
+    __m128i third = _mm_subs_epu8(prev2, _mm_set1_epi8(static_cast<char>(0xE0 - 0x80)));
+    __m128i fourth = _mm_subs_epu8(prev3, _mm_set1_epi8(static_cast<char>(0xF0 - 0x80)));
+    __m128i must23 = _mm_and_si128(_mm_or_si128(third, fourth), _mm_set1_epi8(static_cast<char>(0x80)));
+    error = _mm_or_si128(error, _mm_xor_si128(must23, special));
+    prev_incomplete = _mm_subs_epu8(in, incomplete);
+    prev = in;
+  }
+  error = _mm_or_si128(error, prev_incomplete);
+  return _mm_movemask_epi8(_mm_cmpeq_epi8(error, _mm_setzero_si128())) == 0xFFFF;
+}
+
+const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
+}  // namespace utf8simd
+#endif
+
+// True when all of [p, end) is valid UTF-8 (the fast check; first_invalid_utf8 finds the offending byte).
+inline bool utf8_valid(const unsigned char* begin, const unsigned char* end) {
+#if defined(__x86_64__)
+  if (utf8simd::kHasSsse3) return utf8simd::valid(begin, static_cast<size_t>(end - begin));
+#endif
+  return first_invalid_utf8(begin, end) == static_cast<size_t>(end - begin);
+}
+
 inline void append_utf8(std::string* out, uint32_t cp) {
   if (cp < 0x80) {
     out->push_back(static_cast<char>(cp));
@@ -205,8 +297,8 @@ class Parser {
         out_(out) {}
 
   JsonResult run() {
-    size_t bad = first_invalid_utf8(begin_, end_);
-    if (bad < static_cast<size_t>(end_ - begin_)) {
+    if (!utf8_valid(begin_, end_)) {
+      size_t bad = first_invalid_utf8(begin_, end_);
       return fail_at(begin_ + bad, "invalid UTF-8: " + describe_byte(begin_ + bad, end_) +
                                        " does not start a valid sequence");
     }
@@ -532,6 +624,11 @@ class Parser {
 };
 
 }  // namespace
+
+std::pair<bool, size_t> check_utf8(std::string_view text) {
+  auto* b = reinterpret_cast<const unsigned char*>(text.data());
+  return {utf8_valid(b, b + text.size()), first_invalid_utf8(b, b + text.size())};
+}
 
 JsonResult scan_json_line(std::string_view line, const JsonPath* path, std::string* out) {
   if (path != nullptr && out == nullptr) throw std::invalid_argument("scan_json_line: path without output");

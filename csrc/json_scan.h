@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace fastlm {
@@ -40,6 +41,10 @@ class JsonPath {
 // non-null `path`, also extracts the string found there into `*out` (unescaped UTF-8; when a key repeats,
 // the last occurrence wins, as in jq and Python's json).
 JsonResult scan_json_line(std::string_view line, const JsonPath* path, std::string* out);
+
+// The two UTF-8 validators, for tests: (the fast check's verdict, offset of the first invalid byte by the
+// scalar check, or text.size() when valid). They must agree on validity for every input.
+std::pair<bool, size_t> check_utf8(std::string_view text);
 
 // True when the line holds only spaces, tabs and carriage returns (a blank line, not a document).
 bool is_blank_line(std::string_view line);

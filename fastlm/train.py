@@ -147,13 +147,18 @@ def evaluate(model, cfg: Config, d: Dist, val_dataset, autocast) -> tuple[float,
         total_batches = min(total_batches, cfg.intervals.eval_batches)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     count = torch.zeros((), dtype=torch.float64, device=d.device)
-    for b in range(d.rank, total_batches, d.world_size):
+    # Every rank runs the same number of forward passes (FSDP gathers parameters collectively); a rank
+    # without a batch of its own in the last round re-runs batch 0 and counts nothing.
+    for round_ in range(-(-total_batches // d.world_size)):
+        b = round_ * d.world_size + d.rank
+        weight = 1.0 if b < total_batches else 0.0
+        b = b if b < total_batches else 0
         idx = range(b * micro, min(n, (b + 1) * micro))
         rows = torch.stack([torch.from_numpy(val_dataset[i][val_dataset.sample_key]) for i in idx]).to(d.device)
         with autocast:
             _, loss = model(rows[:, :-1], rows[:, 1:])
-        loss_sum += loss.double() * rows[:, 1:].numel()
-        count += rows[:, 1:].numel()
+        loss_sum += weight * loss.double() * rows[:, 1:].numel()
+        count += weight * rows[:, 1:].numel()
     if d.enabled:
         dist.all_reduce(loss_sum)
         dist.all_reduce(count)
