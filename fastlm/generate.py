@@ -222,6 +222,17 @@ class Generator:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
+    def _decode_step(self, token, input_pos, pad_lens):
+        try:
+            return self._decode(self.model, token, input_pos, pad_lens).clone()
+        except Exception as err:  # a compiled step that fails to build falls back to eager, once
+            if self._decode is decode_one_token:
+                raise
+            print(f"fastlm: compiling the decode step failed ({type(err).__name__}: {err}); decoding eagerly",
+                  file=sys.stderr)
+            self._decode = decode_one_token
+            return decode_one_token(self.model, token, input_pos, pad_lens).clone()
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], on_token=None) -> list[list[int]]:
         """Continuations (ids) of each prompt. on_token(row, id) is called as tokens are chosen."""
@@ -268,7 +279,7 @@ class Generator:
                 logits = prefill(model, history, pad_lens)
                 pos = history.shape[1]
                 continue
-            logits = self._decode(model, nxt, torch.tensor([pos], device=device), pad_lens).clone()
+            logits = self._decode_step(nxt, torch.tensor([pos], device=device), pad_lens)
             pos += 1
         return out
 

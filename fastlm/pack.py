@@ -101,7 +101,7 @@ def load_pack_config(path: str | os.PathLike) -> PackJob:
     )
 
 
-def _library_encoder(tokenizer, num_cpus: int):
+def _library_encoder(tokenizer):
     """encode_batch through the `tokenizers` library, returning flat ids and per-text counts."""
     import numpy as np
 
@@ -165,7 +165,7 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
         bpe, encoder = tokenizer.native_encoder(), None
     else:
         os.environ.setdefault("RAYON_NUM_THREADS", str(job.num_cpus))
-        bpe, encoder = None, _library_encoder(tokenizer, job.num_cpus)
+        bpe, encoder = None, _library_encoder(tokenizer)
     t_pack = time.perf_counter()
     bar = progress_bar(int(lengths.sum()) + len(lengths), "pack", show_progress)
     try:
