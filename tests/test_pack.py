@@ -311,7 +311,6 @@ def test_interrupted_pack_leaves_no_destination(tmp_path, sig):
     deadline = time.time() + 60
     while time.time() < deadline and not (dst.parent.exists() and any(dst.parent.iterdir())):
         time.sleep(0.05)
-    time.sleep(0.3)
     assert proc.poll() is None, "packing finished before it could be interrupted"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
