@@ -1,4 +1,5 @@
-"""Builds fastlm and its C++ extension fastlm._C (pybind11, portable -O3: no CPU-specific -march flag; faster paths are chosen at run time).
+"""Builds fastlm and its C++ extension fastlm._C (pybind11, portable -O3: no CPU-specific -march flag;
+faster instruction paths are chosen at run time).
 
 The top-level kernels/ folder is installed as fastlm.kernels (package_dir), never as a top-level
 package: the name `kernels` belongs to another PyPI project.
