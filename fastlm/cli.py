@@ -22,7 +22,6 @@ from pathlib import Path
 from collections.abc import Callable
 
 from fastlm.atomic import FILE_EXISTENCE_POLICIES
-from fastlm.progress import progress_bar
 
 
 def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -43,8 +42,8 @@ def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
 
 
 def _create_raw_index(args: argparse.Namespace) -> int:
-    from fastlm import _C
-    from fastlm.atomic import atomic_output, should_write
+    from fastlm.atomic import should_write
+    from fastlm.index import build_index
     from fastlm.yamlconf import usable_cpus
 
     src = Path(args.src_path)
@@ -56,14 +55,8 @@ def _create_raw_index(args: argparse.Namespace) -> int:
         return 0
     t0 = time.perf_counter()
     size = src.stat().st_size
-    progress = progress_bar(size, "index", False if args.quiet else None)
-    try:
-        with atomic_output(dst) as tmp:
-            result = _C.build_raw_index(str(src), args.num_cpus or usable_cpus(), args.skip_invalid, progress,
-                                        out_path=str(tmp), return_arrays=False)
-    finally:
-        if progress is not None:
-            progress.close()
+    result = build_index(src, dst, args.num_cpus or usable_cpus(), args.skip_invalid,
+                         False if args.quiet else None, return_arrays=False)
     seconds = time.perf_counter() - t0
     print(
         f"indexed {result['documents']:,} documents of {src} ({result['lines']:,} lines, "

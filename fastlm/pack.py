@@ -121,24 +121,13 @@ def _library_encoder(tokenizer):
 def load_or_build_index(src: Path, index_path: Path | None, num_cpus: int, skip_invalid: bool, show_progress):
     """Offsets and lengths of src's documents, and the invalid lines skipped while indexing: read from
     index_path, or built (and saved there if given)."""
-    import numpy as np
-
-    from fastlm.data.pbin import read_raw_index, write_raw_index
+    from fastlm.data.pbin import read_raw_index
+    from fastlm.index import build_index
 
     if index_path is not None and index_path.exists():
         return (*read_raw_index(index_path), 0, [])
-    from fastlm import _C
-
-    bar = progress_bar(src.stat().st_size, "index", show_progress)
-    try:
-        result = _C.build_raw_index(str(src), num_cpus, skip_invalid, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    offsets, lengths = np.asarray(result["offsets"]), np.asarray(result["lengths"])
-    if index_path is not None:
-        write_raw_index(index_path, offsets, lengths)
-    return offsets, lengths, result["skipped_lines"], result["first_skipped"]
+    result = build_index(src, index_path, num_cpus, skip_invalid, show_progress, return_arrays=True)
+    return result["offsets"], result["lengths"], result["skipped_lines"], result["first_skipped"]
 
 
 def pack(job: PackJob, show_progress: bool | None = None) -> dict:

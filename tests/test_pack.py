@@ -206,10 +206,11 @@ tokenizer:
     assert job.num_cpus == len(os.sched_getaffinity(0))
 
 
-def _config(tmp_path, settings_extra="", tokenizer=None, settings=None):
+def _config(tmp_path, settings_extra="", tokenizer=None, settings=None, jq_pattern=".text",
+            eod_token="<|endoftext|>"):
     body = settings or (
         f"  src_path: {MODALITIES / 'lorem_ipsum.jsonl'}\n  dst_path: {tmp_path / 'o.pbin'}\n"
-        f"  jq_pattern: .text\n  eod_token: <|endoftext|>\n"
+        f"  jq_pattern: {jq_pattern}\n  eod_token: {eod_token}\n"
     )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"settings:\n{body}{settings_extra}tokenizer:\n  config:\n"
@@ -227,9 +228,7 @@ def test_config_errors_are_clear(tmp_path):
 
 
 def test_eod_token_not_in_vocabulary(tmp_path):
-    job = load_pack_config(_config(tmp_path, settings=(
-        f"  src_path: {MODALITIES / 'lorem_ipsum.jsonl'}\n  dst_path: {tmp_path / 'o.pbin'}\n"
-        f"  eod_token: </s>\n")))
+    job = load_pack_config(_config(tmp_path, eod_token="</s>"))
     with pytest.raises(ConfigError, match=r"eod_token '</s>' is not in the vocabulary"):
         pack(job, show_progress=False)
     assert not (tmp_path / "o.pbin").exists()
@@ -248,9 +247,7 @@ def test_unreadable_tokenizer(tmp_path):
 
 
 def test_unsupported_jq_pattern(tmp_path):
-    job = load_pack_config(_config(tmp_path, settings=(
-        f"  src_path: {MODALITIES / 'lorem_ipsum.jsonl'}\n  dst_path: {tmp_path / 'o.pbin'}\n"
-        f"  jq_pattern: .text[0]\n  eod_token: <|endoftext|>\n")))
+    job = load_pack_config(_config(tmp_path, jq_pattern=".text[0]"))
     with pytest.raises(ValueError, match=r"supported patterns are `.key` and nested `.key.subkey`"):
         pack(job, show_progress=False)
 
