@@ -1,6 +1,8 @@
 """Training throughput on one GPU: fastlm's loop (Triton attention, fused loss, per-block compile,
 bf16) against a plain PyTorch loop of the same model (SDPA attention, torch cross-entropy, bf16 autocast,
-fused AdamW), same batch, measured in the same run. Needs CUDA; without it, says so and skips.
+fused AdamW), same batch, measured in the same run. fastlm runs as users start it: gpt60m as a plain
+`python -m fastlm.train` (bf16 autocast), gpt124m under `torchrun --nproc_per_node 1` (FSDP2 over NCCL, bf16
+parameters per block, fp32 reduction). Needs CUDA; without it, says so and skips.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ def synthetic_pbin(tmp_path_factory):
     return path
 
 
-def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool) -> float:
+def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: str) -> float:
     out = tmp_path / f"{name}-{compile_blocks}"
-    cmd = [sys.executable, "-m", "fastlm.train", str(ROOT / "configs" / f"{name}.yaml"), f"data.train_path={data}",
+    start = {"python": [sys.executable],
+             "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]}
+    cmd = [*start[launcher], "-m", "fastlm.train", str(ROOT / "configs" / f"{name}.yaml"), f"data.train_path={data}",
            "data.val_path=", f"run.output_dir={out}", f"target.steps={STEPS}", f"intervals.log={WARMUP}",
            f"batch.micro_batch_size={MICRO[name]}", "batch.global_batch_tokens=0", "batch.grad_accum_steps=1",
            f"parallel.compile={str(compile_blocks).lower()}", "checkpoint.consolidated=false",
@@ -84,20 +88,20 @@ def baseline_tokens_per_s(name, data) -> tuple[float, object]:
     return rate, model
 
 
-@pytest.mark.parametrize("name", ["gpt60m", "gpt124m"])
-def test_training_throughput(name, synthetic_pbin, tmp_path):
+@pytest.mark.parametrize("name, launcher", [("gpt60m", "python"), ("gpt124m", "torchrun")])
+def test_training_throughput(name, launcher, synthetic_pbin, tmp_path):
     base, model = baseline_tokens_per_s(name, synthetic_pbin)
     base_mfu, _ = model.estimate_mfu(base)
     del model
     torch.cuda.empty_cache()
-    fast = fastlm_tokens_per_s(name, synthetic_pbin, tmp_path, compile_blocks=True)
+    fast = fastlm_tokens_per_s(name, synthetic_pbin, tmp_path, compile_blocks=True, launcher=launcher)
     from fastlm.config import load_config
     from fastlm.model import GPT
 
     with torch.device("meta"):
         meta = GPT(load_config(ROOT / "configs" / f"{name}.yaml").model)
     mfu, why = meta.estimate_mfu(fast, "cuda")
-    record(f"train {name}, 1 GPU, bf16, micro batch {MICRO[name]}", fast, "tokens/s",
+    record(f"train {name}, 1 GPU ({launcher}), bf16, micro batch {MICRO[name]}", fast, "tokens/s",
            "plain PyTorch (SDPA, torch CE, eager)", base, bar=1.2, mfu=mfu, baseline_mfu=base_mfu, mfu_note=why)
     print(f"  MFU fastlm {mfu if mfu is None else f'{mfu:.1%}'} vs baseline "
           f"{base_mfu if base_mfu is None else f'{base_mfu:.1%}'} ({why})")
