@@ -34,8 +34,10 @@ if ! FASTLM_BUILD_JOBS=$(nproc) timeout "$(limit 180)" $PY -m pip install --no-d
 fi
 
 since "GPU tests: kernels compiled for real (fp32, fp16, bf16), the model"
-timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider --durations=8 -rfEs tests/test_kernel_attention.py \
-  tests/test_kernel_cross_entropy.py tests/test_model.py > "$R/tests.log" 2>&1
+# Each test process compiles its own kernels (every autotune config, CPU-bound): spread them over the cores.
+XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider $XDIST --durations=8 -rfEs \
+  tests/test_kernel_attention.py tests/test_kernel_cross_entropy.py tests/test_model.py > "$R/tests.log" 2>&1
 echo "exit $?" >> "$R/tests.log"; tail -n 25 "$R/tests.log"
 
 bench() {  # bench CAP FILES...: one pytest session per group, so each group writes its own JSON
@@ -46,6 +48,8 @@ bench() {  # bench CAP FILES...: one pytest session per group, so each group wri
   echo "exit $? ($*)" >> "$R/bench.log"
   grep -E "fastlm .* vs |MFU|passed|failed|error|Error|exit " "$R/bench.log" | tail -n 12
 }
+since "attention profile (autotuner choices, GPU time per kernel, host cost)"
+timeout "$(limit 90)" $PY benchmarks/attention_profile.py > "$R/profile.txt" 2>&1; tail -n 40 "$R/profile.txt"
 bench 120 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py
 bench 90 "benchmarks/test_generate_speed.py::test_gpu_decoding_gpt60m"
 bench 240 benchmarks/test_train_speed.py

@@ -35,9 +35,11 @@ def cached_tokens_per_s(model, batch: int, device, compile_step: bool = False) -
     def run():
         model.setup_caches(batch, PROMPT + NEW, dtype=next(model.parameters()).dtype)
         logits = prefill(model, prompt, pad)
-        for i in range(NEW):
+        input_pos = torch.tensor([PROMPT], device=device)
+        for _ in range(NEW):  # as fastlm.generate does it, without the host syncs of printing tokens
             nxt = logits.argmax(-1)
-            logits = step(model, nxt, torch.tensor([PROMPT + i], device=device), pad).clone()
+            logits = step(model, nxt, input_pos, pad).clone()
+            input_pos += 1
         return logits
 
     run()  # warm-up (and compilation)

@@ -253,6 +253,7 @@ class Generator:
         done = torch.zeros(B, dtype=torch.bool, device=device)
         logits = prefill(model, tokens, pad_lens)
         pos = width
+        input_pos = torch.zeros(1, dtype=torch.long, device=device)
         history = tokens  # for sliding the window
         for _ in range(s.max_new_tokens):
             nxt = sample(logits[:, :vocab], s.temperature, s.top_k, s.top_p, gen)
@@ -279,7 +280,8 @@ class Generator:
                 logits = prefill(model, history, pad_lens)
                 pos = history.shape[1]
                 continue
-            logits = self._decode_step(nxt, torch.tensor([pos], device=device), pad_lens)
+            input_pos.fill_(pos)  # on the device: no host-to-device copy (a stream sync) per token
+            logits = self._decode_step(nxt, input_pos, pad_lens)
             pos += 1
         return out
 

@@ -12,8 +12,13 @@ from fastlm.yamlconf import ConfigError
 from conftest import ROOT
 
 CONFIGS = ROOT / "configs"
+# The tests of the Triton attention and fused loss run on CUDA when there is a GPU (compiled kernels), on CPU
+# under Triton's interpreter otherwise (conftest sets TRITON_INTERPRET=1). The model is built on CPU either
+# way (same seed, same weights) and moved.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# fp32 on CPU: implementations that differ only in the order of fp32 operations agree to ~1e-5 relative;
+# fp32 (on CPU, and on GPU where torch's fp32 matmuls do not use TF32 by default and the kernels use IEEE
+# fp32 matmuls): implementations that differ only in the order of fp32 operations agree to ~1e-5 relative;
 # 1e-4 absolute on O(1) logits leaves room for the Triton kernels' block-wise accumulation.
 LOGIT_ATOL = 1e-4
 GRAD_ATOL = 1e-5
@@ -121,16 +126,16 @@ def test_flops_and_mfu():
 
 @pytest.mark.parametrize("preset", ["tiny", "gpt124m"])
 def test_attention_implementations_agree(preset):
-    """triton (the kernel, run by Triton's interpreter on CPU), sdpa and manual give the same logits and
-    gradients. Small shapes keep the interpreter fast."""
+    """triton (the kernel: compiled on a GPU, run by Triton's interpreter on CPU), sdpa and manual give the
+    same logits and gradients. Small shapes keep the interpreter fast."""
     overrides = dict(n_layer=2, sequence_length=48, vocab_size=300)
     if preset == "gpt124m":
         overrides.update(n_head=2, n_embd=64, ffn_hidden=128)
     results = {}
     for impl in ("manual", "sdpa", "triton"):
         torch.manual_seed(0)
-        model = GPT(load(preset, attention=impl, loss="torch", **overrides))
-        idx = torch.randint(0, 300, (2, 45))  # 45: not a multiple of any block size
+        model = GPT(load(preset, attention=impl, loss="torch", **overrides)).to(DEVICE)
+        idx = torch.randint(0, 300, (2, 45)).to(DEVICE)  # 45: not a multiple of any block size
         logits, loss = model(idx, idx)
         loss.backward()
         results[impl] = (logits.detach(), model.blocks[0].attn.qkv.weight.grad.clone())
@@ -143,8 +148,8 @@ def test_fused_and_torch_loss_agree():
     losses, grads = {}, {}
     for impl in ("torch", "fused"):
         torch.manual_seed(0)
-        model = GPT(load("tiny", loss=impl, attention="sdpa", vocab_size=1000))
-        idx = torch.randint(0, 1000, (2, 33))
+        model = GPT(load("tiny", loss=impl, attention="sdpa", vocab_size=1000)).to(DEVICE)
+        idx = torch.randint(0, 1000, (2, 33)).to(DEVICE)
         targets = idx.clone()
         targets[0, :5] = -100  # ignored positions
         _, loss = model(idx, targets)

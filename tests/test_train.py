@@ -27,10 +27,10 @@ BASE = [
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def train(tmp_path, *overrides, ranks=1, check=True, name="run"):
+def train(tmp_path, *overrides, ranks=1, check=True, name="run", torchrun=False):
     args = ["-m", "fastlm.train", str(ROOT / "configs" / "tiny.yaml"), *BASE, f"run.output_dir={tmp_path}",
             f"run.name={name}", *overrides]
-    if ranks == 1:
+    if ranks == 1 and not torchrun:
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
@@ -81,6 +81,14 @@ def test_two_rank_checkpoint_loads_into_one_rank(tmp_path):
               name="one")
     assert "resuming from" in r.stdout
     assert sorted(losses(tmp_path / "one")) == [5, 6]
+
+
+def test_torchrun_with_one_process_runs_the_single_device_path(tmp_path):
+    # FSDP over one rank would shard nothing: torchrun --nproc_per_node 1 must train exactly like `python -m`
+    train(tmp_path, "target.steps=4", name="plain")
+    r = train(tmp_path, "target.steps=4", name="torchrun", torchrun=True)
+    assert "| 1 x cpu |" in r.stdout and "fsdp False" in r.stdout, r.stdout[-2000:]
+    assert losses(tmp_path / "torchrun") == losses(tmp_path / "plain")
 
 
 def test_resume_auto_ignores_an_interrupted_checkpoint(tmp_path):

@@ -1,0 +1,133 @@
+"""Where the time of fastlm's flash attention goes on a GPU (a diagnostic, not a benchmark with a bar):
+
+    python benchmarks/attention_profile.py
+
+For the benchmark's shapes (bf16, causal, B8 H16 hd64) it prints the autotuner's choices, the GPU time of each
+kernel (torch.profiler) next to SDPA's kernels, forward-only TFLOP/s of both, and the host (Python) cost of
+one forward + backward measured on a shape too small to keep the GPU busy, with the functions that spend it.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+
+B, H, D = 8, 16, 64
+
+
+def _inputs(batch, heads, seq, grad=True):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    t = [torch.randn(batch, heads, seq, D, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4)]
+    if grad:
+        for x in t[:3]:
+            x.requires_grad_()
+    return t
+
+
+def _ours(q, k, v):
+    from fastlm.kernels import flash_attention
+
+    return flash_attention(q, k, v, causal=True)
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _step(fn, q, k, v, do):
+    q.grad = k.grad = v.grad = None
+    fn(q, k, v).backward(do)
+
+
+def kernel_table(fn, seq, reps=10):
+    q, k, v, do = _inputs(B, H, seq)
+    for _ in range(5):
+        _step(fn, q, k, v, do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            _step(fn, q, k, v, do)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / reps, e.count // reps, e.key[:90]))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"  GPU time per fwd+bwd: {total:.0f} us")
+    for t, n, name in rows[:8]:
+        print(f"    {t:8.1f} us  x{n}  {name}")
+
+
+def forward_tflops(fn, seq, reps=30):
+    q, k, v, _ = _inputs(B, H, seq, grad=False)
+    with torch.no_grad():
+        for _ in range(5):
+            fn(q, k, v)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn(q, k, v)
+        end.record()
+        torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / reps
+    return 4.0 * B * H * seq * seq * D / 2 / ms / 1e9, ms
+
+
+def host_cost(fn, reps=300):
+    """Microseconds of host time per fwd+bwd on a shape whose GPU work is negligible."""
+    q, k, v, do = _inputs(1, 1, 128)
+    for _ in range(10):
+        _step(fn, q, k, v, do)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        _step(fn, q, k, v, do)
+    host = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def main():
+    import sys
+
+    import fastlm.kernels  # noqa: F401  (the package exports the function under the module's name)
+
+    fa = sys.modules["fastlm.kernels.flash_attention"]
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for seq in (512, 2048):
+        print(f"T={seq}:")
+        print(" fastlm kernels:")
+        kernel_table(_ours, seq)
+        for name in ("_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"):
+            kern = getattr(fa, name)
+            print(f"  {name} best config: {getattr(kern, 'best_config', None)}")
+        print(" SDPA kernels:")
+        kernel_table(_sdpa, seq)
+        ours, sd = forward_tflops(_ours, seq), forward_tflops(_sdpa, seq)
+        print(f" forward only: fastlm {ours[0]:.0f} TFLOP/s ({ours[1] * 1e3:.0f} us), SDPA {sd[0]:.0f} TFLOP/s "
+              f"({sd[1] * 1e3:.0f} us)")
+    print(f"host cost per fwd+bwd (B1 H1 T128): fastlm {host_cost(_ours):.0f} us, SDPA {host_cost(_sdpa):.0f} us")
+    q, k, v, do = _inputs(1, 1, 128)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        _step(_ours, q, k, v, do)
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+    print("host profile of 200 fastlm fwd+bwd (tottime):")
+    print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000])
+
+
+if __name__ == "__main__":
+    main()
