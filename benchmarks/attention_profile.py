@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from conftest import gpu_kernel_times
 
 B, H, D = 8, 16, 64
 
@@ -44,25 +45,14 @@ def _step(fn, q, k, v, do):
     fn(q, k, v).backward(do)
 
 
-def kernel_table(fn, seq, reps=10):
+def kernel_table(fn, seq):
     q, k, v, do = _inputs(B, H, seq)
     for _ in range(5):
         _step(fn, q, k, v, do)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            _step(fn, q, k, v, do)
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append((t / reps, e.count // reps, e.key[:90]))
-    rows.sort(reverse=True)
-    total = sum(r[0] for r in rows)
-    print(f"  GPU time per fwd+bwd: {total:.0f} us")
-    for t, n, name in rows[:8]:
-        print(f"    {t:8.1f} us  x{n}  {name}")
+    times = gpu_kernel_times(lambda: _step(fn, q, k, v, do))
+    print(f"  GPU time per fwd+bwd: {sum(times.values()):.0f} us")
+    for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"    {t:8.1f} us  {name[:90]}")
 
 
 def forward_tflops(fn, seq, reps=30):

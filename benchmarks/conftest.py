@@ -64,6 +64,24 @@ def wall(cmd: list[str], repeat: int = 1, env: dict | None = None, cwd=None) -> 
     return best
 
 
+def gpu_kernel_times(step, reps: int = 10) -> dict[str, float]:
+    """Microseconds of GPU time per call of `step`, by kernel name (torch.profiler, CUDA activity only):
+    what the GPU spends, whatever the host's launch cost. Call after a warm-up."""
+    import torch
+
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if total > 0:
+            times[event.key] = total / reps
+    return times
+
+
 def pytest_sessionfinish(session, exitstatus):
     out = os.environ.get("FASTLM_BENCH_OUT")
     if not out or not _RESULTS:
