@@ -74,7 +74,7 @@ _PRUNE = {"early_config_prune": _prune_fp32}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the forward keeps a BLOCK_M x HEAD_DIM fp32 accumulator.
 _FWD_CONFIGS = _configs(
     (32, 16),
-    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2)],
+    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3)],
 )
 # dk/dv: a program owns BLOCK_N keys (two BLOCK_N x HEAD_DIM fp32 accumulators) and streams BLOCK_M queries.
 _BWD_KV_CONFIGS = _configs(
