@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks for a fresh GPU machine that already has PyTorch and Triton and no network:
 #   benchmarks/device_check.sh RESULTS_DIR [SECONDS]
+# (FASTLM_COMMIT=<hash> names the commit in the results when the tree was copied without its git history.)
 # Installs fastlm without touching its dependencies, runs the GPU tests (the Triton kernels compiled for
 # real, bf16 included) and the GPU benchmarks, and writes logs and JSON results to RESULTS_DIR (at most 8
 # files). Every step has its own time limit and the whole script a deadline (SECONDS, default 480), so that a
@@ -20,7 +21,7 @@ limit() { local left=$(( BUDGET - ($(date +%s) - t0) )); echo $(( left < $1 ? (l
 
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit: ${FASTLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('gpu', torch.cuda.get_device_name(0))"
   nproc
