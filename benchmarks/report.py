@@ -40,9 +40,10 @@ def load_results(folder: Path) -> list[dict]:
         machine = data.get("machine", {})
         where = machine.get("gpu") or f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
         for r in data["results"]:
-            row = dict(r, date=data.get("date", "")[:10], machine=where, file=_rel(path))
+            stamp = data.get("date", "")  # ISO 8601, UTC: compares as text
+            row = dict(r, date=stamp[:10], stamp=stamp, machine=where, file=_rel(path))
             key = (r["name"], r["baseline"])
-            if key not in rows or row["date"] >= rows[key]["date"]:
+            if key not in rows or stamp >= rows[key]["stamp"]:
                 rows[key] = row
     return sorted(rows.values(), key=lambda r: (r["machine"], r["name"], r["baseline"]))
 
