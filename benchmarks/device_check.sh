@@ -3,9 +3,10 @@
 #   benchmarks/device_check.sh RESULTS_DIR [SECONDS]
 # (FASTLM_COMMIT=<hash> names the commit in the results when the tree was copied without its git history.)
 # Installs fastlm without touching its dependencies, runs the GPU tests (the Triton kernels compiled for
-# real, bf16 included) and the GPU benchmarks, and writes logs and JSON results to RESULTS_DIR (at most 8
-# files). Every step has its own time limit and the whole script a deadline (SECONDS, default 480), so that a
-# slow or hung step still leaves the results of the others.
+# real, bf16 included), an attention profile and the GPU benchmarks (training ones with a step profile), and
+# writes logs and JSON results to RESULTS_DIR (8 files at most). Every step has its own time limit and the
+# whole script a deadline (SECONDS, default 480), so that a slow or hung step still leaves the results of
+# the others.
 set -uo pipefail
 R=${1:?usage: benchmarks/device_check.sh RESULTS_DIR [SECONDS]}
 BUDGET=${2:-480}
@@ -29,9 +30,10 @@ limit() { local left=$(( BUDGET - ($(date +%s) - t0) )); echo $(( left < $1 ? (l
 cat "$R/env.txt"
 
 since "installing fastlm (no dependencies touched)"
+# (the build log comes back only when the build fails: results may hold at most 8 files)
 if ! FASTLM_BUILD_JOBS=$(nproc) timeout "$(limit 180)" $PY -m pip install --no-deps --no-build-isolation -e . \
-    > "$R/build.log" 2>&1; then
-  tail -n 30 "$R/build.log"; echo "build failed"; exit 1
+    > /tmp/fastlm-build.log 2>&1; then
+  cp /tmp/fastlm-build.log "$R/build.log"; tail -n 30 "$R/build.log"; echo "build failed"; exit 1
 fi
 
 since "GPU tests: kernels compiled for real (fp32, fp16, bf16), the model"

@@ -103,6 +103,10 @@ class LoggingSection:
     wandb_mode: str = doc("online | offline | disabled", "disabled")
     wandb_project: str = doc("wandb project", "fastlm")
     wandb_dir: str = doc("folder in which wandb keeps its wandb/ folder (default: the working directory)", ".")
+    profile_steps: list = doc(
+        "[FIRST, LAST] (e.g. [20, 24]): profile those steps with torch.profiler; rank 0 writes profile.txt (time "
+        "per step, top operators and kernels) and trace.json (Chrome/Perfetto) to the run folder; []: off",
+        factory=list)
 
 
 @dataclass
@@ -239,6 +243,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: optim.betas must be two numbers, found {cfg.optim.betas!r}")
     if cfg.schedule.min_lr > cfg.optim.lr:
         raise ConfigError(f"{src}: schedule.min_lr ({cfg.schedule.min_lr}) exceeds optim.lr ({cfg.optim.lr})")
+    profile_window(cfg)
+
+
+def profile_window(cfg: Config) -> tuple[int, int] | None:
+    """logging.profile_steps as (first, last), 1-based and inclusive; None when off."""
+    window = cfg.logging.profile_steps
+    if not window:
+        return None
+    ok = (len(window) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in window)
+          and 1 <= window[0] <= window[1])
+    if not ok:
+        raise ConfigError(f"{cfg.source}: logging.profile_steps must be [FIRST, LAST] with 1 <= FIRST <= LAST "
+                          f"(e.g. [20, 24]), found {window!r}")
+    return window[0], window[1]
 
 
 @dataclass

@@ -22,11 +22,12 @@ import torch
 import torch.distributed as dist
 
 from fastlm import checkpoint as ckpt
-from fastlm.config import Config, derive, load_config
+from fastlm.config import Config, derive, load_config, profile_window
 from fastlm.data.datasets import PackedMemMapDatasetContinuous, PackedMemMapDatasetDocumentAligned
 from fastlm.data.loader import BatchLoader, ResumableDistributedSampler
 from fastlm.model import GPT, resolve_attention, resolve_loss
 from fastlm.parallel import Dist, parallelize, setup_distributed, teardown_distributed
+from fastlm.profiling import StepProfiler
 from fastlm.yamlconf import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -311,6 +312,8 @@ def train(cfg: Config, d: Dist) -> int:
         logger.log({"event": "eval", "step": step, "tokens": tokens_seen, "val_loss": val_loss,
                     "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": n_tokens})
 
+    profiler = StepProfiler(profile_window(cfg), run_dir, d.device, active=d.is_main)
+
     # ---- the loop -------------------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
     window_losses: list[torch.Tensor] = []
@@ -321,6 +324,7 @@ def train(cfg: Config, d: Dist) -> int:
     stopped_early = False
     try:
         while step < derived.steps:
+            profiler.before_step(step + 1)
             lr = lr_at(step, cfg, derived.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -356,6 +360,7 @@ def train(cfg: Config, d: Dist) -> int:
             step += 1
             tokens_seen += derived.tokens_per_step
             logger.advance()
+            profiler.after_step(step)
 
             if step % cfg.intervals.log == 0 or step == derived.steps:
                 losses = torch.stack(window_losses)  # the one host sync of the log interval
@@ -405,6 +410,7 @@ def train(cfg: Config, d: Dist) -> int:
                 print(f"fastlm: done at step {step}; consolidated model in {path}", flush=True)
         return 0
     finally:
+        profiler.close(step)
         stop.restore()
         loader.close()
         logger.close()

@@ -126,6 +126,21 @@ def test_config_errors_are_clear(tmp_path):
         derive(c, world_size=1, train_tokens=100_000)
     r = train(tmp_path, "optim.lrr=1", check=False)
     assert r.returncode != 0 and 'did you mean "optim.lr"' in r.stderr
+    for bad in ("[5, 2]", "[0, 3]", "[1, 2, 3]", "[a, 3]"):
+        with pytest.raises(ConfigError, match=r"logging.profile_steps must be \[FIRST, LAST\] .* found \["):
+            load_config(cfg, [f"logging.profile_steps={bad}"])
+
+
+def test_profile_steps_write_a_summary_and_a_trace(tmp_path):
+    r = train(tmp_path, "target.steps=5", "logging.profile_steps=[2, 3]", name="prof")
+    run = tmp_path / "prof"
+    text = (run / "profile.txt").read_text()
+    assert text.startswith("fastlm profile: steps 2-3 (2 steps) on cpu"), text[:300]
+    assert re.search(r"wall time per step: [0-9.]+ ms", text)
+    assert "aten::" in text  # the operators the steps ran, per step
+    assert json.loads((run / "trace.json").read_text())["traceEvents"]
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5]  # profiling changes nothing else
+    assert not list(run.glob(".*tmp*")), "a temporary file was left behind"
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):

@@ -1,0 +1,79 @@
+"""Profile a window of training steps with torch.profiler (`logging.profile_steps: [FIRST, LAST]`).
+
+Steps are numbered as in metrics.jsonl (the first step is 1). Rank 0 writes two files to the run folder:
+profile.txt (wall time and GPU kernel time per step, then the operators and kernels that spend the most
+time, per step) and trace.json (a Chrome / Perfetto trace of the window).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from fastlm.atomic import atomic_output
+
+
+def _self_device_us(event) -> float:
+    # torch renamed the CUDA fields to device fields; read whichever this version has
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0.0
+
+
+class StepProfiler:
+    def __init__(self, window: tuple[int, int] | None, run_dir: Path, device: torch.device, active: bool):
+        self.window = window if active else None
+        self.run_dir, self.device = run_dir, device
+        self._prof = None
+        self._t0 = 0.0
+
+    def before_step(self, step: int) -> None:
+        """step: the number of the step about to run."""
+        if self.window is None or self._prof is not None or step != self.window[0]:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize(self.device)
+        self._prof = torch.profiler.profile(activities=activities)
+        self._prof.__enter__()
+        self._first = step
+        self._t0 = time.perf_counter()
+
+    def after_step(self, step: int) -> None:
+        """step: the number of the step just completed."""
+        if self._prof is not None and step >= self.window[1]:
+            self._finish(step)
+
+    def close(self, step: int) -> None:
+        """End of training (or an early stop) inside the window: write what was profiled."""
+        if self._prof is not None:
+            self._finish(step)
+
+    def _finish(self, last: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - self._t0
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        n = max(1, last - self._first + 1)
+        events = list(prof.key_averages())
+        gpu_us = sum(_self_device_us(e) for e in events)
+        lines = [f"fastlm profile: steps {self._first}-{last} ({n} steps) on {self.device}",
+                 f"wall time per step: {wall / n * 1e3:.2f} ms"]
+        if self.device.type == "cuda":
+            lines.append(f"GPU time per step (all kernels and copies): {gpu_us / n / 1e3:.2f} ms "
+                         f"({gpu_us / 1e6 / wall:.0%} of wall time; the rest is the GPU waiting for the host)")
+        gpu = self.device.type == "cuda"
+        lines += ["", (f"{'self GPU ms/step':>16} " if gpu else "") + f"{'self CPU ms/step':>16} {'calls/step':>10}  name"]
+        key = _self_device_us if gpu else (lambda e: e.self_cpu_time_total)
+        for e in sorted(events, key=key, reverse=True)[:40]:
+            lines.append((f"{_self_device_us(e) / n / 1e3:16.3f} " if gpu else "")
+                         + f"{e.self_cpu_time_total / n / 1e3:16.3f} {e.count / n:10.1f}  {e.key[:120]}")
+        text = "\n".join(lines) + "\n"
+        out, trace = self.run_dir / "profile.txt", self.run_dir / "trace.json"
+        with atomic_output(out) as tmp:
+            tmp.write_text(text)
+        with atomic_output(trace) as tmp:
+            prof.export_chrome_trace(str(tmp))
+        print(f"fastlm: profiled steps {self._first}-{last}: {out} and {trace}", flush=True)
