@@ -3,8 +3,8 @@
 #   benchmarks/device_check.sh RESULTS_DIR [SECONDS]
 # (FASTLM_COMMIT=<hash> names the commit in the results when the tree was copied without its git history.)
 # Installs fastlm without touching its dependencies, runs the GPU tests (the Triton kernels compiled for
-# real, bf16 included), an attention profile and the GPU benchmarks (training ones with a step profile), and
-# writes logs and JSON results to RESULTS_DIR (8 files at most). Every step has its own time limit and the
+# real, bf16 included), an attention profile, the GPU benchmarks (training ones with a step profile) and the
+# README's main job, and writes logs and JSON results to RESULTS_DIR (8 files at most). Every step has its own time limit and the
 # whole script a deadline (SECONDS, default 480), so that a slow or hung step still leaves the results of
 # the others.
 set -uo pipefail
@@ -56,6 +56,10 @@ timeout "$(limit 90)" $PY benchmarks/attention_profile.py > "$R/profile.txt" 2>&
 bench 120 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py
 bench 90 "benchmarks/test_generate_speed.py::test_gpu_decoding_gpt60m"
 bench 240 benchmarks/test_train_speed.py
+
+since "the getting-started pipeline on the GPU (the README's main job, set-up skipped)"
+FASTLM_SKIP_SETUP=1 timeout "$(limit 200)" bash scripts/getting_started.sh > "$R/getting_started.log" 2>&1
+echo "exit $?" >> "$R/getting_started.log"; grep -E "^-- |^== |exit " "$R/getting_started.log" | tail -n 20
 
 since "done"
 ls -l "$R"

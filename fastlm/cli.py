@@ -42,9 +42,9 @@ def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
 
 
 def _create_raw_index(args: argparse.Namespace) -> int:
+    from fastlm import usable_cpus
     from fastlm.atomic import should_write
     from fastlm.index import build_index
-    from fastlm.yamlconf import usable_cpus
 
     src = Path(args.src_path)
     dst = Path(args.index_path) if args.index_path else src.with_suffix(".idx")
@@ -127,17 +127,26 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fastlm import __version__
+class _Parser(argparse.ArgumentParser):
+    """argparse builds a help formatter for every argument it adds, and each asks the terminal for its
+    width: ~40 system calls, ~8 ms of every command's start-up. Ask once (subparsers share the class)."""
 
-    parser = argparse.ArgumentParser(prog="fastlm", description="fastlm: fast, sturdy LLM pretraining")
-    parser.add_argument("--version", action="version", version=f"fastlm {__version__}")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _width: int | None = None
 
-    data = verbs.add_parser("data", help="index, pack, inspect and merge datasets")
-    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="DATA_VERB")
+    def _get_formatter(self):
+        if _Parser._width is None:  # as shutil.get_terminal_size (which costs an import) finds it
+            try:
+                columns = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    columns = 80
+            _Parser._width = columns - 2
+        return self.formatter_class(prog=self.prog, width=_Parser._width)
 
-    p = data_verbs.add_parser("create_raw_index", help="index the lines of a JSONL file (.idx)")
+
+def _args_create_raw_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("src_path", help="the JSONL file")
     p.add_argument("--index_path", "--index-path", help="the .idx to write (default: SRC with .idx)")
     p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
@@ -145,42 +154,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", "--skip_invalid", action="store_true", help="skip invalid lines")
     p.add_argument("--num-cpus", "--num_cpus", type=int, default=None, help="threads (default: all usable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=_create_raw_index)
 
-    p = data_verbs.add_parser("pack_encoded_data", help="tokenize a JSONL file into a .pbin")
-    add_pack_arguments(p)
-    p.set_defaults(fn=_pack)
 
-    p = data_verbs.add_parser("inspect", help="summarise a .pbin file")
+def _args_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="the .pbin file")
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder) to decode the first document")
-    p.set_defaults(fn=_inspect)
 
-    p = data_verbs.add_parser("merge_packed_data", help="concatenate .pbin files of the same tokenizer")
+
+def _args_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", help="the .pbin to write")
     p.add_argument("sources", nargs="+", help="the .pbin files to merge, in order")
     p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
                    default="error")
-    p.set_defaults(fn=_merge)
 
-    p = verbs.add_parser("run", help="train from a config (under torchrun for several processes)")
+
+def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config_file_path", "--config-file-path", required=True, help="the run config (YAML)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4")
-    p.set_defaults(fn=_run)
 
-    p = verbs.add_parser("generate_text", help="the interactive prompt: continue prompts with a checkpoint")
+
+def _args_generate_text(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config_file_path", "--config-file-path", required=True, help="generation config (YAML)")
-    p.set_defaults(fn=_generate_text)
 
-    p = verbs.add_parser("plot", help="plot loss and throughput of a run folder to PNG")
+
+def _args_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="the run folder (holds metrics.jsonl)")
     p.add_argument("--out", help="the PNG to write (default RUN_DIR/loss.png)")
-    p.set_defaults(fn=_plot)
+
+
+_GROUPS = {"data": "index, pack, inspect and merge datasets"}
+# (the words that name a verb, its help, what adds its arguments, what runs it), in the order of --help
+_VERBS = [
+    (("data", "create_raw_index"), "index the lines of a JSONL file (.idx)", _args_create_raw_index,
+     _create_raw_index),
+    (("data", "pack_encoded_data"), "tokenize a JSONL file into a .pbin", add_pack_arguments, _pack),
+    (("data", "inspect"), "summarise a .pbin file", _args_inspect, _inspect),
+    (("data", "merge_packed_data"), "concatenate .pbin files of the same tokenizer", _args_merge, _merge),
+    (("run",), "train from a config (under torchrun for several processes)", _args_run, _run),
+    (("generate_text",), "the interactive prompt: continue prompts with a checkpoint", _args_generate_text,
+     _generate_text),
+    (("plot",), "plot loss and throughput of a run folder to PNG", _args_plot, _plot),
+]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command's parser. When argv starts with a verb, only that verb's parser is built (each costs
+    about a millisecond of every command's start-up); otherwise (help, a typo) all of them, so that help
+    lists every verb and an error names the choices."""
+    from fastlm import __version__
+
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((words for words, *_ in _VERBS if tuple(argv[:len(words)]) == words), None)
+    parser = _Parser(prog="fastlm", description="fastlm: fast, sturdy LLM pretraining")
+    parser.add_argument("--version", action="version", version=f"fastlm {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, help_text, add_arguments, fn in _VERBS:
+        if wanted is not None and words != wanted:
+            continue
+        container = verbs
+        if len(words) == 2:
+            group = words[0]
+            if group not in groups:
+                g = verbs.add_parser(group, help=_GROUPS[group])
+                groups[group] = g.add_subparsers(dest=f"{group}_verb", required=True,
+                                                 metavar=f"{group.upper()}_VERB")
+            container = groups[group]
+        p = container.add_parser(words[-1], help=help_text)
+        add_arguments(p)
+        p.set_defaults(fn=fn)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     return run_guarded(args.fn, args)
 
 

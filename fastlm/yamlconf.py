@@ -13,18 +13,13 @@ from pathlib import Path
 import typing
 from typing import Any, Iterable
 
+from fastlm import usable_cpus
+
 _INTERP = re.compile(r"\$\{([a-z_]+):([^}]*)\}")
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the key."""
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _interpolate_one(kind: str, arg: str, where: str) -> Any:

@@ -15,9 +15,15 @@ timed() {  # timed LABEL CMD...: run, then report the step's wall time
   awk -v l="$label" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "-- %s: %.2f s\n", l, b - a }' 
 }
 
-step "set-up (.venv, fastlm with its C++ extension)"
-timed "set-up" bash scripts/setup.sh
-source .venv/bin/activate
+if [ "${FASTLM_SKIP_SETUP:-0}" = 1 ]; then  # a machine that has fastlm and its dependencies (the GPU check)
+  step "set-up skipped (FASTLM_SKIP_SETUP=1)"
+  PY=${PYTHON:-python3}
+else
+  step "set-up (.venv, fastlm with its C++ extension)"
+  timed "set-up" bash scripts/setup.sh
+  source .venv/bin/activate
+  PY=python
+fi
 cd examples/getting_started
 
 for split in train test; do
@@ -38,7 +44,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   launch=(torchrun --standalone --nproc_per_node "$gpus" -m fastlm.train)
 else
   config=example_config_cpu.yaml run=tiny_redpajama
-  launch=(python -m fastlm.train)
+  launch=("$PY" -m fastlm.train)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 fi
 step "train: ${launch[*]} $config"
@@ -52,7 +58,7 @@ step "loss plot"
 timed "plot" fastlm plot "checkpoints/$run"
 
 step "generate from the checkpoint"
-timed "generate" python -m fastlm.generate --config_file_path example_text_generation_config.yaml \
+timed "generate" "$PY" -m fastlm.generate --config_file_path example_text_generation_config.yaml \
   --checkpoint "checkpoints/$run" --prompt "The best way to learn a new language is" --max-new-tokens 40
 
 step "outputs"

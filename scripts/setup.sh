@@ -30,3 +30,6 @@ if [ -z "$so" ] || [ -n "$(find csrc setup.py pyproject.toml -newer "$so" 2>/dev
     exit 1
   fi
 fi
+# Bytecode for the package, as a regular (non-editable) install would have: a command's start-up then does
+# not recompile fastlm's modules where PYTHONDONTWRITEBYTECODE is set (up-to-date files are skipped).
+.venv/bin/python -m compileall -q fastlm kernels > /dev/null
