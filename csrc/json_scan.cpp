@@ -10,6 +10,7 @@
 #endif
 #if defined(__x86_64__)
 #include <tmmintrin.h>  // SSSE3: only inside functions built for it and called after a CPU check
+#include <immintrin.h>  // AVX2: likewise
 #endif
 
 namespace fastlm {
@@ -181,30 +182,33 @@ __attribute__((target("ssse3"))) inline __m128i table(const uint8_t (&t)[16]) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(t));
 }
 
+// The three classification tables, and the largest byte that completes the sequence it is in by its
+// position among the last three of a block.
+static const uint8_t k1High[16] = {
+    kTooLong, kTooLong, kTooLong, kTooLong, kTooLong, kTooLong, kTooLong, kTooLong,
+    kTwoConts, kTwoConts, kTwoConts, kTwoConts,
+    kTooShort | kOverlong2, kTooShort, kTooShort | kOverlong3 | kSurrogate,
+    kTooShort | kTooLarge | kTooLarge1000 | kOverlong4};
+static const uint8_t k1Low[16] = {
+    kCarry | kOverlong3 | kOverlong2 | kOverlong4, kCarry | kOverlong2, kCarry, kCarry, kCarry | kTooLarge,
+    kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000,
+    kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000,
+    kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000,
+    kCarry | kTooLarge | kTooLarge1000 | kSurrogate, kCarry | kTooLarge | kTooLarge1000,
+    kCarry | kTooLarge | kTooLarge1000};
+static const uint8_t k2High[16] = {
+    kTooShort, kTooShort, kTooShort, kTooShort, kTooShort, kTooShort, kTooShort, kTooShort,
+    kTooLong | kOverlong2 | kTwoConts | kOverlong3 | kTooLarge1000 | kOverlong4,
+    kTooLong | kOverlong2 | kTwoConts | kOverlong3 | kTooLarge,
+    kTooLong | kOverlong2 | kTwoConts | kSurrogate | kTooLarge,
+    kTooLong | kOverlong2 | kTwoConts | kSurrogate | kTooLarge,
+    kTooShort, kTooShort, kTooShort, kTooShort};
+static const uint8_t kIncomplete[32] = {255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+                                        255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+                                        0xF0 - 1, 0xE0 - 1, 0xC0 - 1};
+
 __attribute__((target("ssse3"))) bool valid(const unsigned char* p, size_t n) {
-  static const uint8_t k1High[16] = {
-      kTooLong, kTooLong, kTooLong, kTooLong, kTooLong, kTooLong, kTooLong, kTooLong,
-      kTwoConts, kTwoConts, kTwoConts, kTwoConts,
-      kTooShort | kOverlong2, kTooShort, kTooShort | kOverlong3 | kSurrogate,
-      kTooShort | kTooLarge | kTooLarge1000 | kOverlong4};
-  static const uint8_t k1Low[16] = {
-      kCarry | kOverlong3 | kOverlong2 | kOverlong4, kCarry | kOverlong2, kCarry, kCarry, kCarry | kTooLarge,
-      kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000,
-      kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000,
-      kCarry | kTooLarge | kTooLarge1000, kCarry | kTooLarge | kTooLarge1000,
-      kCarry | kTooLarge | kTooLarge1000 | kSurrogate, kCarry | kTooLarge | kTooLarge1000,
-      kCarry | kTooLarge | kTooLarge1000};
-  static const uint8_t k2High[16] = {
-      kTooShort, kTooShort, kTooShort, kTooShort, kTooShort, kTooShort, kTooShort, kTooShort,
-      kTooLong | kOverlong2 | kTwoConts | kOverlong3 | kTooLarge1000 | kOverlong4,
-      kTooLong | kOverlong2 | kTwoConts | kOverlong3 | kTooLarge,
-      kTooLong | kOverlong2 | kTwoConts | kSurrogate | kTooLarge,
-      kTooLong | kOverlong2 | kTwoConts | kSurrogate | kTooLarge,
-      kTooShort, kTooShort, kTooShort, kTooShort};
-  // The largest byte that completes the sequence it is in, by position at the end of a block.
-  static const uint8_t kIncomplete[16] = {255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
-                                          0xF0 - 1, 0xE0 - 1, 0xC0 - 1};
-  const __m128i t1h = table(k1High), t1l = table(k1Low), t2h = table(k2High), incomplete = table(kIncomplete);
+  const __m128i t1h = table(k1High), t1l = table(k1Low), t2h = table(k2High), incomplete = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIncomplete + 16));
   const __m128i nibble = _mm_set1_epi8(0x0F);
   __m128i prev = _mm_setzero_si128(), error = _mm_setzero_si128(), prev_incomplete = _mm_setzero_si128();
   alignas(16) unsigned char tail[16];
@@ -236,13 +240,55 @@ __attribute__((target("ssse3"))) bool valid(const unsigned char* p, size_t n) {
   return _mm_movemask_epi8(_mm_cmpeq_epi8(error, _mm_setzero_si128())) == 0xFFFF;
 }
 
+// The same, 32 bytes at a time. pshufb looks up within each 16-byte lane, so the tables are repeated in both
+// lanes; the bytes before each position come from a lane-crossing permute of (previous, current) block.
+__attribute__((target("avx2"))) inline __m256i twice(const uint8_t (&t)[16]) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+__attribute__((target("avx2"))) bool valid_avx2(const unsigned char* p, size_t n) {
+  const __m256i t1h = twice(k1High), t1l = twice(k1Low), t2h = twice(k2High);
+  const __m256i incomplete = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kIncomplete));
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m256i prev = _mm256_setzero_si256(), error = _mm256_setzero_si256(), prev_incomplete = _mm256_setzero_si256();
+  alignas(32) unsigned char tail[32];
+  for (size_t i = 0; i < n; i += 32) {
+    __m256i in;
+    if (n - i >= 32) {
+      in = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    } else {  // the last bytes, padded with ASCII zeros: an unfinished sequence then fails as too short
+      std::memset(tail, 0, sizeof(tail));
+      std::memcpy(tail, p + i, n - i);
+      in = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    }
+    // (high lane of prev, low lane of in): the 16 bytes before each lane of `in`
+    __m256i before = _mm256_permute2x128_si256(prev, in, 0x21);
+    __m256i prev1 = _mm256_alignr_epi8(in, before, 15);
+    __m256i b1h = _mm256_shuffle_epi8(t1h, _mm256_and_si256(_mm256_srli_epi16(prev1, 4), nibble));
+    __m256i b1l = _mm256_shuffle_epi8(t1l, _mm256_and_si256(prev1, nibble));
+    __m256i b2h = _mm256_shuffle_epi8(t2h, _mm256_and_si256(_mm256_srli_epi16(in, 4), nibble));
+    __m256i special = _mm256_and_si256(_mm256_and_si256(b1h, b1l), b2h);
+    __m256i prev2 = _mm256_alignr_epi8(in, before, 14), prev3 = _mm256_alignr_epi8(in, before, 13);
+    __m256i third = _mm256_subs_epu8(prev2, _mm256_set1_epi8(static_cast<char>(0xE0 - 0x80)));
+    __m256i fourth = _mm256_subs_epu8(prev3, _mm256_set1_epi8(static_cast<char>(0xF0 - 0x80)));
+    __m256i must23 = _mm256_and_si256(_mm256_or_si256(third, fourth), _mm256_set1_epi8(static_cast<char>(0x80)));
+    error = _mm256_or_si256(error, _mm256_xor_si256(must23, special));
+    prev_incomplete = _mm256_subs_epu8(in, incomplete);
+    prev = in;
+  }
+  error = _mm256_or_si256(error, prev_incomplete);
+  return _mm256_testz_si256(error, error) != 0;
+}
+
 const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 }  // namespace utf8simd
 #endif
 
 // True when all of [p, end) is valid UTF-8 (the fast check; first_invalid_utf8 finds the offending byte).
 inline bool utf8_valid(const unsigned char* begin, const unsigned char* end) {
 #if defined(__x86_64__)
+  if (utf8simd::kHasAvx2) return utf8simd::valid_avx2(begin, static_cast<size_t>(end - begin));
   if (utf8simd::kHasSsse3) return utf8simd::valid(begin, static_cast<size_t>(end - begin));
 #endif
   return first_invalid_utf8(begin, end) == static_cast<size_t>(end - begin);
@@ -625,9 +671,14 @@ class Parser {
 
 }  // namespace
 
-std::pair<bool, size_t> check_utf8(std::string_view text) {
+std::pair<std::vector<bool>, size_t> check_utf8(std::string_view text) {
   auto* b = reinterpret_cast<const unsigned char*>(text.data());
-  return {utf8_valid(b, b + text.size()), first_invalid_utf8(b, b + text.size())};
+  std::vector<bool> verdicts;
+#if defined(__x86_64__)
+  if (utf8simd::kHasAvx2) verdicts.push_back(utf8simd::valid_avx2(b, text.size()));
+  if (utf8simd::kHasSsse3) verdicts.push_back(utf8simd::valid(b, text.size()));
+#endif
+  return {verdicts, first_invalid_utf8(b, b + text.size())};
 }
 
 JsonResult scan_json_line(std::string_view line, const JsonPath* path, std::string* out) {
