@@ -54,7 +54,7 @@ def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: st
     records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r["event"] == "train" and WARMUP < r["step"] <= STEPS]
     results = os.environ.get("FASTLM_BENCH_OUT")
-    if results:  # where the step time goes, for whoever reads the results
+    if results and (out / name / "profile.txt").is_file():  # where the step time goes, for the results
         with open(os.path.join(results, "profile.txt"), "a") as f:
             f.write(f"\n=== training {name} ({launcher}) ===\n" + (out / name / "profile.txt").read_text())
     return float(np.median(rates))

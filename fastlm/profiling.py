@@ -7,6 +7,7 @@ time, per step) and trace.json (a Chrome / Perfetto trace of the window).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -55,17 +56,25 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - self._t0
         prof, self._prof = self._prof, None
-        prof.__exit__(None, None, None)
+        try:
+            prof.__exit__(None, None, None)
+            self._write(prof, last, wall)
+        except Exception as err:  # a diagnostic must not end the training run that it watches
+            print(f"fastlm: profiling steps {self._first}-{last} failed, training goes on: {err!r}",
+                  file=sys.stderr, flush=True)
+
+    def _write(self, prof, last: int, wall: float) -> None:
         n = max(1, last - self._first + 1)
+        gpu = self.device.type == "cuda"
         events = list(prof.key_averages())
         gpu_us = sum(_self_device_us(e) for e in events)
         lines = [f"fastlm profile: steps {self._first}-{last} ({n} steps) on {self.device}",
                  f"wall time per step: {wall / n * 1e3:.2f} ms"]
-        if self.device.type == "cuda":
+        if gpu:
             lines.append(f"GPU time per step (all kernels and copies): {gpu_us / n / 1e3:.2f} ms "
                          f"({gpu_us / 1e6 / wall:.0%} of wall time; the rest is the GPU waiting for the host)")
-        gpu = self.device.type == "cuda"
-        lines += ["", (f"{'self GPU ms/step':>16} " if gpu else "") + f"{'self CPU ms/step':>16} {'calls/step':>10}  name"]
+        header = f"{'self CPU ms/step':>16} {'calls/step':>10}  name"
+        lines += ["", (f"{'self GPU ms/step':>16} " if gpu else "") + header]
         key = _self_device_us if gpu else (lambda e: e.self_cpu_time_total)
         for e in sorted(events, key=key, reverse=True)[:40]:
             lines.append((f"{_self_device_us(e) / n / 1e3:16.3f} " if gpu else "")

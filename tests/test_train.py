@@ -143,6 +143,24 @@ def test_profile_steps_write_a_summary_and_a_trace(tmp_path):
     assert not list(run.glob(".*tmp*")), "a temporary file was left behind"
 
 
+def test_a_failing_profile_does_not_stop_training(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fastlm.profiling import StepProfiler
+
+    prof = StepProfiler((1, 1), tmp_path, torch.device("cpu"), active=True)
+
+    def broken(*args):
+        raise RuntimeError("no trace for you")
+
+    monkeypatch.setattr(prof, "_write", broken)
+    prof.before_step(1)
+    torch.ones(3).sum()
+    prof.after_step(1)  # must not raise
+    assert "profiling steps 1-1 failed, training goes on: RuntimeError('no trace for you')" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     r = train(tmp_path, "target.steps=3", "model.init_std=1e30", check=False)
     assert r.returncode != 0
