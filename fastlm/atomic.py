@@ -2,19 +2,19 @@
 
 Every output is written under a temporary name in the destination's folder and renamed onto the
 destination only once complete, so a crash, Ctrl-C or error never leaves a partial file behind.
+
+Plain os.path on purpose: `fastlm data create_raw_index` imports this module, and pathlib with contextlib
+would add ~7 ms to a command that indexes 200 MB in ~90 ms.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from pathlib import Path
-from collections.abc import Iterator
 
 FILE_EXISTENCE_POLICIES = ("error", "skip", "override")
 
 
-def should_write(dst: Path, policy: str) -> bool:
+def should_write(dst: str | os.PathLike, policy: str) -> bool:
     """Apply `--file_existence_policy` to `dst`: True to go on and write it, False to skip.
 
     Raises FileExistsError for policy "error" when `dst` exists, ValueError for an unknown policy.
@@ -23,7 +23,7 @@ def should_write(dst: Path, policy: str) -> bool:
         raise ValueError(
             f"file_existence_policy must be one of {', '.join(FILE_EXISTENCE_POLICIES)}, got {policy!r}"
         )
-    if not dst.exists():
+    if not os.path.exists(dst):
         return True
     if policy == "error":
         raise FileExistsError(
@@ -33,21 +33,37 @@ def should_write(dst: Path, policy: str) -> bool:
     return policy == "override"
 
 
-def temp_name(dst: Path) -> Path:
+def temp_name(dst: str | os.PathLike) -> str:
     """The temporary name used while `dst` is being written (same folder, so the rename is atomic)."""
-    return dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    folder, name = os.path.split(os.fspath(dst))
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
 
 
-@contextlib.contextmanager
-def atomic_output(dst: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; rename it onto `dst` on success, remove it on any failure."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(dst)
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+class atomic_output:
+    """`with atomic_output(dst) as tmp:` write the file at path `tmp` (a str); it is renamed onto `dst` when
+    the block succeeds and removed when anything fails (the rename included)."""
+
+    def __init__(self, dst: str | os.PathLike):
+        self.dst = os.fspath(dst)
+        self.tmp = temp_name(self.dst)
+
+    def __enter__(self) -> str:
+        os.makedirs(os.path.dirname(self.dst) or ".", exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            try:
+                os.replace(self.tmp, self.dst)
+                return False
+            except BaseException:
+                self._discard()
+                raise
+        self._discard()
+        return False  # the error goes on
+
+    def _discard(self) -> None:
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass

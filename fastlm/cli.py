@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
 
 from fastlm.atomic import FILE_EXISTENCE_POLICIES
@@ -46,15 +45,15 @@ def _create_raw_index(args: argparse.Namespace) -> int:
     from fastlm.atomic import should_write
     from fastlm.index import build_index
 
-    src = Path(args.src_path)
-    dst = Path(args.index_path) if args.index_path else src.with_suffix(".idx")
-    if not src.is_file():
+    src = args.src_path
+    dst = args.index_path or os.path.splitext(src)[0] + ".idx"
+    if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: source JSONL file not found")
     if not should_write(dst, args.file_existence_policy):
         print(f"{dst} exists; skipped (file_existence_policy: skip)")
         return 0
     t0 = time.perf_counter()
-    size = src.stat().st_size
+    size = os.path.getsize(src)
     result = build_index(src, dst, args.num_cpus or usable_cpus(), args.skip_invalid,
                          False if args.quiet else None, return_arrays=False)
     seconds = time.perf_counter() - t0

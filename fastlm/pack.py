@@ -160,7 +160,7 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     try:
         with atomic_output(job.dst_path) as tmp:
             result = _C.pack_jsonl(
-                str(job.src_path), str(tmp), offsets, lengths, job.jq_pattern, eod_id, tokenizer.token_size,
+                str(job.src_path), tmp, offsets, lengths, job.jq_pattern, eod_id, tokenizer.token_size,
                 job.num_cpus, job.skip_invalid, bpe=bpe, encoder=encoder, progress=bar,
             )
     finally:

@@ -81,8 +81,8 @@ class StepProfiler:
                          + f"{e.self_cpu_time_total / n / 1e3:16.3f} {e.count / n:10.1f}  {e.key[:120]}")
         text = "\n".join(lines) + "\n"
         out, trace = self.run_dir / "profile.txt", self.run_dir / "trace.json"
-        with atomic_output(out) as tmp:
-            tmp.write_text(text)
+        with atomic_output(out) as tmp, open(tmp, "w") as f:
+            f.write(text)
         with atomic_output(trace) as tmp:
-            prof.export_chrome_trace(str(tmp))
+            prof.export_chrome_trace(tmp)
         print(f"fastlm: profiled steps {self._first}-{last}: {out} and {trace}", flush=True)

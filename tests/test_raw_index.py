@@ -145,6 +145,31 @@ def test_command_line_entry_point_and_no_torch(tmp_path):
     assert r.returncode == 0 and "--index_path" in r.stdout
 
 
+def test_progress_bar_reports_every_byte(tmp_path):
+    import io
+
+    from fastlm.progress import ProgressBar
+
+    src = MODALITIES / "lorem_ipsum.jsonl"
+    out = io.StringIO()
+    bar = ProgressBar(src.stat().st_size, "index", show_after_s=0.0, file=out)
+    _C.build_raw_index(str(src), 2, False, bar, return_arrays=False)
+    bar.close()
+    assert bar.bar is not None and bar.shown_bytes == src.stat().st_size
+    assert "index" in out.getvalue()
+
+
+def test_short_job_shows_no_bar_and_never_imports_tqdm(tmp_path):
+    """A bar appears only after SHOW_AFTER_S; a quicker job does not pay tqdm's ~0.1 s import."""
+    code = (
+        "import sys; from fastlm import _C; from fastlm.progress import ProgressBar; "
+        f"bar = ProgressBar(1, 'index', show_after_s=3600); "
+        f"_C.build_raw_index({str(MODALITIES / 'lorem_ipsum.jsonl')!r}, 1, False, bar, return_arrays=False); "
+        "bar.close(); assert bar.bar is None; assert 'tqdm' not in sys.modules, 'tqdm was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 line_kinds = st.one_of(
     st.builds(lambda t: json.dumps({"text": t}, ensure_ascii=False), st.text(max_size=30)),
     st.sampled_from(["", " ", "\t \r", "\r", '{"a": 1}', '{"a": "x"}\r']),

@@ -64,8 +64,8 @@ def write_raw_index(path: str | os.PathLike, offsets: np.ndarray, lengths: np.nd
     if offsets.shape != lengths.shape or offsets.ndim != 1:
         raise ValueError(f"offsets and lengths must be 1-D and equal in length, got {offsets.shape} and {lengths.shape}")
     payload = _C.pickle_pairs(offsets, lengths)
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(payload)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(payload)
 
 
 # ------------------------------------------------------------------------------------------ reading
