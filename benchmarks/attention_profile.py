@@ -1,10 +1,17 @@
 """Where the time of fastlm's flash attention goes on a GPU (a diagnostic, not a benchmark with a bar):
 
-    python benchmarks/attention_profile.py
+    python benchmarks/attention_profile.py                  # the kernels
+    python benchmarks/attention_profile.py --compiled-block # the kernels inside a compiled block
 
 For the benchmark's shapes (bf16, causal, B8 H16 hd64) it prints the autotuner's choices, the GPU time of each
 kernel (torch.profiler) next to SDPA's kernels, forward-only TFLOP/s of both, and the host (Python) cost of
 one forward + backward measured on a shape too small to keep the GPU busy, with the functions that spend it.
+
+--compiled-block: gpt124m's transformer block compiled as training compiles it (per block, bf16 autocast),
+with fastlm's attention behind torch.compiler.disable (what the model does today: a graph break, the kernels
+launched eagerly), with fastlm's attention traced into the graph (fullgraph: dynamo captures the autotuned
+kernels, inductor launches them), and with SDPA; milliseconds per forward + backward at two batch sizes,
+and how far the traced block's output and input gradient are from the eager-attention block's.
 """
 
 from __future__ import annotations
@@ -119,5 +126,66 @@ def main():
     print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000])
 
 
+def compiled_block(batches=(16, 2), reps=20):
+    from pathlib import Path
+
+    from fastlm import model as M
+    from fastlm.config import load_config
+    from fastlm.kernels import flash_attention
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "gpt124m.yaml"
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; gpt124m block, bf16 autocast")
+    variants = (("eager attention (torch.compiler.disable)", "triton", torch.compiler.disable(flash_attention)),
+                ("traced attention (fullgraph)", "triton", flash_attention),
+                ("SDPA", "sdpa", None))
+    for batch in batches:
+        outputs = {}
+        for name, impl, flash in variants:
+            cfg = load_config(config, [f"model.attention={impl}"]).model
+            torch.manual_seed(0)
+            block = M.Block(cfg).cuda()
+            M._FLASH = flash  # what the model calls for attention "triton"
+            torch._dynamo.reset()
+            block.compile(fullgraph=flash is flash_attention)
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(batch, cfg.sequence_length, cfg.n_embd, device="cuda", generator=gen,
+                            requires_grad=True)
+            gy = torch.randn(x.shape, device="cuda", generator=gen)
+
+            def step():
+                x.grad = None
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = block(x, None, None, None)
+                y.backward(gy)
+                return y
+
+            try:
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    y = step()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+            except Exception as err:  # a diagnostic: say what failed and go on
+                why = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+                print(f"  B{batch} {name}: FAILED {type(err).__name__}: {why}")
+                continue
+            outputs[name] = (y.detach().float(), x.grad.detach().float())
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / reps * 1e3
+            print(f"  B{batch} {name}: {ms:.2f} ms per fwd+bwd (3 first calls, compiling: {first:.0f} s)")
+        M._FLASH = None
+        eager, traced = outputs.get(variants[0][0]), outputs.get(variants[1][0])
+        if eager is not None and traced is not None:
+            dy = (eager[0] - traced[0]).abs().max().item()
+            dx = (eager[1] - traced[1]).abs().max().item()
+            print(f"  B{batch} traced vs eager attention: max |dy| {dy:.3g}, max |dx| {dx:.3g} "
+                  f"(|y| max {eager[0].abs().max().item():.3g})")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    compiled_block() if "--compiled-block" in sys.argv[1:] else main()

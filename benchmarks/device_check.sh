@@ -3,10 +3,10 @@
 #   benchmarks/device_check.sh RESULTS_DIR [SECONDS]
 # (FASTLM_COMMIT=<hash> names the commit in the results when the tree was copied without its git history.)
 # Installs fastlm without touching its dependencies, runs the GPU tests (the Triton kernels compiled for
-# real, bf16 included), an attention profile, the GPU benchmarks (training ones with a step profile) and the
-# README's main job, and writes logs and JSON results to RESULTS_DIR (8 files at most). Every step has
-# its own time limit and the whole script a deadline (SECONDS, default 480), so that a slow or hung step
-# still leaves the results of the others.
+# real, bf16 included), an attention profile, the GPU benchmarks (training ones with a step profile), the
+# README's main job and a compiled-block probe of the attention, and writes logs and JSON results to
+# RESULTS_DIR (8 files at most). Every step has its own time limit and the whole script a deadline
+# (SECONDS, default 480), so that a slow or hung step still leaves the results of the others.
 set -uo pipefail
 R=${1:?usage: benchmarks/device_check.sh RESULTS_DIR [SECONDS]}
 BUDGET=${2:-480}
@@ -62,6 +62,11 @@ bench 240 benchmarks/test_train_speed.py
 since "the getting-started pipeline on the GPU (the README's main job, set-up skipped)"
 FASTLM_SKIP_SETUP=1 timeout "$(limit 200)" bash scripts/getting_started.sh > "$R/getting_started.log" 2>&1
 echo "exit $?" >> "$R/getting_started.log"; grep -E "^-- |^== |exit " "$R/getting_started.log" | tail -n 20
+
+since "attention inside a compiled block: eager launches (today) vs traced by torch.compile vs SDPA"
+{ echo; echo "== compiled gpt124m block"; } >> "$R/profile.txt"
+timeout "$(limit 150)" $PY benchmarks/attention_profile.py --compiled-block >> "$R/profile.txt" 2>&1
+echo "exit $?" >> "$R/profile.txt"; tail -n 12 "$R/profile.txt"
 
 since "done"
 ls -l "$R"

@@ -430,6 +430,12 @@ class _Tuned:
         self.chosen: dict[tuple, dict] = {}
 
     def __call__(self, key: tuple, grid, *args, **constexprs):
+        if torch.compiler.is_compiling():
+            # Under torch.compile the autotuned kernel itself is called, so that dynamo captures it as a
+            # user-defined Triton kernel (inductor tunes and launches it); the dict is Python state it
+            # would otherwise guard on.
+            self.kernel[grid](*args, **constexprs)
+            return
         options = self.chosen.get(key)
         if options is None:
             self.kernel[grid](*args, **constexprs)
