@@ -397,3 +397,43 @@ def test_one_byte_tokens_through_the_library(tmp_path):
     eod = hf.token_to_id("[EOD]")
     assert summary["token_size"] == 1 and summary["tokenizer_path_used"] == "tokenizers"
     assert job.dst_path.read_bytes() == reference_pbin(expected_docs(hf, texts, eod=eod), token_size=1)
+
+
+def _text_mode_index(src):
+    """The index Modalities' indexer writes: the file read in text mode, so offsets in bytes (tell()) but
+    lengths in characters, with a CRLF line end translated to a newline and left out."""
+    index = []
+    with open(src, encoding="utf-8") as f:
+        while True:
+            offset, line = f.tell(), f.readline()
+            if not line:
+                return index
+            index.append((offset, len(line.rstrip("\n"))))
+
+
+def test_index_written_in_text_mode_gets_byte_lengths_from_the_file(tmp_path, capsys):
+    src = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in ("héllo wörld", "plain", "ünïcödé ☃ 漢字", "x")]
+    src.write_bytes("\n".join(lines[:2]).encode() + b"\r\n" + "\n".join(lines[2:]).encode() + b"\n")
+    index = tmp_path / "text_mode.idx"
+    index.write_bytes(pickle.dumps(_text_mode_index(src), protocol=4))
+    own, own_dst = run_pack(tmp_path, src, jq_pattern=".text", num_cpus=2)
+    reference = own_dst.read_bytes()
+    summary, dst = run_pack(tmp_path, src, jq_pattern=".text", num_cpus=2, index_path=index,
+                            file_existence_policy="override")
+    assert dst.read_bytes() == reference and summary["documents"] == 4
+    note = capsys.readouterr().err
+    assert "3 of 4 documents" in note and str(index) in note  # two non-ASCII lines and the CRLF one
+
+
+def test_index_of_another_file_is_a_clear_error(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", ["one", "two", "three"])
+    shifted = tmp_path / "shifted.idx"
+    shifted.write_bytes(pickle.dumps([(0, 13), (5, 13)], protocol=4))  # 5 is inside the first line
+    with pytest.raises(ValueError, match=r"shifted\.idx: entry 1 \(offset 5\) is not the start of a valid JSON line"):
+        run_pack(tmp_path, src, jq_pattern=".text", index_path=shifted)
+    too_long = tmp_path / "too_long.idx"
+    too_long.write_bytes(pickle.dumps([(0, 13), (15, 1000)], protocol=4))
+    with pytest.raises(ValueError, match=r"too_long\.idx: entry 1 \(offset 15, length 1000\) ends past the end"):
+        run_pack(tmp_path, src, jq_pattern=".text", index_path=too_long)
+    assert not (tmp_path / "out.pbin").exists()
