@@ -28,8 +28,10 @@ class ProgressBar:
                 return
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total_bytes, unit="B", unit_scale=True, desc=self.desc,
-                            dynamic_ncols=True, leave=False, file=self.file)
+            self.bar = tqdm(total=self.total_bytes, initial=bytes_done, unit="B", unit_scale=True,
+                            desc=self.desc, dynamic_ncols=True, leave=False, file=self.file)
+            self.bar.start_t -= dt  # elapsed time and rate count from the job's start, not the bar's
+            self.shown_bytes = bytes_done
         self.bar.update(bytes_done - self.shown_bytes)
         self.shown_bytes = bytes_done
         rate = f"{docs / dt:,.0f} docs/s"
