@@ -18,6 +18,8 @@ timed() {  # timed LABEL CMD...: run, then report the step's wall time
 if [ "${FASTLM_SKIP_SETUP:-0}" = 1 ]; then  # a machine that has fastlm and its dependencies (the GPU check)
   step "set-up skipped (FASTLM_SKIP_SETUP=1)"
   PY=${PYTHON:-python3}
+  # the `fastlm` command sits where this interpreter's pip puts scripts, which need not be on PATH
+  PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 else
   step "set-up (.venv, fastlm with its C++ extension)"
   timed "set-up" bash scripts/setup.sh
