@@ -43,21 +43,30 @@ fastlm data inspect data/mem_map/redpajama_v2_samples_512_train.pbin --tokenizer
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   gpus=$(nvidia-smi -L | wc -l)
   config=example_config.yaml run=gpt60m_redpajama
-  launch=(torchrun --standalone --nproc_per_node "$gpus" -m fastlm.train)
+  launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m fastlm.train)  # torchrun
 else
   config=example_config_cpu.yaml run=tiny_redpajama
   launch=("$PY" -m fastlm.train)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 fi
-step "train: ${launch[*]} $config"
+overrides=(run.resume=auto)
+if ! "$PY" -c "import wandb" 2>/dev/null; then  # the configs log to wandb offline; it is optional
+  echo "wandb is not installed: this run logs to metrics.jsonl only (pip install wandb for its offline log)"
+  overrides+=(logging.wandb_mode=disabled)
+fi
+step "train: ${launch[*]} $config ${overrides[*]}"
 if [ -f "checkpoints/$run/model.safetensors" ]; then
   echo "checkpoints/$run is trained already (delete it to train again)"
 else
-  timed "train" "${launch[@]}" "$config" run.resume=auto
+  timed "train" "${launch[@]}" "$config" "${overrides[@]}"
 fi
 
 step "loss plot"
-timed "plot" fastlm plot "checkpoints/$run"
+if "$PY" -c "import matplotlib" 2>/dev/null; then
+  timed "plot" fastlm plot "checkpoints/$run"
+else
+  echo "skipped: matplotlib is not installed (pip install matplotlib, then: fastlm plot checkpoints/$run)"
+fi
 
 step "generate from the checkpoint"
 timed "generate" "$PY" -m fastlm.generate --config_file_path example_text_generation_config.yaml \
