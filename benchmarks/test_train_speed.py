@@ -1,8 +1,9 @@
 """Training throughput on one GPU: fastlm's loop (Triton attention, fused loss, per-block compile,
 bf16) against a plain PyTorch loop of the same model (SDPA attention, torch cross-entropy, bf16 autocast,
 fused AdamW), same batch, measured in the same run. fastlm runs as users start it: gpt60m as a plain
-`python -m fastlm.train` (bf16 autocast), gpt124m under `torchrun --nproc_per_node 1` (FSDP2 over NCCL, bf16
-parameters per block, fp32 reduction). Needs CUDA; without it, says so and skips.
+`python -m fastlm.train`, gpt124m under `torchrun --nproc_per_node 1` (one process: the single-device path,
+bf16 autocast). With FASTLM_BENCH_OUT set, 5 steps of each loop after the measured ones are profiled into
+its profile.txt, side by side. Needs CUDA; without it, says so and skips.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: st
     return float(np.median(rates))
 
 
-def baseline_tokens_per_s(name, data) -> tuple[float, object]:
+def baseline_tokens_per_s(name, data, tmp_path) -> tuple[float, object]:
     """The plain PyTorch loop a user would write for the same model."""
     from fastlm.config import load_config
     from fastlm.data.pbin import PackedFile
@@ -91,12 +92,27 @@ def baseline_tokens_per_s(name, data) -> tuple[float, object]:
         step(WARMUP + i)
     torch.cuda.synchronize()
     rate = (STEPS - WARMUP) * B * T / (time.perf_counter() - t0)
+    results = os.environ.get("FASTLM_BENCH_OUT")
+    if results:  # the baseline's step profile, to set next to fastlm's
+        from fastlm.profiling import StepProfiler
+
+        out = tmp_path / f"baseline-{name}"
+        out.mkdir(parents=True, exist_ok=True)
+        profiler = StepProfiler((1, 5), out, torch.device("cuda"), active=True)
+        for i in range(5):
+            profiler.before_step(i + 1)
+            step(STEPS + i)
+            profiler.after_step(i + 1)
+        if (out / "profile.txt").is_file():
+            with open(os.path.join(results, "profile.txt"), "a") as f:
+                f.write(f"\n=== training {name}: the plain PyTorch baseline ===\n")
+                f.write((out / "profile.txt").read_text())
     return rate, model
 
 
 @pytest.mark.parametrize("name, launcher", [("gpt60m", "python"), ("gpt124m", "torchrun")])
 def test_training_throughput(name, launcher, synthetic_pbin, tmp_path):
-    base, model = baseline_tokens_per_s(name, synthetic_pbin)
+    base, model = baseline_tokens_per_s(name, synthetic_pbin, tmp_path)
     base_mfu, _ = model.estimate_mfu(base)
     del model
     torch.cuda.empty_cache()
