@@ -94,6 +94,22 @@ _BWD_Q_CONFIGS = _configs(
 
 
 @triton.jit
+def _key_range(start_m, seq_q, seq_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys that query rows [start_m, start_m + BLOCK_M) attend to, as (n_full, hi): keys below n_full
+    lie inside seq_k and are visible to every row of the block (no mask needed there); keys in
+    [n_full, hi) need the mask; keys from hi on are never visible (causal row i sees keys up to
+    i + seq_k - seq_q: the mask is aligned bottom-right). The forward and the dq kernel walk the same range."""
+    if CAUSAL:
+        shift = seq_k - seq_q
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + shift)
+        n_full = tl.maximum(0, tl.minimum(start_m + shift + 1, seq_k)) // BLOCK_N * BLOCK_N
+    else:
+        hi = seq_k
+        n_full = seq_k // BLOCK_N * BLOCK_N
+    return n_full, hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_n, offs_d,
                seq_k, causal_shift, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -149,15 +165,8 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
     v_base = V + off_b * stride_vb + off_kvh * stride_vh
     q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-    # Key range: causal rows of this block see keys < start_m + BLOCK_M + shift, so later blocks are never
-    # visited. Keys < n_full lie inside seq_k and are visible to every row of the block: no mask there.
     causal_shift = seq_k - seq_q
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M + causal_shift)
-        n_full = tl.maximum(0, tl.minimum(start_m + causal_shift + 1, seq_k)) // BLOCK_N * BLOCK_N
-    else:
-        hi = seq_k
-        n_full = seq_k // BLOCK_N * BLOCK_N
+    n_full, hi = _key_range(start_m, seq_q, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
 
     # m starts finite so that a row whose first block is fully masked gives exp2(-inf - m) = 0, not NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -334,12 +343,7 @@ def _bwd_q_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     v_base = V + off_b * stride_vb + off_kvh * stride_vh
 
     causal_shift = seq_k - seq_q
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M + causal_shift)
-        n_full = tl.maximum(0, tl.minimum(start_m + causal_shift + 1, seq_k)) // BLOCK_N * BLOCK_N
-    else:
-        hi = seq_k
-        n_full = seq_k // BLOCK_N * BLOCK_N
+    n_full, hi = _key_range(start_m, seq_q, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, n_full,
