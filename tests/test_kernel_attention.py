@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastlm.kernels import attention_reference, flash_attention  # noqa: E402
+from conftest import assert_lowers_to_sm90  # noqa: E402
 
 # The tests below that are not marked gpu run on CUDA when there is a GPU (compiled Triton) and on CPU under
 # Triton's interpreter otherwise.
@@ -257,12 +258,7 @@ def test_kernels_lower_to_h100_code():
                 assert compiled.asm["cubin"], (jit.__name__, dtype)
         print("LOWERED")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if "No module named 'triton.backends.nvidia" in out.stderr:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    assert out.returncode == 0 and "LOWERED" in out.stdout, out.stderr[-3000:]
+    assert_lowers_to_sm90(code)
 
 
 def test_cpu_without_interpreter_is_a_clear_error(tmp_path):

@@ -26,6 +26,7 @@ if not os.path.exists("/dev/nvidiactl"):
 from fastlm.kernels import cross_entropy, fused_linear_cross_entropy  # noqa: E402
 from fastlm.kernels.cross_entropy import INTERPRETED, cross_entropy_forward  # noqa: E402
 from fastlm.kernels.fused_linear_cross_entropy import default_chunk_rows  # noqa: E402
+from conftest import assert_lowers_to_sm90  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
 # Triton 3.6's interpreter turns 1-element arrays into Python ints in a way numpy >= 1.25 deprecates.
@@ -479,12 +480,7 @@ def test_kernel_lowers_to_h100_code():
             assert compiled.asm["cubin"], dtype
         print("LOWERED")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if "No module named 'triton.backends.nvidia" in out.stderr:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    assert out.returncode == 0 and "LOWERED" in out.stdout, out.stderr[-3000:]
+    assert_lowers_to_sm90(code)
 
 
 # --------------------------------------------------------------------------------------------------
