@@ -168,7 +168,8 @@ py::dict scan_line_py(py::bytes line, py::object jq_pattern) {
 }  // namespace
 
 void register_data(py::module_& m) {
-  py::register_exception<InputError>(m, "InputError", PyExc_ValueError);
+  auto& input_error = py::register_exception<InputError>(m, "InputError", PyExc_ValueError);
+  py::register_exception<IndexMismatch>(m, "IndexMismatch", input_error.ptr());
 
   m.def("build_raw_index", &raw_index_py, py::arg("path"), py::arg("num_threads") = 1,
         py::arg("skip_invalid") = false, py::arg("progress") = py::none(), py::arg("chunk_bytes") = 16ull << 20,

@@ -15,6 +15,14 @@ class InputError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// An index entry that does not end at a line end of its JSONL: a stale index, another file's, or one that
+// counts characters instead of bytes (as Modalities' text-mode indexer does on non-ASCII lines). Surfaces in
+// Python as fastlm._C.IndexMismatch, a subclass of InputError.
+class IndexMismatch : public InputError {
+ public:
+  using InputError::InputError;
+};
+
 // Thrown when a progress callback asked to stop (Ctrl-C in Python); the binding re-raises the Python error.
 class Aborted : public std::runtime_error {
  public:

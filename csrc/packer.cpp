@@ -167,19 +167,31 @@ PackResult pack_jsonl(const PackConfig& config, const std::vector<uint64_t>& off
       total += lengths[d];
     }
     contiguous = contiguous && span_end - span_begin <= 2 * total + (64u << 10);
+    // Every document must end at a line end: the byte after it is read too and must be '\n' (or the file
+    // ends there). Checked here, in the one pass over the data, rather than in a pass of its own.
     std::vector<char> span;
     if (contiguous) {
-      span.resize(span_end - span_begin);
+      span.resize(std::min<uint64_t>(span_end + 1, src.size()) - span_begin);
       src.read_at(span_begin, span.data(), span.size());
     }
     for (uint64_t d = b.first_doc; d < b.end_doc && !stop.load(std::memory_order_relaxed); ++d) {
+      const uint64_t end = offsets[d] + lengths[d];
+      const bool at_eof = end == src.size();
       std::string_view view;
+      char after;
       if (contiguous) {
         view = std::string_view(span.data() + (offsets[d] - span_begin), lengths[d]);
+        after = at_eof ? '\n' : span[end - span_begin];
       } else {
-        line.resize(lengths[d]);
-        src.read_at(offsets[d], line.data(), lengths[d]);
-        view = std::string_view(line.data(), line.size());
+        line.resize(lengths[d] + (at_eof ? 0 : 1));
+        src.read_at(offsets[d], line.data(), line.size());
+        view = std::string_view(line.data(), lengths[d]);
+        after = at_eof ? '\n' : line.back();
+      }
+      if (after != '\n') {
+        throw IndexMismatch(config.src_path + ": index entry " + std::to_string(d) + " (offset " +
+                            std::to_string(offsets[d]) + ", length " + std::to_string(lengths[d]) +
+                            ") does not end at a line end");
       }
       JsonResult r = scan_json_line(view, &path, &text);
       if (!r.ok()) {

@@ -125,58 +125,45 @@ def load_or_build_index(src: Path, index_path: Path | None, num_cpus: int, skip_
     from fastlm.index import build_index
 
     if index_path is not None and index_path.exists():
-        offsets, lengths = read_raw_index(index_path)
-        return offsets, checked_lengths(src, index_path, offsets, lengths, num_cpus, show_progress), 0, []
+        return (*read_raw_index(index_path), 0, [])
     result = build_index(src, index_path, num_cpus, skip_invalid, show_progress, return_arrays=True)
     return result["offsets"], result["lengths"], result["skipped_lines"], result["first_skipped"]
 
 
-def checked_lengths(src: Path, index_path: Path, offsets, lengths, num_cpus: int, show_progress):
-    """The byte lengths of an index read from disk, checked against the JSONL: every document must end
-    where its line ends (at a newline or at the end of the file).
+def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: str, num_cpus: int,
+                      show_progress):
+    """Byte lengths for an index whose documents do not all end at line ends (the packer found one: see
+    `mismatch`), taken from the JSONL; each indexed offset must start a valid line of it.
 
     Modalities' indexer reads the file in text mode: its offsets are bytes, but its lengths count characters
-    (fewer than bytes on a line with non-ASCII text) and leave out the \\r of a CRLF line end. For such an
-    index the lengths are taken from the file (each offset must still start a valid line), with a note on
-    stderr. An index that fits the file in neither way is an error naming the first entry that does not.
+    (fewer than bytes on a line with non-ASCII text) and leave out the \\r of a CRLF line end. Such an index
+    is read this way, with a note on stderr; an index whose offsets do not fit the file is an error naming
+    the first entry that does not.
     """
     import numpy as np
 
     from fastlm.index import build_index
 
-    size = os.path.getsize(src)
-    if len(offsets) == 0:
-        return lengths
-    ends = offsets + lengths
-    beyond = np.flatnonzero(ends > size)
-    if len(beyond):
-        i = int(beyond[0])
-        raise ValueError(f"{index_path}: entry {i} (offset {offsets[i]}, length {lengths[i]}) ends past the end of "
-                         f"{src} ({size:,} bytes): the index is not this file's. HINT: regenerate it with "
-                         f"`fastlm data create_raw_index --index_path {index_path} {src}`")
-    data = np.memmap(src, dtype=np.uint8, mode="r")
-    inside = ends < size
-    off_line = np.zeros(len(ends), dtype=bool)
-    off_line[inside] = data[ends[inside]] != ord("\n")
-    del data
-    if not off_line.any():
-        return lengths
     lines = build_index(src, None, num_cpus, True, show_progress, return_arrays=True)
     line_offsets = lines["offsets"]
-    at = np.minimum(np.searchsorted(line_offsets, offsets), max(len(line_offsets) - 1, 0))
-    starts_line = (line_offsets[at] == offsets) if len(line_offsets) else np.zeros(len(offsets), dtype=bool)
+    if len(line_offsets) == 0:
+        at = np.zeros(len(offsets), dtype=np.int64)
+        starts_line = np.zeros(len(offsets), dtype=bool)
+    else:
+        at = np.minimum(np.searchsorted(line_offsets, offsets), len(line_offsets) - 1)
+        starts_line = line_offsets[at] == offsets
     if not starts_line.all():
         i = int(np.flatnonzero(~starts_line)[0])
-        first = int(np.flatnonzero(off_line)[0])
         raise ValueError(
             f"{index_path}: entry {i} (offset {offsets[i]}) is not the start of a valid JSON line of {src}, and "
-            f"entry {first} (offset {offsets[first]}, length {lengths[first]}) does not end at a line end: the "
-            f"index is not this file's. HINT: regenerate it with "
+            f"{mismatch.split(': ', 1)[-1]}: the index does not fit this file. HINT: regenerate it with "
             f"`fastlm data create_raw_index --index_path {index_path} {src}`")
-    print(f"note: {index_path} gives lengths that do not end at line ends for {int(off_line.sum()):,} of "
-          f"{len(offsets):,} documents (an index written in text mode, such as Modalities', counts characters "
-          f"and drops the \\r of CRLF line ends); their byte lengths were taken from {src}", file=sys.stderr)
-    return lines["lengths"][at]
+    byte_lengths = lines["lengths"][at]
+    print(f"note: {index_path}: {int((byte_lengths != lengths).sum()):,} of {len(offsets):,} documents do not "
+          f"end at a line end of {src}; their byte lengths were taken from the file (an index written in "
+          f"text mode, such as Modalities', counts characters and drops the \\r of CRLF line ends)",
+          file=sys.stderr)
+    return byte_lengths
 
 
 def pack(job: PackJob, show_progress: bool | None = None) -> dict:
@@ -196,6 +183,7 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
             f"eod_token {job.eod_token!r} is not in the vocabulary of {tokenizer.path} "
             f"(it has {tokenizer.max_id + 1:,} ids)"
         )
+    index_built = job.index_path is None or not job.index_path.exists()
     offsets, lengths, index_skipped, index_first_skipped = load_or_build_index(
         job.src_path, job.index_path, job.num_cpus, job.skip_invalid, show_progress
     )
@@ -205,16 +193,27 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
         os.environ.setdefault("RAYON_NUM_THREADS", str(job.num_cpus))
         bpe, encoder = None, _library_encoder(tokenizer)
     t_pack = time.perf_counter()
-    bar = progress_bar(int(lengths.sum()) + len(lengths), "pack", show_progress)
+
+    def pack_with(lengths) -> dict:
+        bar = progress_bar(int(lengths.sum()) + len(lengths), "pack", show_progress)
+        try:
+            with atomic_output(job.dst_path) as tmp:
+                return _C.pack_jsonl(
+                    str(job.src_path), tmp, offsets, lengths, job.jq_pattern, eod_id, tokenizer.token_size,
+                    job.num_cpus, job.skip_invalid, bpe=bpe, encoder=encoder, progress=bar,
+                )
+        finally:
+            if bar is not None:
+                bar.close()
+
     try:
-        with atomic_output(job.dst_path) as tmp:
-            result = _C.pack_jsonl(
-                str(job.src_path), tmp, offsets, lengths, job.jq_pattern, eod_id, tokenizer.token_size,
-                job.num_cpus, job.skip_invalid, bpe=bpe, encoder=encoder, progress=bar,
-            )
-    finally:
-        if bar is not None:
-            bar.close()
+        result = pack_with(lengths)
+    except _C.IndexMismatch as mismatch:
+        if job.index_path is None or index_built:
+            raise
+        lengths = lengths_from_file(job.src_path, job.index_path, offsets, lengths, str(mismatch),
+                                    job.num_cpus, show_progress)
+        result = pack_with(lengths)
     t_end = time.perf_counter()
     seconds, pack_seconds = t_end - t0, t_end - t_pack
     # lines skipped while indexing on the fly count too (they never reach the packer)

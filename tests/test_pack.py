@@ -434,6 +434,7 @@ def test_index_of_another_file_is_a_clear_error(tmp_path):
         run_pack(tmp_path, src, jq_pattern=".text", index_path=shifted)
     too_long = tmp_path / "too_long.idx"
     too_long.write_bytes(pickle.dumps([(0, 13), (15, 1000)], protocol=4))
-    with pytest.raises(ValueError, match=r"too_long\.idx: entry 1 \(offset 15, length 1000\) ends past the end"):
+    with pytest.raises(ValueError, match=r"a\.jsonl: the index places document 1 at bytes 15\.\.1015 but the file "
+                                         r"holds 50 bytes"):
         run_pack(tmp_path, src, jq_pattern=".text", index_path=too_long)
     assert not (tmp_path / "out.pbin").exists()
