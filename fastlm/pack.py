@@ -144,6 +144,7 @@ def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: s
 
     from fastlm.index import build_index
 
+    mismatch = mismatch.removeprefix(f"{src}: ")  # the packer's message names the JSONL first
     lines = build_index(src, None, num_cpus, True, show_progress, return_arrays=True)
     line_offsets = lines["offsets"]
     if len(line_offsets) == 0:
@@ -156,7 +157,7 @@ def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: s
         i = int(np.flatnonzero(~starts_line)[0])
         raise ValueError(
             f"{index_path}: entry {i} (offset {offsets[i]}) is not the start of a valid JSON line of {src}, and "
-            f"{mismatch.split(': ', 1)[-1]}: the index does not fit this file. HINT: regenerate it with "
+            f"{mismatch}: the index does not fit this file. HINT: regenerate it with "
             f"`fastlm data create_raw_index --index_path {index_path} {src}`")
     byte_lengths = lines["lengths"][at]
     print(f"note: {index_path}: {int((byte_lengths != lengths).sum()):,} of {len(offsets):,} documents do not "
