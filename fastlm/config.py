@@ -34,6 +34,10 @@ class RunSection:
     seed: int = doc("seed of initialisation, data order and dropout", 1337)
     resume: str = doc("none | auto (the latest complete checkpoint of the run folder) | a checkpoint path", "none")
     device: str = doc("auto (cuda when available, else cpu) | cpu | cuda", "auto")
+    deterministic: bool = doc("repeat a GPU run bit for bit, resumes included: deterministic torch "
+                              "algorithms and cuBLAS workspace, compiled kernels and Triton kernels "
+                              "configured without timing-based autotuning (slower); CPU runs repeat anyway",
+                              False)
 
 
 @dataclass

@@ -68,6 +68,27 @@ def keep_freed_host_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def make_deterministic() -> None:
+    """run.deterministic: every choice that could differ between two runs is made without timing them.
+
+    torch's deterministic algorithms (an op without one raises instead of running nondeterministically), a
+    fixed cuBLAS workspace (needed for deterministic cuBLAS; set before its first use), cuDNN without
+    benchmarking, inductor's deterministic mode (no on-device benchmarking that changes numerics), and
+    fastlm's Triton kernels take a fixed configuration instead of the fastest one measured (see
+    fastlm.kernels.flash_attention, which follows torch.are_deterministic_algorithms_enabled())."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("TORCHINDUCTOR_DETERMINISTIC", "1")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "deterministic"):  # torch >= 2.8
+        inductor_config.deterministic = True
+
+
 def make_dataset(path: str, cfg: Config):
     if cfg.data.dataset == "document_aligned":
         return PackedMemMapDatasetDocumentAligned(path, cfg.model.sequence_length)
@@ -256,6 +277,8 @@ def train(cfg: Config, d: Dist) -> int:
     if d.device.type != "cuda" and cfg.precision != "fp32":
         raise ConfigError(f"{cfg.source}: precision {cfg.precision} needs a CUDA device; set precision: fp32 on CPU")
     dtype = DTYPES[cfg.precision]
+    if cfg.run.deterministic:
+        make_deterministic()
     if d.device.type == "cpu":
         keep_freed_host_memory()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -312,7 +335,7 @@ def train(cfg: Config, d: Dist) -> int:
             print(f"fastlm: config {cfg.source}: {json.dumps(config_dict(cfg))}", flush=True)
         attn, loss_impl = resolve_attention(cfg.model, d.device), resolve_loss(cfg.model, d.device)
         print(f"fastlm: {n_params:,} parameters | {d.world_size} x {d.device.type} | attention {attn}, loss "
-              f"{loss_impl}, {cfg.precision}, fsdp {use_fsdp}\n"
+              f"{loss_impl}, {cfg.precision}, fsdp {use_fsdp}{', deterministic' if cfg.run.deterministic else ''}\n"
               f"fastlm: {derived.tokens_per_step:,} tokens per step = micro batch {cfg.batch.micro_batch_size} x "
               f"sequence {cfg.model.sequence_length} x accumulation {derived.grad_accum_steps} x world "
               f"{d.world_size}; {derived.steps:,} steps, {derived.total_tokens:,} tokens; train data "

@@ -427,13 +427,23 @@ class _Tuned:
     host cost of one forward + backward went from 744 to 677 us with this and one launch fewer (SDPA: ~265
     us; the rest is Triton's own launch path, see benchmarks/attention_profile.py). The key holds everything
     the autotuner's key holds for these kernels: seq lengths, head_dim, causal and the dtype (all tensors
-    share q's; LSE and DELTA are fp32)."""
+    share q's; LSE and DELTA are fp32).
+
+    Deterministic runs (torch.use_deterministic_algorithms(True), which fastlm's run.deterministic sets) do
+    not autotune: the fastest config of a run depends on timing, and another tiling sums in another order,
+    so two runs (an interrupted one and its resume) could differ in the last bits. They take the config
+    with the smallest tiles instead, a rule, chosen once: it fits wherever any of the list does."""
 
     def __init__(self, kernel):
         self.kernel = kernel
         self.chosen: dict[tuple, dict] = {}
+        smallest = min(kernel.configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+        self.fixed = smallest.all_kwargs()
 
     def __call__(self, key: tuple, grid, *args, **constexprs):
+        if torch.are_deterministic_algorithms_enabled():
+            self.kernel.fn[grid](*args, **constexprs, **self.fixed)
+            return
         if torch.compiler.is_compiling():
             # Under torch.compile the autotuned kernel itself is called, so that dynamo captures it as a
             # user-defined Triton kernel (inductor tunes and launches it); the dict is Python state it

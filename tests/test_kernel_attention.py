@@ -189,6 +189,44 @@ def test_deterministic_and_tuned_once():
     _check(q, k, v, do, causal=True)  # and the reused config still computes the right thing
 
 
+def test_deterministic_mode_takes_the_smallest_tiles_without_autotuning():
+    """Under torch.use_deterministic_algorithms(True) (run.deterministic) the launcher never times configs:
+    it launches the plain kernel with the config of smallest tiles, the same in every process."""
+    import sys
+
+    import triton
+
+    fa = sys.modules["fastlm.kernels.flash_attention"]
+    launches = []
+
+    class Launcher:  # kernel.fn[grid](...): the plain launch
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    class Kernel:  # an autotuned kernel's surface: its configs, kernel[grid] (autotunes) and kernel.fn
+        configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+                   triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=5),
+                   triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+                   triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+        fn = Launcher()
+
+        def __getitem__(self, grid):
+            raise AssertionError("autotuned in deterministic mode")
+
+    tuned = fa._Tuned(Kernel())
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        tuned(("key",), "grid", 1, 2, HEAD_DIM=64)
+        tuned(("other key",), "grid", 3, HEAD_DIM=128)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert [kw["BLOCK_M"] * kw["BLOCK_N"] for _, _, kw in launches] == [2048, 2048]
+    assert all(kw["num_stages"] == 3 and kw["num_warps"] == 4 for _, _, kw in launches)
+    assert launches[0][:2] == ("grid", (1, 2)) and launches[0][2]["HEAD_DIM"] == 64
+    assert tuned.chosen == {}  # nothing was autotuned
+
+
 # --- Input validation -------------------------------------------------------------------------------------
 
 
@@ -247,15 +285,19 @@ def test_kernels_lower_to_h100_code():
                                     **strides("q", "k", "v", "do"), "n_head": "i32", "n_kv_head": "i32",
                                     **{k: v for k, v in common.items() if k != "n_head"}},
             }
-            for kernel, signature in kernels.items():
+            for tuned, (kernel, signature) in zip((fa._FWD, fa._BWD_Q, fa._BWD_KV), kernels.items()):
                 jit = kernel.fn  # the autotuner's kernel
                 signature = {name: signature[name] for name in jit.arg_names}
+                # the configuration deterministic runs use, which must fit an A100 (163 KB of shared memory)
+                fixed = tuned.fixed
                 constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": precision,
-                              "BLOCK_M": 64, "BLOCK_N": 64}
+                              "BLOCK_M": fixed["BLOCK_M"], "BLOCK_N": fixed["BLOCK_N"]}
                 src = ASTSource(fn=jit, signature=signature, constexprs=constexprs)
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                          options={"num_warps": 4, "num_stages": 2})
+                                          options={"num_warps": fixed["num_warps"],
+                                                   "num_stages": fixed["num_stages"]})
                 assert compiled.asm["cubin"], (jit.__name__, dtype)
+                assert compiled.metadata.shared <= 163 * 1024, (jit.__name__, dtype, compiled.metadata.shared)
         print("LOWERED")
     """)
     assert_lowers_to_sm90(code)

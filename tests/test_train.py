@@ -238,3 +238,27 @@ def test_cpu_training_keeps_freed_memory_for_the_next_step():
     # (PyTorch's 64-byte-aligned allocations fragment glibc's heap a little, so now and then a block is
     # fresh: measured 0 to 1/8 of the default's faults)
     assert kept <= default / 4, f"page faults of 4 steps: {kept} with freed memory kept, {default} without"
+
+
+def test_deterministic_run_on_cpu_says_so_and_resumes_exactly(tmp_path):
+    r = train(tmp_path, "run.deterministic=true", "target.steps=6", "intervals.checkpoint=3", name="full")
+    assert ", deterministic" in r.stdout
+    first = losses(tmp_path / "full")
+    train(tmp_path, "run.deterministic=true", "target.steps=6",
+          f"run.resume={tmp_path / 'full' / 'checkpoints' / 'step_00000003'}", name="resumed")
+    again = losses(tmp_path / "resumed")
+    assert sorted(again) == [4, 5, 6] and all(again[s] == first[s] for s in again), (again, first)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_run_resumes_bit_for_bit(tmp_path):
+    """On a GPU, run.deterministic makes a resumed run repeat the uninterrupted one exactly: Triton
+    attention and fused loss, bf16, deterministic torch and cuBLAS, fixed kernel configs in each process."""
+    gpu = ["run.device=cuda", "precision=bf16", "run.deterministic=true", "model.attention=triton",
+           "model.loss=fused", "target.steps=8", "intervals.checkpoint=4"]
+    r = train(tmp_path, *gpu, name="full")
+    assert "attention triton, loss fused, bf16" in r.stdout and ", deterministic" in r.stdout, r.stdout[-2000:]
+    first = losses(tmp_path / "full")
+    train(tmp_path, *gpu, f"run.resume={tmp_path / 'full' / 'checkpoints' / 'step_00000004'}", name="resumed")
+    again = losses(tmp_path / "resumed")
+    assert sorted(again) == [5, 6, 7, 8] and all(again[s] == first[s] for s in again), (again, first)
