@@ -438,7 +438,8 @@ class _Tuned:
         self.kernel = kernel
         self.chosen: dict[tuple, dict] = {}
         smallest = min(kernel.configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
-        self.fixed = smallest.all_kwargs()
+        # (the tile sizes and launch options only: torch.compile refuses a num_ctas argument)
+        self.fixed = dict(smallest.kwargs, num_warps=smallest.num_warps, num_stages=smallest.num_stages)
 
     def __call__(self, key: tuple, grid, *args, **constexprs):
         if torch.are_deterministic_algorithms_enabled():
