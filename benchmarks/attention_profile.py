@@ -10,8 +10,8 @@ one forward + backward measured on a shape too small to keep the GPU busy, with 
 --compiled-block: gpt124m's transformer block compiled as training compiles it (per block, bf16 autocast),
 with fastlm's attention behind torch.compiler.disable (what the model does today: a graph break, the kernels
 launched eagerly), with fastlm's attention traced into the graph (fullgraph: dynamo captures the autotuned
-kernels, inductor launches them), and with SDPA; milliseconds per forward + backward at the training batch (16),
-and how far the traced block's output and input gradient are from the eager-attention block's.
+kernels, inductor launches them), and with SDPA; milliseconds per forward + backward at the training batch
+(16), and how far the traced block's output and input gradient are from the eager-attention block's.
 """
 
 from __future__ import annotations
