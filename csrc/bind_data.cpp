@@ -183,7 +183,8 @@ void register_data(py::module_& m) {
         py::arg("progress") = py::none(), py::arg("batch_bytes") = 1ull << 20,
         "Pack the documents of a JSONL file into a .pbin at out_path (written in full; rename it yourself).");
   m.def("_check_utf8", [](py::bytes text) { return check_utf8(std::string_view(text)); }, py::arg("text"),
-        "([verdict of each vector validator the CPU runs], first invalid offset by the scalar one): for tests");
+        "([verdict of the AVX2 validator where the CPU runs it], first invalid offset by the scalar check): "
+        "for tests");
   m.def("scan_json_line", &scan_line_py, py::arg("line"), py::arg("jq_pattern") = py::none(),
         "Validate one JSONL line and extract the field at jq_pattern (for tests and diagnostics).");
 }

@@ -9,8 +9,7 @@
 #include <emmintrin.h>
 #endif
 #if defined(__x86_64__)
-#include <tmmintrin.h>  // SSSE3: only inside functions built for it and called after a CPU check
-#include <immintrin.h>  // AVX2: likewise
+#include <immintrin.h>  // AVX2: only inside functions built for it and called after a CPU check
 #endif
 
 namespace fastlm {
@@ -161,11 +160,12 @@ inline size_t first_invalid_utf8(const unsigned char* begin, const unsigned char
 }
 
 #if defined(__x86_64__)
-// Branch-free UTF-8 validation, 16 bytes at a time (the lookup-table method of Keiser and Lemire,
+// Branch-free UTF-8 validation, 32 bytes at a time (the lookup-table method of Keiser and Lemire,
 // "Validating UTF-8 in less than one instruction per byte", 2021). Each byte pair (previous, current) is
 // classified by three 16-entry tables indexed by nibbles; a fault bit survives the AND of the three only
 // for an invalid pair. Third and fourth bytes of long sequences are checked separately (must23).
-// Built for SSSE3 (pshufb, palignr), used only when the CPU has it; the build stays portable.
+// Built for AVX2, used only when the CPU has it (the build stays portable); other CPUs take the scalar
+// check, first_invalid_utf8.
 namespace utf8simd {
 constexpr uint8_t kTooShort = 1 << 0;   // lead byte not followed by a continuation
 constexpr uint8_t kTooLong = 1 << 1;    // continuation after ASCII
@@ -177,10 +177,6 @@ constexpr uint8_t kTooLarge1000 = 1 << 6;
 constexpr uint8_t kOverlong4 = 1 << 6;  // F0 80..8F
 constexpr uint8_t kTwoConts = 1 << 7;   // continuation after continuation (fine only inside a sequence)
 constexpr uint8_t kCarry = kTooShort | kTooLong | kTwoConts;
-
-__attribute__((target("ssse3"))) inline __m128i table(const uint8_t (&t)[16]) {
-  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(t));
-}
 
 // The three classification tables, and the largest byte that completes the sequence it is in by its
 // position among the last three of a block.
@@ -207,41 +203,8 @@ static const uint8_t kIncomplete[32] = {255, 255, 255, 255, 255, 255, 255, 255, 
                                         255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255,
                                         0xF0 - 1, 0xE0 - 1, 0xC0 - 1};
 
-__attribute__((target("ssse3"))) bool valid(const unsigned char* p, size_t n) {
-  const __m128i t1h = table(k1High), t1l = table(k1Low), t2h = table(k2High), incomplete = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIncomplete + 16));
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  __m128i prev = _mm_setzero_si128(), error = _mm_setzero_si128(), prev_incomplete = _mm_setzero_si128();
-  alignas(16) unsigned char tail[16];
-  for (size_t i = 0; i < n; i += 16) {
-    __m128i in;
-    if (n - i >= 16) {
-      in = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
-    } else {  // the last bytes, padded with ASCII zeros: an unfinished sequence then fails as too short
-      std::memset(tail, 0, sizeof(tail));
-      std::memcpy(tail, p + i, n - i);
-      in = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
-    }
-    // No shortcut for all-ASCII blocks: in real text they alternate with others too irregularly for the
-    // branch to predict; the full check costs less than the mispredictions.
-    __m128i prev1 = _mm_alignr_epi8(in, prev, 15);
-    __m128i b1h = _mm_shuffle_epi8(t1h, _mm_and_si128(_mm_srli_epi16(prev1, 4), nibble));
-    __m128i b1l = _mm_shuffle_epi8(t1l, _mm_and_si128(prev1, nibble));
-    __m128i b2h = _mm_shuffle_epi8(t2h, _mm_and_si128(_mm_srli_epi16(in, 4), nibble));
-    __m128i special = _mm_and_si128(_mm_and_si128(b1h, b1l), b2h);
-    __m128i prev2 = _mm_alignr_epi8(in, prev, 14), prev3 = _mm_alignr_epi8(in, prev, 13);
-    __m128i third = _mm_subs_epu8(prev2, _mm_set1_epi8(static_cast<char>(0xE0 - 0x80)));
-    __m128i fourth = _mm_subs_epu8(prev3, _mm_set1_epi8(static_cast<char>(0xF0 - 0x80)));
-    __m128i must23 = _mm_and_si128(_mm_or_si128(third, fourth), _mm_set1_epi8(static_cast<char>(0x80)));
-    error = _mm_or_si128(error, _mm_xor_si128(must23, special));
-    prev_incomplete = _mm_subs_epu8(in, incomplete);
-    prev = in;
-  }
-  error = _mm_or_si128(error, prev_incomplete);
-  return _mm_movemask_epi8(_mm_cmpeq_epi8(error, _mm_setzero_si128())) == 0xFFFF;
-}
-
-// The same, 32 bytes at a time. pshufb looks up within each 16-byte lane, so the tables are repeated in both
-// lanes; the bytes before each position come from a lane-crossing permute of (previous, current) block.
+// pshufb looks up within each 16-byte lane, so the tables are repeated in both lanes; the bytes before each
+// position come from a lane-crossing permute of (previous, current) block.
 __attribute__((target("avx2"))) inline __m256i twice(const uint8_t (&t)[16]) {
   return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
 }
@@ -280,7 +243,6 @@ __attribute__((target("avx2"))) bool valid_avx2(const unsigned char* p, size_t n
   return _mm256_testz_si256(error, error) != 0;
 }
 
-const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 }  // namespace utf8simd
 #endif
@@ -289,7 +251,6 @@ const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 inline bool utf8_valid(const unsigned char* begin, const unsigned char* end) {
 #if defined(__x86_64__)
   if (utf8simd::kHasAvx2) return utf8simd::valid_avx2(begin, static_cast<size_t>(end - begin));
-  if (utf8simd::kHasSsse3) return utf8simd::valid(begin, static_cast<size_t>(end - begin));
 #endif
   return first_invalid_utf8(begin, end) == static_cast<size_t>(end - begin);
 }
@@ -676,7 +637,6 @@ std::pair<std::vector<bool>, size_t> check_utf8(std::string_view text) {
   std::vector<bool> verdicts;
 #if defined(__x86_64__)
   if (utf8simd::kHasAvx2) verdicts.push_back(utf8simd::valid_avx2(b, text.size()));
-  if (utf8simd::kHasSsse3) verdicts.push_back(utf8simd::valid(b, text.size()));
 #endif
   return {verdicts, first_invalid_utf8(b, b + text.size())};
 }

@@ -42,9 +42,9 @@ class JsonPath {
 // the last occurrence wins, as in jq and Python's json).
 JsonResult scan_json_line(std::string_view line, const JsonPath* path, std::string* out);
 
-// The UTF-8 validators, for tests: (the verdict of each vector validator this CPU can run: AVX2, then
-// SSSE3; the offset of the first invalid byte by the scalar check, or text.size() when valid). They must
-// all agree on validity for every input.
+// The UTF-8 validators, for tests: (the verdict of the vector validator when this CPU runs it (AVX2), else
+// none; the offset of the first invalid byte by the scalar check, or text.size() when valid). They must
+// agree on validity for every input.
 std::pair<std::vector<bool>, size_t> check_utf8(std::string_view text);
 
 // True when the line holds only spaces, tabs and carriage returns (a blank line, not a document).

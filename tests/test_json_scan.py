@@ -136,7 +136,7 @@ def _utf8_ok(data: bytes) -> bool:
 def test_utf8_validators_agree_on_every_short_sequence():
     """Every 1- and 2-byte string, and every 3- and 4-byte string that starts with a lead byte (with
     continuation bytes from a spread that covers each boundary), across the edges of the vector validators'
-    blocks: 16 bytes (SSSE3, and the lanes of AVX2) and 32 bytes (AVX2)."""
+    blocks: the 16-byte lanes and 32-byte blocks of the AVX2 validator."""
     conts = [0x00, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xFF]
     cases = [bytes([a]) for a in range(256)] + [bytes([a, b]) for a in range(256) for b in range(256)]
     cases += [bytes([a, b, c]) for a in range(0xC0, 0x100) for b in conts for c in conts]
