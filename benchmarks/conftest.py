@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fastlm import usable_cpus
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "getting_started"
 REDPAJAMA = EXAMPLE / "data" / "raw"
@@ -31,7 +33,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
+    info = {"cpu": cpu, "cores": usable_cpus(), "python": platform.python_version()}
     torch = sys.modules.get("torch")  # only when a benchmark used it: importing torch here costs seconds
     if torch is not None and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -18,9 +18,8 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,6 +32,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def dcp_io(fn, state: dict, path) -> None:
+    """dcp.save or dcp.load of `state` at `path`, across the process group or, without one, by this process
+    alone (DCP then warns that it runs alone: that is the intent, so the warning is dropped)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        fn(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
 
 
 def _barrier():
@@ -82,9 +89,7 @@ def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep_las
         tmp.mkdir()
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # DCP warns that a single process saves alone: that is the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    dcp_io(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
     _write_json(tmp / f"rng_rank{_rank()}.json", _rng_state())
     _barrier()
     if _rank() == 0:
@@ -136,9 +141,7 @@ def load(path: Path, model, optimizer) -> dict:
         )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    dcp_io(dcp.load, state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state = json.loads((path / "train_state.json").read_text())
     rng_file = path / f"rng_rank{_rank()}.json"

@@ -120,11 +120,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> GP
         model = GPT(cfg)
         sd = model.state_dict()
         try:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+            ckpt.dcp_io(dcp.load, {"model": sd}, path)
         except Exception as err:  # DCP reports missing keys and shape conflicts as plain exceptions
             raise ValueError(f"{path}: checkpoint does not fit the model config: {err}") from None
         model.load_state_dict(sd)

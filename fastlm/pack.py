@@ -147,12 +147,9 @@ def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: s
     mismatch = mismatch.removeprefix(f"{src}: ")  # the packer's message names the JSONL first
     lines = build_index(src, None, num_cpus, True, show_progress, return_arrays=True)
     line_offsets = lines["offsets"]
-    if len(line_offsets) == 0:
-        at = np.zeros(len(offsets), dtype=np.int64)
-        starts_line = np.zeros(len(offsets), dtype=bool)
-    else:
-        at = np.minimum(np.searchsorted(line_offsets, offsets), len(line_offsets) - 1)
-        starts_line = line_offsets[at] == offsets
+    at = np.searchsorted(line_offsets, offsets)  # where each indexed offset falls among the line starts
+    starts_line = at < len(line_offsets)
+    starts_line[starts_line] = line_offsets[at[starts_line]] == offsets[starts_line]
     if not starts_line.all():
         i = int(np.flatnonzero(~starts_line)[0])
         raise ValueError(
@@ -184,7 +181,7 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
             f"eod_token {job.eod_token!r} is not in the vocabulary of {tokenizer.path} "
             f"(it has {tokenizer.max_id + 1:,} ids)"
         )
-    index_built = job.index_path is None or not job.index_path.exists()
+    index_from_disk = job.index_path is not None and job.index_path.exists()
     offsets, lengths, index_skipped, index_first_skipped = load_or_build_index(
         job.src_path, job.index_path, job.num_cpus, job.skip_invalid, show_progress
     )
@@ -210,7 +207,7 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     try:
         result = pack_with(lengths)
     except _C.IndexMismatch as mismatch:
-        if job.index_path is None or index_built:
+        if not index_from_disk:  # an index fastlm just built fits by construction: a real error
             raise
         lengths = lengths_from_file(job.src_path, job.index_path, offsets, lengths, str(mismatch),
                                     job.num_cpus, show_progress)
