@@ -54,11 +54,16 @@ def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: st
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r["event"] == "train" and WARMUP < r["step"] <= STEPS]
-    results = os.environ.get("FASTLM_BENCH_OUT")
-    if results and (out / name / "profile.txt").is_file():  # where the step time goes, for the results
-        with open(os.path.join(results, "profile.txt"), "a") as f:
-            f.write(f"\n=== training {name} ({launcher}) ===\n" + (out / name / "profile.txt").read_text())
+    add_to_results_profile(out / name / "profile.txt", f"training {name} ({launcher})")
     return float(np.median(rates))
+
+
+def add_to_results_profile(profile, title: str) -> None:
+    """Append a run's profile.txt (where its step time goes) to the results' profile.txt, if both exist."""
+    results = os.environ.get("FASTLM_BENCH_OUT")
+    if results and profile.is_file():
+        with open(os.path.join(results, "profile.txt"), "a") as f:
+            f.write(f"\n=== {title} ===\n" + profile.read_text())
 
 
 def baseline_tokens_per_s(name, data, tmp_path) -> tuple[float, object]:
@@ -92,8 +97,7 @@ def baseline_tokens_per_s(name, data, tmp_path) -> tuple[float, object]:
         step(WARMUP + i)
     torch.cuda.synchronize()
     rate = (STEPS - WARMUP) * B * T / (time.perf_counter() - t0)
-    results = os.environ.get("FASTLM_BENCH_OUT")
-    if results:  # the baseline's step profile, to set next to fastlm's
+    if os.environ.get("FASTLM_BENCH_OUT"):  # the baseline's step profile, to set next to fastlm's
         from fastlm.profiling import StepProfiler
 
         out = tmp_path / f"baseline-{name}"
@@ -103,10 +107,7 @@ def baseline_tokens_per_s(name, data, tmp_path) -> tuple[float, object]:
             profiler.before_step(i + 1)
             step(STEPS + i)
             profiler.after_step(i + 1)
-        if (out / "profile.txt").is_file():
-            with open(os.path.join(results, "profile.txt"), "a") as f:
-                f.write(f"\n=== training {name}: the plain PyTorch baseline ===\n")
-                f.write((out / "profile.txt").read_text())
+        add_to_results_profile(out / "profile.txt", f"training {name}: the plain PyTorch baseline")
     return rate, model
 
 
