@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: the getting-started tutorial on the shipped RedPajama sample, end to end, from a fresh
 # machine (it installs what it needs): raw indexes, packed token files, training with evaluation on the
-# test split (the 60M model on GPUs; a tiny model on a CPU-only machine, a few minutes on 2 cores), the
+# test split (the 60M model on GPUs; a tiny model on a CPU-only machine, about a minute on 2 cores), the
 # loss plot, and a continuation of a sample prompt from the trained checkpoint.
 # A second run reuses what is already there (existing files are skipped, a finished run is not retrained).
 set -euo pipefail
