@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import CachedLauncher
+
 # Read once: @triton.jit decides at import time whether the kernels are compiled or interpreted.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -423,16 +425,19 @@ def _precision(dtype: torch.dtype) -> str:
 class _Tuned:
     """An autotuned kernel that goes through triton.autotune once per key and is then launched with the
     chosen config directly. Triton's Autotuner.run re-derives its key from every argument on every call
-    (~35 us of Python per launch under cProfile on an H200 host); here a lookup in a dict replaces it. The
-    host cost of one forward + backward went from 744 to 677 us with this and one launch fewer (SDPA: ~265
-    us; the rest is Triton's own launch path, see benchmarks/attention_profile.py). The key holds everything
-    the autotuner's key holds for these kernels: seq lengths, head_dim, causal and the dtype (all tensors
-    share q's; LSE and DELTA are fp32).
+    (~35 us of Python per launch under cProfile on an H200 host); here a lookup in a dict replaces it, and
+    the launch itself skips Triton's per-call path once the kernel is compiled (see kernels/launch.py).
+    The key holds everything the autotuner's key holds for these kernels: seq lengths, head_dim, causal and
+    the dtype (all tensors share q's; LSE and DELTA are fp32).
 
     Deterministic runs (torch.use_deterministic_algorithms(True), which fastlm's run.deterministic sets) do
     not autotune: the fastest config of a run depends on timing, and another tiling sums in another order,
     so two runs (an interrupted one and its resume) could differ in the last bits. They take the config
-    with the smallest tiles instead, a rule, chosen once: it fits wherever any of the list does."""
+    with the smallest tiles instead, a rule, chosen once: it fits wherever any of the list does.
+
+    Under torch.compile the kernels are called the way dynamo understands (Triton's own launch), so that
+    it captures them as user-defined Triton kernels: the autotuned kernel (inductor tunes and launches it),
+    or the fixed config in deterministic runs."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -440,23 +445,29 @@ class _Tuned:
         smallest = min(kernel.configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
         # (the tile sizes and launch options only: torch.compile refuses a num_ctas argument)
         self.fixed = dict(smallest.kwargs, num_warps=smallest.num_warps, num_stages=smallest.num_stages)
+        self.launch = CachedLauncher(kernel.fn, direct=not _INTERPRET)
 
     def __call__(self, key: tuple, grid, *args, **constexprs):
+        compiling = torch.compiler.is_compiling()
         if torch.are_deterministic_algorithms_enabled():
-            self.kernel.fn[grid](*args, **constexprs, **self.fixed)
-            return
-        if torch.compiler.is_compiling():
-            # Under torch.compile the autotuned kernel itself is called, so that dynamo captures it as a
-            # user-defined Triton kernel (inductor tunes and launches it); the dict is Python state it
-            # would otherwise guard on.
+            if compiling:
+                self.kernel.fn[grid](*args, **constexprs, **self.fixed)
+                return
+            options = self.fixed
+        elif compiling:
             self.kernel[grid](*args, **constexprs)
             return
-        options = self.chosen.get(key)
-        if options is None:
-            self.kernel[grid](*args, **constexprs)
-            self.chosen[key] = self.kernel.best_config.all_kwargs()
-            return
-        self.kernel.fn[grid](*args, **constexprs, **options)
+        else:
+            options = self.chosen.get(key)
+            if options is None:
+                self.kernel[grid](*args, **constexprs)
+                self.chosen[key] = self.kernel.best_config.all_kwargs()
+                return
+        self.launch(grid, args, {**constexprs, **options})
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr_function: ~3 us per host call
 
 
 _FWD = _Tuned(_fwd_kernel)
@@ -471,7 +482,7 @@ def _forward(q, k, v, causal: bool, sm_scale: float):
     lse = torch.empty((batch, n_head, seq_q), dtype=torch.float32, device=q.device)
 
     def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
+        return (_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
 
     _FWD((seq_q, seq_k, head_dim, causal, q.dtype), grid,
          q, k, v, o, lse, sm_scale * _LOG2E,
@@ -494,7 +505,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
 
     def q_grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
+        return (_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
 
     # dq first: it also computes delta, which the dk/dv kernel reads
     _BWD_Q(key, q_grid,
@@ -504,7 +515,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision)
 
     def kv_grid(meta):
-        return (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head)
+        return (_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head)
 
     _BWD_KV(key, kv_grid,
             q, k, v, do, lse, delta, dk, dv, sm_scale * _LOG2E, sm_scale,

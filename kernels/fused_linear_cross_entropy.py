@@ -40,9 +40,9 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
-from .cross_entropy import LOGIT_DTYPES, check_device, check_reduction, check_targets, grad_scale, launch
+from .cross_entropy import (LOGIT_DTYPES, check_device, check_reduction, check_targets, grad_scale, launch,
+                            next_power_of_2)
 
 OP = "fused_linear_cross_entropy"
 # Below this many rows a chunk's grad_weight matmul (K = rows) is bound by reading and writing the (V, D)
@@ -52,7 +52,7 @@ MIN_CHUNK_ROWS_WITH_WEIGHT_GRAD = 1024
 
 def default_chunk_rows(n_rows: int, vocab: int, dim: int, elem_size: int, weight_grad: bool) -> int:
     """Rows per chunk: a chunk of logits about the size of hidden, raised for the grad_weight matmul."""
-    rows = triton.next_power_of_2(max(1, math.ceil(n_rows / max(1, math.ceil(vocab / dim)))))
+    rows = next_power_of_2(max(1, math.ceil(n_rows / max(1, math.ceil(vocab / dim)))))
     if weight_grad:
         # At most as many rows as make the chunk as large as the fp32 grad_weight accumulator (V*D*4 bytes).
         accumulator_rows = 1 << max(0, (dim * 4 // elem_size).bit_length() - 1)
