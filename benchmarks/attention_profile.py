@@ -8,10 +8,11 @@ kernel (torch.profiler) next to SDPA's kernels, forward-only TFLOP/s of both, an
 one forward + backward measured on a shape too small to keep the GPU busy, with the functions that spend it.
 
 --compiled-block: gpt124m's transformer block compiled as training compiles it (per block, bf16 autocast),
-with fastlm's attention behind torch.compiler.disable (what the model does today: a graph break, the kernels
-launched eagerly), with fastlm's attention traced into the graph (fullgraph: dynamo captures the autotuned
-kernels, inductor launches them), and with SDPA; milliseconds per forward + backward at the training batch
-(16), and how far the traced block's output and input gradient are from the eager-attention block's.
+with fastlm's attention as the model calls it (a custom op under torch.compile, the block one graph), behind
+torch.compiler.disable (the model's call until 2026-11-26: graph breaks, the kernels launched eagerly),
+with the Triton kernels traced into the graph (fullgraph: dynamo captures the autotuned kernels, inductor
+launches them), and with SDPA; milliseconds per forward + backward at the training batch (16), and how far
+each variant's output and input gradient are from the model's.
 """
 
 from __future__ import annotations
@@ -127,26 +128,36 @@ def main():
 
 
 def compiled_block(batches=(16,), reps=20):
+    import math
+    import sys
     from pathlib import Path
 
     from fastlm import model as M
     from fastlm.config import load_config
     from fastlm.kernels import flash_attention
 
+    fa = sys.modules["fastlm.kernels.flash_attention"]
+
+    def traced(q, k, v, causal=True):  # the autograd.Function itself: dynamo traces into the Triton launches
+        return fa._FlashAttention.apply(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]))
+
     config = Path(__file__).resolve().parents[1] / "configs" / "gpt124m.yaml"
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; gpt124m block, bf16 autocast")
-    variants = (("eager attention (torch.compiler.disable)", "triton", torch.compiler.disable(flash_attention)),
-                ("traced attention (fullgraph)", "triton", flash_attention),
-                ("SDPA", "sdpa", None))
+    # (name, attention impl, what the model calls for "triton", fullgraph)
+    variants = (("custom op (the model's path)", "triton", flash_attention, True),
+                ("eager attention (torch.compiler.disable)", "triton", torch.compiler.disable(flash_attention), False),
+                ("traced Triton kernels (fullgraph)", "triton", traced, True),
+                ("SDPA", "sdpa", None, True))
+    model_flash = M._flash_attention
     for batch in batches:
         outputs = {}
-        for name, impl, flash in variants:
+        for name, impl, flash, fullgraph in variants:
             cfg = load_config(config, [f"model.attention={impl}"]).model
             torch.manual_seed(0)
             block = M.Block(cfg).cuda()
-            M._FLASH = flash  # what the model calls for attention "triton"
+            M._flash_attention = (lambda f=flash: f) if flash is not None else model_flash
             torch._dynamo.reset()
-            block.compile(fullgraph=flash is flash_attention)
+            block.compile(fullgraph=fullgraph)
             gen = torch.Generator(device="cuda").manual_seed(0)
             x = torch.randn(batch, cfg.sequence_length, cfg.n_embd, device="cuda", generator=gen,
                             requires_grad=True)
@@ -176,13 +187,15 @@ def compiled_block(batches=(16,), reps=20):
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) / reps * 1e3
             print(f"  B{batch} {name}: {ms:.2f} ms per fwd+bwd (3 first calls, compiling: {first:.0f} s)")
-        M._FLASH = None
-        eager, traced = outputs.get(variants[0][0]), outputs.get(variants[1][0])
-        if eager is not None and traced is not None:
-            dy = (eager[0] - traced[0]).abs().max().item()
-            dx = (eager[1] - traced[1]).abs().max().item()
-            print(f"  B{batch} traced vs eager attention: max |dy| {dy:.3g}, max |dx| {dx:.3g} "
-                  f"(|y| max {eager[0].abs().max().item():.3g})")
+        M._flash_attention = model_flash
+        ref = outputs.get(variants[0][0])
+        for name, other in outputs.items():
+            if ref is None or name == variants[0][0]:
+                continue
+            dy = (ref[0] - other[0]).abs().max().item()
+            dx = (ref[1] - other[1]).abs().max().item()
+            print(f"  B{batch} {name} vs the model's: max |dy| {dy:.3g}, max |dx| {dx:.3g} "
+                  f"(|y| max {ref[0].abs().max().item():.3g})")
 
 
 if __name__ == "__main__":

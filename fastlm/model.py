@@ -214,18 +214,12 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
-_FLASH = None
-
-
 def _flash_attention():
-    """fastlm.kernels.flash_attention, kept out of torch.compile graphs (its autotuned Triton launches run
-    eagerly; the rest of a compiled block is still fused around it)."""
-    global _FLASH
-    if _FLASH is None:
-        from fastlm.kernels import flash_attention
+    """fastlm.kernels.flash_attention, imported on first use (it imports Triton). Under torch.compile it is
+    a custom op, opaque to the graph: a compiled block stays one graph around it (see the kernel's module)."""
+    from fastlm.kernels import flash_attention
 
-        _FLASH = torch.compiler.disable(flash_attention)
-    return _FLASH
+    return flash_attention
 
 
 def attention(q, k, v, mask, impl: str):

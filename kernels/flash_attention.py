@@ -435,9 +435,10 @@ class _Tuned:
     so two runs (an interrupted one and its resume) could differ in the last bits. They take the config
     with the smallest tiles instead, a rule, chosen once: it fits wherever any of the list does.
 
-    Under torch.compile the kernels are called the way dynamo understands (Triton's own launch), so that
-    it captures them as user-defined Triton kernels: the autotuned kernel (inductor tunes and launches it),
-    or the fixed config in deterministic runs."""
+    When dynamo traces the launches themselves (`_FlashAttention` under torch.compile; the public function
+    uses the custom ops below there instead), the kernels are called the way dynamo understands, Triton's
+    own launch, so that it captures them as user-defined Triton kernels: the autotuned kernel (inductor tunes
+    and launches it), or the fixed config in deterministic runs."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -547,6 +548,53 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+# Under torch.compile the same forward and backward run as two custom ops: opaque to dynamo and inductor
+# (fake implementations give the output shapes), so a compiled transformer block stays one graph around
+# the attention and its backward, where a torch.compiler.disable'd call would split it into several, each
+# with its own guards and wrappers and no fusion across the breaks. The kernels themselves launch eagerly
+# inside the ops, through the same autotuned, directly launched path as outside torch.compile.
+
+
+@torch.library.custom_op("fastlm::flash_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, sm_scale)
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, causal, sm_scale):
+    batch, n_head, seq_q, head_dim = q.shape
+    return q.new_empty(batch, n_head, seq_q, head_dim), q.new_empty(batch, n_head, seq_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::flash_attention_backward", mutates_args=())
+def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(_last_dim_contiguous(do), q, k, v, o, lse, causal, sm_scale)
+
+
+@_backward_op.register_fake
+def _backward_fake(do, q, k, v, o, lse, causal, sm_scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, sm_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+    return dq, dk, dv, None, None
+
+
+_forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * softmax_scale [+ causal mask]) v with FlashAttention-2 tiling; differentiable.
@@ -558,7 +606,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale))
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, bool(causal), float(softmax_scale))[0]
+    return _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale))  # less host time per call
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

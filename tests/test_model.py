@@ -144,6 +144,32 @@ def test_attention_implementations_agree(preset):
         torch.testing.assert_close(results[impl][1], results["manual"][1], atol=GRAD_ATOL, rtol=1e-4)
 
 
+def test_compiled_block_with_triton_attention_is_one_graph():
+    """Training compiles each block: with the Triton attention (a custom op under torch.compile) the block
+    compiles whole (fullgraph=True: a graph break is an error) and gives the eager block's output and
+    gradients. Inductor compiles the rest of the block (C++ on CPU, Triton on a GPU)."""
+    torch.manual_seed(0)
+    cfg = load("gpt124m", attention="triton", n_layer=1, sequence_length=40, n_head=2, n_embd=64, ffn_hidden=128)
+    block = GPT(cfg).blocks[0].to(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 37, 64, generator=gen).to(DEVICE).requires_grad_()
+    gy = torch.randn(2, 37, 64, generator=gen).to(DEVICE)
+
+    def run(fn):
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        y = fn(x, None, None, None)
+        y.backward(gy)
+        return [y.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+
+    eager = run(block)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(block, fullgraph=True))
+    # fp32 throughout; inductor fuses the norm and activation and may reorder their sums
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, atol=GRAD_ATOL, rtol=1e-4)
+
+
 def test_fused_and_torch_loss_agree():
     losses, grads = {}, {}
     for impl in ("torch", "fused"):
