@@ -1,7 +1,8 @@
 """Decoding speed: 256 new tokens after a 256-token prompt, with the KV cache against recomputing the
 whole prefix for every token (what Modalities' generate_text does), side by side in the same run.
 CPU: the tiny and gpt60m shapes (random weights: speed does not depend on them). On a CUDA GPU (through
-benchmarks/device_check.sh): gpt60m, bf16, batch 1 with the compiled decode step."""
+benchmarks/device_check.sh): gpt60m, bf16, batch 1 with the compiled decode step, and also the whole
+`Generator.generate` loop as users run it (top-k sampling, each token's id brought to the host)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, record
+from conftest import GPT2, ROOT, record
 
 PROMPT, NEW = 256, 256
 
@@ -51,6 +52,24 @@ def cached_tokens_per_s(model, batch: int, device, compile_step: bool = False) -
     return batch * NEW / (time.perf_counter() - t0)
 
 
+def generator_tokens_per_s(model, device, run_dir) -> float:
+    """Generator.generate on a PROMPT-token prompt for NEW tokens, batch 1, from the model saved as a run."""
+    from fastlm.checkpoint import save_consolidated
+    from fastlm.generate import GenerationSettings, Generator
+
+    cfg = model.cfg
+    save_consolidated(run_dir, model, {k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
+    gen = Generator(GenerationSettings(model_path=str(run_dir), tokenizer_path=str(GPT2), device=device.type,
+                                       max_new_tokens=NEW, stop_at_eod=False, top_k=50, temperature=0.8))
+    prompt = torch.randint(0, 50000, (PROMPT,)).tolist()
+    gen.generate([prompt])  # warm-up (and compilation)
+    _sync(device)
+    t0 = time.perf_counter()
+    n = len(gen.generate([prompt])[0])
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
 @torch.no_grad()
 def recompute_tokens_per_s(model, batch: int, device, new: int = NEW) -> float:
     model.clear_caches()
@@ -83,7 +102,7 @@ def test_cpu_decoding(name, batch, bar):
            "full recompute per token (first 32 tokens)", full, bar=bar)
 
 
-def test_gpu_decoding_gpt60m():
+def test_gpu_decoding_gpt60m(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (run benchmarks/device_check.sh on one)")
     device = torch.device("cuda")
@@ -93,3 +112,7 @@ def test_gpu_decoding_gpt60m():
     full = recompute_tokens_per_s(model, 1, device)
     record("decode gpt60m cuda bf16, batch 1, compiled step", compiled, "tokens/s", "full recompute per token",
            full, aim_tokens_per_s=2000, eager_tokens_per_s=eager)
+    model.clear_caches()
+    generate = generator_tokens_per_s(model, device, tmp_path)
+    record("decode gpt60m cuda bf16, batch 1, Generator.generate (top-k sampling, ids to the host)", generate,
+           "tokens/s", "full recompute per token", full)

@@ -231,55 +231,55 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], on_token=None) -> list[list[int]]:
-        """Continuations (ids) of each prompt. on_token(row, id) is called as tokens are chosen."""
-        s, model, device = self.s, self.model, self.device
-        prompts = [self._fit(p) for p in prompts]
-        B = len(prompts)
-        width = max(len(p) for p in prompts)
+        """Continuations (ids) of each prompt. on_token(row, id) is called as tokens are chosen.
+
+        One host sync per token (the chosen ids, which the caller streams anyway): which rows are done
+        and the token history (for sliding the window) are kept on the host. A finished row keeps being
+        decoded with the rest of the batch; rows never attend to each other, so what it draws is dropped."""
+        s, model = self.s, self.model
+        rows = [list(self._fit(p)) for p in prompts]  # each row's tokens so far (copies: they grow)
+        B = len(rows)
         if B != self._batch:
             model.setup_caches(B, self.context, dtype=self.dtype)
             self._batch = B
-        pad_lens = torch.tensor([width - len(p) for p in prompts], device=device)
-        tokens = torch.full((B, width), self.eod_id, dtype=torch.long, device=device)
-        for b, p in enumerate(prompts):
-            tokens[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        gen = torch.Generator(device=device).manual_seed(s.seed)
+        gen = torch.Generator(device=self.device).manual_seed(s.seed)
         vocab = model.cfg.vocab_size  # ids past the tokenizer's vocabulary (embedding padding) never win
         out: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        logits = prefill(model, tokens, pad_lens)
-        pos = width
-        input_pos = torch.zeros(1, dtype=torch.long, device=device)
-        history = tokens  # for sliding the window
+        done = [False] * B
+        logits, pad_lens, pos = self._prefill(rows)
+        input_pos = torch.zeros(1, dtype=torch.long, device=self.device)
         for _ in range(s.max_new_tokens):
             nxt = sample(logits[:, :vocab], s.temperature, s.top_k, s.top_p, gen)
-            nxt = torch.where(done, torch.full_like(nxt, self.eod_id), nxt)
-            for b, t in enumerate(nxt.tolist()):
-                if not done[b]:
-                    out[b].append(t)
-                    if on_token is not None:
-                        on_token(b, t)
-            if s.stop_at_eod:
-                done |= nxt == self.eod_id
-            if bool(done.all()):
+            for b, t in enumerate(nxt.tolist()):  # the one sync of the step
+                if done[b]:
+                    continue
+                out[b].append(t)
+                rows[b].append(t)
+                if on_token is not None:
+                    on_token(b, t)
+                done[b] = s.stop_at_eod and t == self.eod_id
+            if all(done):
                 break
-            history = torch.cat([history, nxt[:, None]], dim=1)
             if pos >= self.context:
                 if s.context_full == "stop":
                     print(f"fastlm: reached the context of {self.context} tokens; stopping "
                           f"(settings.context_full: slide keeps going)", file=sys.stderr)
                     break
                 keep = self.context // 2  # slide: recompute the caches over the newest half
-                cut = history.shape[1] - keep
-                history = history[:, cut:]
-                pad_lens = (pad_lens - cut).clamp(min=0)
-                logits = prefill(model, history, pad_lens)
-                pos = history.shape[1]
+                logits, pad_lens, pos = self._prefill([row[-keep:] for row in rows])
                 continue
             input_pos.fill_(pos)  # on the device: no host-to-device copy (a stream sync) per token
             logits = self._decode_step(nxt, input_pos, pad_lens)
             pos += 1
         return out
+
+    def _prefill(self, rows: list[list[int]]):
+        """Left-pad the rows to one width and fill the caches with them: (last logits, pad_lens, width)."""
+        width = max(len(r) for r in rows)
+        tokens = torch.tensor([[self.eod_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        pad_lens = torch.tensor([width - len(r) for r in rows])
+        tokens, pad_lens = tokens.to(self.device), pad_lens.to(self.device)
+        return prefill(self.model, tokens, pad_lens), pad_lens, width
 
     def _fit(self, ids: list[int]) -> list[int]:
         room = self.context - 1

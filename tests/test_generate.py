@@ -91,6 +91,19 @@ def test_prompt_longer_than_the_context(tiny_run):
     assert len(gen.generate([long_prompt])[0]) == 3
 
 
+def test_sliding_window_continues_from_the_newest_half(tiny_run):
+    # context 64: a 63-token prompt gets one token, then the window slides to the newest 32 tokens and
+    # decoding goes on from there, as if those 32 were the prompt; the caller's prompt list is not touched
+    gen = make_generator(tiny_run, temperature=0.0, max_new_tokens=6, stop_at_eod=False, context_full="slide")
+    assert gen.context == 64
+    prompt = list(range(300, 363))
+    got = gen.generate([prompt])[0]
+    assert prompt == list(range(300, 363))
+    reference_model = load_model(tiny_run, torch.device("cpu"), torch.float32)
+    first = greedy_by_recompute(reference_model, prompt, 1)
+    assert got == first + greedy_by_recompute(reference_model, (prompt + first)[-32:], 5)
+
+
 def test_mismatched_checkpoint_names_the_tensor(tiny_run, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_run, bad)
