@@ -17,8 +17,9 @@ would have picked the same one:
 - the current CUDA device (a compiled kernel is loaded per device).
 
 Triton's path is kept where the direct one would skip something or not be understood: under the
-interpreter, while a launch hook is registered (profilers such as proton use them), and while torch.compile
-traces (dynamo captures `kernel[grid](...)` calls as user-defined Triton kernels).
+interpreter, while a launch hook or a pre-run hook of the kernel is registered (profilers such as proton
+use them), and while torch.compile traces (dynamo captures `kernel[grid](...)` calls as user-defined Triton
+kernels).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class CachedLauncher:
 
     def __call__(self, grid, args: tuple, kwargs: dict) -> None:
         if (not self.direct or torch.compiler.is_compiling()  # dynamo captures Triton's own launch
-                or _registered(knobs.runtime.launch_enter_hook) or _registered(knobs.runtime.launch_exit_hook)):
+                or _registered(knobs.runtime.launch_enter_hook) or _registered(knobs.runtime.launch_exit_hook)
+                or getattr(self.fn, "pre_run_hooks", None)):
             self.fn[grid](*args, **kwargs)
             return
         device = self.current_device()

@@ -129,6 +129,10 @@ def test_triton_launches_while_a_hook_is_registered_or_interpreting():
     launcher(_grid, (x, 16, 0.5), {"BLOCK": 16})
     assert jit.log[-1][0] == "direct"
 
+    jit.pre_run_hooks = [hook]  # a hook of the kernel itself
+    launcher(_grid, (x, 16, 0.5), {"BLOCK": 16})
+    assert jit.log[-1][0] == "triton"
+
     jit, interpreted = _launcher(direct=False)
     for _ in range(2):
         interpreted(_grid, (x, 16, 0.5), {"BLOCK": 16})
