@@ -6,8 +6,9 @@ the plain fp32 torch computation that tests and benchmarks hold the kernels to.
 
 Layout: q is (batch, n_head, seq_q, head_dim); k and v are (batch, n_kv_head, seq_k, head_dim) with
 n_head % n_kv_head == 0; query head h reads kv head h // (n_head // n_kv_head). Any strides are accepted
-(the last dimension is made contiguous if it is not). The output is a new contiguous tensor of q's shape and
-dtype. Causal masking is aligned bottom-right: query i sees keys j <= i + seq_k - seq_q, which is the usual
+(the last dimension is made contiguous if it is not). The output is a new tensor of q's shape and dtype, laid
+out in memory as (batch, seq_q, n_head, head_dim) like SDPA's, so `out.transpose(1, 2).reshape(batch, seq_q,
+-1)` is a view. Causal masking is aligned bottom-right: query i sees keys j <= i + seq_k - seq_q, which is the usual
 triangle when seq_q == seq_k and the KV-cached decoding mask when seq_q < seq_k.
 
 Numerics: scores, the online softmax and all accumulators are fp32; the probabilities (and in the backward the
@@ -147,6 +148,7 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
                 stride_qb, stride_qh, stride_qt,
                 stride_kb, stride_kh, stride_kt,
                 stride_vb, stride_vh, stride_vt,
+                stride_ob, stride_oh, stride_ot,
                 n_head, group, seq_q, seq_k,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -182,9 +184,8 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
                                True, CAUSAL, PRECISION, BLOCK_N)
 
     out = acc / l_i[:, None]
-    # O is the launcher's own contiguous (batch, n_head, seq_q, HEAD_DIM) tensor: no strides needed
-    o_base = O + pid_bh.to(tl.int64) * seq_q * HEAD_DIM
-    tl.store(o_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+    o_base = O + off_b * stride_ob + off_h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     # LSE is (batch, n_head, seq_q) contiguous fp32, in log2 units of the scaled scores.
     tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
@@ -315,6 +316,7 @@ def _bwd_q_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
                   stride_kb, stride_kh, stride_kt,
                   stride_vb, stride_vh, stride_vt,
                   stride_dob, stride_doh, stride_dot,
+                  stride_ob, stride_oh, stride_ot,
                   n_head, group, seq_q, seq_k,
                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -336,9 +338,9 @@ def _bwd_q_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     lse = tl.load(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
     # delta_i = sum_d dO_id * O_id, the row term of the softmax gradient dS = P * (dP - delta). This program
     # owns rows offs_m, so it computes their delta here and stores it for the dk/dv kernel, launched after
-    # it: one launch fewer than a separate pass. O and DQ are the launcher's contiguous tensors.
-    rows_base = pid_bh.to(tl.int64) * seq_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(O + rows_base, mask=row_ok[:, None], other=0.0)
+    # it: one launch fewer than a separate pass.
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
     k_base = K + off_b * stride_kb + off_kvh * stride_kh
@@ -354,7 +356,9 @@ def _bwd_q_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     dq = _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_full, hi,
                       offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale, True, CAUSAL, PRECISION, BLOCK_N)
     dq = dq * sm_scale
-    tl.store(DQ + rows_base, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    # DQ is the launcher's own contiguous (batch, n_head, seq_q, HEAD_DIM) tensor: no strides needed
+    dq_ptrs = DQ + pid_bh.to(tl.int64) * seq_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,7 +483,9 @@ _BWD_KV = _Tuned(_bwd_kv_kernel)
 def _forward(q, k, v, causal: bool, sm_scale: float):
     batch, n_head, seq_q, head_dim = q.shape
     n_kv_head, seq_k = k.shape[1], k.shape[2]
-    o = torch.empty((batch, n_head, seq_q, head_dim), dtype=q.dtype, device=q.device)
+    # (batch, seq_q, n_head, head_dim) in memory, as SDPA's output: merging the heads back into
+    # (batch, seq_q, n_head * head_dim), what a transformer does next, is then a view, not a copy
+    o = torch.empty((batch, seq_q, n_head, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((batch, n_head, seq_q), dtype=torch.float32, device=q.device)
 
     def grid(meta):
@@ -487,7 +493,7 @@ def _forward(q, k, v, causal: bool, sm_scale: float):
 
     _FWD((seq_q, seq_k, head_dim, causal, q.dtype), grid,
          q, k, v, o, lse, sm_scale * _LOG2E,
-         *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
+         *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(o),
          n_head, n_head // n_kv_head, seq_q, seq_k,
          HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=_precision(q.dtype))
     return o, lse
@@ -511,7 +517,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     # dq first: it also computes delta, which the dk/dv kernel reads
     _BWD_Q(key, q_grid,
            q, k, v, o, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale,
-           *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
+           *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do), *_bhs_strides(o),
            n_head, group, seq_q, seq_k,
            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision)
 
@@ -561,10 +567,14 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     return _forward(q, k, v, causal, sm_scale)
 
 
+# The fakes must give the real outputs' layouts. Inductor's compile cache did not key on them before
+# pytorch/pytorch#185323: on such a torch, a layout change needs a new op name, or a cached graph of the
+# old layout fails its stride assertion ("incorrect fake kernel").
 @_forward_op.register_fake
 def _forward_fake(q, k, v, causal, sm_scale):
     batch, n_head, seq_q, head_dim = q.shape
-    return q.new_empty(batch, n_head, seq_q, head_dim), q.new_empty(batch, n_head, seq_q, dtype=torch.float32)
+    return (q.new_empty(batch, seq_q, n_head, head_dim).transpose(1, 2),  # the layout _forward gives
+            q.new_empty(batch, n_head, seq_q, dtype=torch.float32))
 
 
 @torch.library.custom_op("fastlm::flash_attention_backward", mutates_args=())
@@ -600,7 +610,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """softmax(q k^T * softmax_scale [+ causal mask]) v with FlashAttention-2 tiling; differentiable.
 
     q: (batch, n_head, seq_q, head_dim); k, v: (batch, n_kv_head, seq_k, head_dim), n_head % n_kv_head == 0.
-    softmax_scale defaults to 1/sqrt(head_dim). Returns (batch, n_head, seq_q, head_dim) in q's dtype.
+    softmax_scale defaults to 1/sqrt(head_dim). Returns (batch, n_head, seq_q, head_dim) in q's dtype, stored
+    as (batch, seq_q, n_head, head_dim) (heads merge back without a copy).
     """
     _check_inputs(q, k, v, causal)
     if softmax_scale is None:

@@ -163,6 +163,10 @@ def test_model_layout_and_custom_scale():
     assert not q.is_contiguous() and not k.is_contiguous()
     do = randn(batch, n_head, seq, head_dim)
     _check(q, k, v, do, causal=True, softmax_scale=0.3)
+    # ... and the output is stored as (B, T, H, D), as SDPA's: merging the heads back is a view
+    out = flash_attention(q, k, v, causal=True)
+    merged = out.transpose(1, 2).reshape(batch, seq, n_head * head_dim)
+    assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
 
 
 def test_grad_output_non_contiguous():
@@ -276,10 +280,10 @@ def test_kernels_lower_to_h100_code():
             t = "*" + dtype
             kernels = {
                 fa._fwd_kernel: {"Q": t, "K": t, "V": t, "O": t, "LSE": "*fp32", "qk_scale": "fp32",
-                                 **strides("q", "k", "v"), **common},
+                                 **strides("q", "k", "v", "o"), **common},
                 fa._bwd_q_kernel: {"Q": t, "K": t, "V": t, "O": t, "DO": t, "LSE": "*fp32", "DELTA": "*fp32",
                                    "DQ": t, "qk_scale": "fp32", "sm_scale": "fp32",
-                                   **strides("q", "k", "v", "do"), **common},
+                                   **strides("q", "k", "v", "do", "o"), **common},
                 fa._bwd_kv_kernel: {"Q": t, "K": t, "V": t, "DO": t, "LSE": "*fp32", "DELTA": "*fp32", "DK": t,
                                     "DV": t, "qk_scale": "fp32", "sm_scale": "fp32",
                                     **strides("q", "k", "v", "do"), "n_head": "i32", "n_kv_head": "i32",
