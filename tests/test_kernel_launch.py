@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ if not torch.cuda.is_available():
 
 import fastlm.kernels  # noqa: E402,F401  (the modules below are reached through sys.modules)
 from triton import knobs  # noqa: E402
+from conftest import assert_lowers_to_sm90  # noqa: E402
 
 launch_mod = sys.modules["fastlm.kernels.launch"]
 CachedLauncher, signature = launch_mod.CachedLauncher, launch_mod.signature
@@ -156,6 +158,65 @@ def test_signature():
                                                       (("A", 1),))
     assert signature((x[1:],), {})[0] == (torch.bfloat16, False)
     assert signature((True,), {}) != signature((1,), {})
+
+
+def test_direct_launch_passes_what_tritons_binder_binds():
+    # A direct launch hands the compiled kernel's launcher `args + the remaining parameters in order` (the
+    # constexprs from the keyword arguments); Triton's own launch hands it its binder's values. Both must
+    # be the same list for every kernel, or a direct launch would feed the kernel shifted arguments. Checked
+    # with the real launchers and Triton's binder for an H100 (no GPU needed): each kernel's first launch
+    # goes to a stand-in that binds the arguments as Triton would, the second launch is direct into a
+    # stand-in launcher that records what it is given.
+    code = textwrap.dedent("""
+        import sys, torch
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        import fastlm.kernels
+        fa = sys.modules["fastlm.kernels.flash_attention"]
+        ce = sys.modules["fastlm.kernels.cross_entropy"]
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        bound, launched = {}, {}
+
+        class Compiled:
+            def __init__(self, name):
+                self.function, self.packed_metadata = "function", "metadata"
+                self.run = lambda *a: launched.setdefault(name, a[9:])  # after grid, stream, function, ...
+
+        class Jit:  # binds like Triton's launch, returns a compiled kernel
+            def __init__(self, fn):
+                self.fn, self.arg_names = fn, fn.arg_names
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
+                    bound[self.fn.__name__] = list(binder(*args, **kwargs)[0].values())
+                    return Compiled(self.fn.__name__)
+                return launch
+
+        for launcher in (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch, ce._LAUNCH):
+            launcher.fn, launcher.direct = Jit(launcher.fn), True
+            launcher.current_device, launcher.current_stream = (lambda: 0), (lambda device: 0)
+        fa._INTERPRET = True  # CPU tensors past the device check
+        torch.use_deterministic_algorithms(True)  # the fixed config: no autotuning runs
+        q = torch.randn(2, 4, 40, 64, dtype=torch.bfloat16)
+        kv = torch.randn(2, 40, 2, 2, 64, dtype=torch.bfloat16)  # GQA, strided k and v as in the model
+        logits, targets = torch.randn(8, 300, dtype=torch.bfloat16), torch.randint(0, 300, (8,))
+        for _ in range(2):  # through Triton's binder, then direct
+            qq = q.clone().requires_grad_()
+            k, v = (kv[:, :, i].transpose(1, 2).requires_grad_() for i in range(2))
+            fastlm.kernels.flash_attention(qq, k, v).sum().backward()
+            ce.launch(logits, targets, torch.empty(8), logits, torch.ones(1), -100)
+        assert sorted(launched) == ["_bwd_kv_kernel", "_bwd_q_kernel", "_cross_entropy_kernel", "_fwd_kernel"]
+        for name, args in launched.items():
+            want = bound[name]
+            assert len(args) == len(want), (name, len(args), len(want))
+            for i, (a, b) in enumerate(zip(args, want)):
+                same = (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+                        if isinstance(a, torch.Tensor) else a == b and type(a) is type(b))
+                assert same, (name, i, a, b)
+        print("BOUND")
+    """)
+    assert_lowers_to_sm90(code, done="BOUND")
 
 
 # --- On a GPU: the real kernels, launched directly ---------------------------------------------------------
