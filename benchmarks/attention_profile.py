@@ -145,7 +145,8 @@ def compiled_block(batches=(16,), reps=20):
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; gpt124m block, bf16 autocast")
     # (name, attention impl, what the model calls for "triton", fullgraph)
     variants = (("custom op (the model's path)", "triton", flash_attention, True),
-                ("eager attention (torch.compiler.disable)", "triton", torch.compiler.disable(flash_attention), False),
+                ("eager attention (torch.compiler.disable)", "triton", torch.compiler.disable(flash_attention),
+                 False),
                 ("traced Triton kernels (fullgraph)", "triton", traced, True),
                 ("SDPA", "sdpa", None, True))
     model_flash = M._flash_attention

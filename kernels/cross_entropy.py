@@ -161,7 +161,8 @@ def grad_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> tupl
 
 
 def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (n >= 1); triton.next_power_of_2 is a constexpr_function, ~3 us a call."""
+    """The smallest power of two >= n (n >= 1). triton.next_power_of_2 is a constexpr_function: ~3 us a
+    call on the host."""
     return 1 << (n - 1).bit_length()
 
 
@@ -186,7 +187,8 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
     block = block or block_v(n_cols)
     compute_grad = grad is not None
     _LAUNCH((n_rows,),
-            (logits, logits.stride(0), grad if compute_grad else logits, grad.stride(0) if compute_grad else 0,
+            (logits, logits.stride(0),
+             grad if compute_grad else logits, grad.stride(0) if compute_grad else 0,
              targets, loss_rows, scale, n_cols, ignore_index),
             dict(BLOCK_V=block, COMPUTE_GRAD=compute_grad, SCALE_PER_ROW=scale_per_row,
                  num_warps=num_warps(block)))

@@ -6,10 +6,11 @@ the plain fp32 torch computation that tests and benchmarks hold the kernels to.
 
 Layout: q is (batch, n_head, seq_q, head_dim); k and v are (batch, n_kv_head, seq_k, head_dim) with
 n_head % n_kv_head == 0; query head h reads kv head h // (n_head // n_kv_head). Any strides are accepted
-(the last dimension is made contiguous if it is not). The output is a new tensor of q's shape and dtype, laid
-out in memory as (batch, seq_q, n_head, head_dim) like SDPA's, so `out.transpose(1, 2).reshape(batch, seq_q,
--1)` is a view. Causal masking is aligned bottom-right: query i sees keys j <= i + seq_k - seq_q, which is the usual
-triangle when seq_q == seq_k and the KV-cached decoding mask when seq_q < seq_k.
+(the last dimension is made contiguous if it is not). The output is a new tensor of q's shape and dtype,
+laid out in memory as (batch, seq_q, n_head, head_dim) like SDPA's, so that merging the heads back,
+`out.transpose(1, 2).reshape(batch, seq_q, -1)`, is a view. Causal masking is aligned bottom-right: query i
+sees keys j <= i + seq_k - seq_q, which is the usual triangle when seq_q == seq_k and the KV-cached decoding
+mask when seq_q < seq_k.
 
 Numerics: scores, the online softmax and all accumulators are fp32; the probabilities (and in the backward the
 score gradients) are rounded to the input dtype before they meet v (q, k) in a matmul, as FlashAttention does.
@@ -579,7 +580,8 @@ def _forward_fake(q, k, v, causal, sm_scale):
 
 @torch.library.custom_op("fastlm::flash_attention_backward", mutates_args=())
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lse: torch.Tensor, causal: bool,
+                 sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(_last_dim_contiguous(do), q, k, v, o, lse, causal, sm_scale)
 
 

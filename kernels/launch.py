@@ -84,8 +84,10 @@ class CachedLauncher:
         run, function, metadata, tail = found
         grid = grid(kwargs) if callable(grid) else grid
         stream = self.current_stream(device)
-        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function, metadata,
-            None, None, None, *args, *(kwargs[name] for name in tail))
+        grid_y, grid_z = (grid[1] if len(grid) > 1 else 1), (grid[2] if len(grid) > 2 else 1)
+        # no launch metadata and no enter/exit hooks: none is registered (checked above)
+        run(grid[0], grid_y, grid_z, stream, function, metadata, None, None, None,
+            *args, *(kwargs[name] for name in tail))
         self.hits += 1
 
 

@@ -78,7 +78,8 @@ def test_second_launch_is_direct_with_every_parameter_in_order():
     assert launcher.hits == 1
 
 
-@pytest.mark.parametrize("change", ["int value", "alignment", "dtype", "constexpr", "option", "device", "bool"])
+@pytest.mark.parametrize("change",
+                         ["int value", "alignment", "dtype", "constexpr", "option", "device", "bool"])
 def test_another_specialization_goes_through_triton(change):
     jit, launcher = _launcher()
     x = torch.zeros(64)
@@ -111,7 +112,8 @@ def test_floats_are_not_part_of_the_signature():
     x = torch.zeros(64)
     launcher(_grid, (x, 16, 0.5), {"BLOCK": 16})
     launcher(_grid, (x, 16, 0.25), {"BLOCK": 16})
-    assert jit.log[-1] == ("direct", (32, 1, 1, STREAM, "function 1", "metadata 1", None, None, None, x, 16, 0.25, 16))
+    assert jit.log[-1] == ("direct",
+                           (32, 1, 1, STREAM, "function 1", "metadata 1", None, None, None, x, 16, 0.25, 16))
 
 
 def test_triton_launches_while_a_hook_is_registered_or_interpreting():

@@ -149,7 +149,8 @@ def test_compiled_block_with_triton_attention_is_one_graph():
     compiles whole (fullgraph=True: a graph break is an error) and gives the eager block's output and
     gradients. Inductor compiles the rest of the block (C++ on CPU, Triton on a GPU)."""
     torch.manual_seed(0)
-    cfg = load("gpt124m", attention="triton", n_layer=1, sequence_length=40, n_head=2, n_embd=64, ffn_hidden=128)
+    cfg = load("gpt124m", attention="triton", n_layer=1, sequence_length=40, n_head=2, n_embd=64,
+               ffn_hidden=128)
     block = GPT(cfg).blocks[0].to(DEVICE)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 37, 64, generator=gen).to(DEVICE).requires_grad_()
