@@ -45,10 +45,16 @@ LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 # Widest vocabulary chunk one program handles per loop step. 32K fp32 values over 32 warps is 32 registers
-# a thread: big enough that a 50K-128K vocabulary takes 2-4 steps, small enough not to spill. No autotune:
-# its benchmark runs would read logits that an earlier run already overwrote with the gradient (in place),
-# and `restore_value` would copy the whole (N, V) tensor, which is what this kernel exists to avoid.
+# a thread: big enough that a 50K-128K vocabulary takes 2-4 steps, small enough not to spill.
 MAX_BLOCK_V = 32768
+# (BLOCK_V, num_warps) timed for a vocabulary on its first use on a GPU (`_Configs`), the rule's own choice
+# (`block_v`, `num_warps`) among them. One wide block per row leaves room for one program per SM, whose
+# loads then wait on its own block-wide reductions; narrower blocks with fewer warps let several programs
+# share an SM and hide each other's loads. triton.autotune cannot do this timing: its runs would read
+# logits that an earlier run overwrote with the gradient (in place), and its `restore_value` would copy the
+# whole (N, V) tensor, which is what this kernel exists to avoid. Scratch rows are timed instead.
+CANDIDATES = ((32768, 32), (16384, 16), (8192, 8), (8192, 16), (4096, 4), (4096, 8), (2048, 4))
+TUNE_ROWS = 512  # scratch rows timed per candidate: several waves of programs over the SMs
 
 
 @triton.jit
@@ -175,6 +181,59 @@ def num_warps(block: int) -> int:
     return max(1, min(32, block // 1024))
 
 
+class _Configs:
+    """(BLOCK_V, num_warps) per (vocabulary, dtype, gradient or not, device): the fastest of CANDIDATES
+    that fit the vocabulary, timed once on TUNE_ROWS scratch rows (a few seconds of compilation, then
+    milliseconds), and the rule (`block_v`, `num_warps`) wherever timing is not possible or not wanted:
+    under the interpreter, off CUDA, while torch.compile traces or a CUDA graph is captured, and in
+    deterministic runs (another block size sums the row in another order; a timing-based choice could
+    differ between a run and its resume)."""
+
+    def __init__(self):
+        self.chosen: dict[tuple, tuple[int, int]] = {}
+        self.time = _time_on_gpu  # time(n_cols, dtype, compute_grad, device, block, warps) -> ms
+
+    def __call__(self, n_cols: int, dtype: torch.dtype, compute_grad: bool, device: torch.device):
+        block = block_v(n_cols)
+        rule = (block, num_warps(block))
+        if (INTERPRETED or device.type != "cuda" or torch.are_deterministic_algorithms_enabled()
+                or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+            return rule
+        key = (n_cols, dtype, compute_grad, device.index)
+        found = self.chosen.get(key)
+        if found is None:
+            fitting = [c for c in CANDIDATES if c[0] <= block]
+            options = fitting if rule in fitting else [rule, *fitting]
+            if len(options) > 1:
+                found = min(options, key=lambda c: self.time(n_cols, dtype, compute_grad, device, *c))
+            else:
+                found = rule
+            self.chosen[key] = found
+        return found
+
+
+def _time_on_gpu(n_cols, dtype, compute_grad, device, block, warps, reps: int = 10) -> float:
+    """Milliseconds per launch of the kernel on TUNE_ROWS random rows (compiled and run once first)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(TUNE_ROWS, n_cols, device=device, dtype=dtype, generator=gen)
+    targets = torch.randint(0, n_cols, (TUNE_ROWS,), device=device, generator=gen)
+    loss = torch.empty(TUNE_ROWS, dtype=torch.float32, device=device)
+    grad = torch.empty_like(logits) if compute_grad else None  # not in place: every run reads the logits
+    scale = torch.ones(1, dtype=torch.float32, device=device)
+    run = lambda: _launch_rows(logits, targets, loss, grad, scale, -100, False, block, warps)  # noqa: E731
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+_CONFIGS = _Configs()
+
+
 def launch(logits: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor, grad: torch.Tensor | None,
            scale: torch.Tensor, ignore_index: int, *, scale_per_row: bool = False,
            block: int | None = None) -> None:
@@ -184,14 +243,21 @@ def launch(logits: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block = block or block_v(n_cols)
     compute_grad = grad is not None
-    _LAUNCH((n_rows,),
+    if block is None:
+        block, warps = _CONFIGS(n_cols, logits.dtype, compute_grad, logits.device)
+    else:
+        warps = num_warps(block)
+    _launch_rows(logits, targets, loss_rows, grad, scale, ignore_index, scale_per_row, block, warps)
+
+
+def _launch_rows(logits, targets, loss_rows, grad, scale, ignore_index, scale_per_row, block, warps):
+    compute_grad = grad is not None
+    _LAUNCH((logits.shape[0],),
             (logits, logits.stride(0),
              grad if compute_grad else logits, grad.stride(0) if compute_grad else 0,
-             targets, loss_rows, scale, n_cols, ignore_index),
-            dict(BLOCK_V=block, COMPUTE_GRAD=compute_grad, SCALE_PER_ROW=scale_per_row,
-                 num_warps=num_warps(block)))
+             targets, loss_rows, scale, logits.shape[1], ignore_index),
+            dict(BLOCK_V=block, COMPUTE_GRAD=compute_grad, SCALE_PER_ROW=scale_per_row, num_warps=warps))
 
 
 def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -459,6 +460,41 @@ def test_cpu_tensors_without_interpreter_say_what_to_do():
         assert "CUDA" in line and "TRITON_INTERPRET=1" in line, line
 
 
+def test_block_configs_are_timed_once_per_vocabulary(monkeypatch):
+    # On a GPU the kernel's (BLOCK_V, num_warps) is the fastest candidate that fits the vocabulary, timed
+    # once per (vocabulary, dtype, gradient or not, device), and the rule wherever nothing may be timed.
+    # Here with a stand-in device and timer; the GPU test below runs every candidate for real.
+    ce = sys.modules["fastlm.kernels.cross_entropy"]
+    monkeypatch.setattr(ce, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda = SimpleNamespace(type="cuda", index=0)
+    timed = []
+
+    def fake_time(n_cols, dtype, grad, device, block, warps):
+        timed.append((n_cols, grad, block, warps))
+        return 1.0 if (block, warps) == (8192, 8) else 2.0 + block / 1e6 + warps / 1e3
+
+    configs = ce._Configs()
+    configs.time = fake_time
+    assert configs(50257, torch.bfloat16, True, cuda) == (8192, 8)
+    assert sorted(t[2:] for t in timed) == sorted(ce.CANDIDATES)  # all fit a 50257 vocabulary
+    assert configs(50257, torch.bfloat16, True, cuda) == (8192, 8) and len(timed) == len(ce.CANDIDATES)
+    configs(50257, torch.bfloat16, False, cuda)  # without the gradient: timed on its own
+    assert len(timed) == 2 * len(ce.CANDIDATES)
+    timed.clear()
+    assert configs(3000, torch.float16, True, cuda) == (2048, 4)  # the fastest of the three that fit
+    assert sorted(t[2:] for t in timed) == [(2048, 4), (4096, 4), (4096, 8)]
+    timed.clear()
+    assert configs(1000, torch.float16, True, cuda) == (1024, 1) and timed == []  # only the rule fits
+    assert configs(50257, torch.bfloat16, True, SimpleNamespace(type="cpu", index=None)) == (32768, 32)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert configs(65600, torch.bfloat16, True, cuda) == (32768, 32) and timed == []  # the rule
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_kernel_lowers_to_h100_code():
     # The interpreter never compiles the kernel; lowering it to PTX and SASS for sm_90 (no GPU needed) catches
     # what only the compiler sees (loop-carried types, constexpr branches), before a GPU run does.
@@ -466,18 +502,19 @@ def test_kernel_lowers_to_h100_code():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from fastlm.kernels.cross_entropy import _cross_entropy_kernel, num_warps
-        for dtype, targets, grad, per_row in (("bf16", "i64", True, False), ("fp32", "i32", True, True),
-                                              ("fp16", "i64", False, False)):
+        from fastlm.kernels.cross_entropy import CANDIDATES, _cross_entropy_kernel, num_warps
+        variants = [("bf16", "i64", True, False, block, warps) for block, warps in CANDIDATES]  # timed on GPUs
+        variants += [("fp32", "i32", True, True, 32768, num_warps(32768)),
+                     ("fp16", "i64", False, False, 32768, num_warps(32768))]
+        for dtype, targets, grad, per_row, block, warps in variants:
             signature = {"logits_ptr": "*" + dtype, "logits_row_stride": "i64", "grad_ptr": "*" + dtype,
                          "grad_row_stride": "i64", "targets_ptr": "*" + targets, "loss_ptr": "*fp32",
                          "scale_ptr": "*fp32", "n_cols": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr",
                          "COMPUTE_GRAD": "constexpr", "SCALE_PER_ROW": "constexpr"}
             src = ASTSource(fn=_cross_entropy_kernel, signature=signature,
-                            constexprs={"BLOCK_V": 32768, "COMPUTE_GRAD": grad, "SCALE_PER_ROW": per_row})
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": num_warps(32768)})
-            assert compiled.asm["cubin"], dtype
+                            constexprs={"BLOCK_V": block, "COMPUTE_GRAD": grad, "SCALE_PER_ROW": per_row})
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            assert compiled.asm["cubin"], (dtype, block, warps)
         print("LOWERED")
     """)
     assert_lowers_to_sm90(code)
@@ -498,6 +535,31 @@ def test_cross_entropy_bf16_gpu(vocab, reduction):
     ours, same, ref, g_ours, g_same, g_ref, _ = run_ce_case(256, vocab, reduction, torch.bfloat16, gen)
     check("loss", ours, same, ref, torch.bfloat16)
     check("grad logits", g_ours, g_same, g_ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+def test_every_timed_block_config_gives_the_same_loss_and_gradient():
+    # The configurations the GPU times against each other differ only in how a row is cut into blocks:
+    # the fp32 loss sums in another order (a few fp32 ulps apart) and the bf16 gradient may round the other
+    # way (one bf16 ulp, eps 7.8e-3). The choice made for this vocabulary is one of them.
+    ce = sys.modules["fastlm.kernels.cross_entropy"]
+    gen = torch.Generator().manual_seed(3)
+    n, vocab = 256, 50257
+    logits = (torch.randn(n, vocab, generator=gen) * 3).to("cuda", torch.bfloat16)
+    targets = make_targets(n, vocab, gen).cuda()
+    scale = torch.ones(1, device="cuda")
+    results = {}
+    for block, warps in ce.CANDIDATES:
+        loss, grad = torch.empty(n, device="cuda"), torch.empty_like(logits)
+        ce._launch_rows(logits, targets, loss, grad, scale, IGNORE, False, block, warps)
+        results[block, warps] = (loss, grad.float())
+    first = results[ce.CANDIDATES[0]]
+    for config, (loss, grad) in results.items():
+        torch.testing.assert_close(loss, first[0], rtol=1e-5, atol=1e-5, msg=lambda m, c=config: f"{c}: {m}")
+        torch.testing.assert_close(grad, first[1], rtol=8e-3, atol=1e-7, msg=lambda m, c=config: f"{c}: {m}")
+    cross_entropy(logits.clone().requires_grad_(), targets)
+    assert ce._CONFIGS.chosen[(vocab, torch.bfloat16, True, 0)] in ce.CANDIDATES
 
 
 @pytest.mark.gpu
