@@ -85,16 +85,20 @@ def _cross_entropy_kernel(
                 tl.store(grad_row + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty),
                          mask=offs < n_cols)
     else:
-        # Online log-sum-exp: running max m and running sum d of exp(x - m), rescaled when m grows.
+        # Online log-sum-exp: a running max m (one block-wide reduction per step) and per-lane running sums
+        # d of exp(x - m), rescaled when m grows and summed across the lanes once, after the loop.
         m = float("-inf")
-        d = 0.0
+        d = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_V):
             offs = start + cols
             x = tl.load(logits_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            # exponents relative to a finite reference: while every logit so far is -inf (a masked
+            # vocabulary), m_new is -inf too and x - m_new would be NaN; the terms are 0 then
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            d = d * tl.exp(m - ref) + tl.exp(x - ref)
             m = m_new
-        lse = m + tl.log(d)
+        lse = m + tl.log(tl.sum(d, axis=0))
 
         in_range = (target >= 0) & (target < n_cols)
         safe_target = tl.where(in_range, target, 0)

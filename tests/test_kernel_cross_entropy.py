@@ -161,6 +161,24 @@ def test_cross_entropy_extreme_logits():
     torch.testing.assert_close(logits.grad.double(), x.grad, rtol=0, atol=1e-6)
 
 
+def test_cross_entropy_masked_vocabulary_blocks():
+    # -inf logits (a masked vocabulary) over a whole block, the row's first and a middle one: their terms
+    # are 0, not NaN (exp(-inf - -inf) while the running max is still -inf)
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 40, generator=gen)
+    logits[0, :16] = float("-inf")
+    logits[1, 16:32] = float("-inf")
+    logits[2, 5:] = float("-inf")
+    logits = logits.to(DEVICE).requires_grad_()
+    targets = torch.tensor([20, 3, 2], device=DEVICE)
+    loss, grad = cross_entropy_forward(logits.detach(), targets, IGNORE, "none", block=16)
+    x = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(x, targets, reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), x.grad, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy_all_ignored(reduction):
     # "mean" over no valid rows is 0, not torch's NaN: a fully padded micro-batch must not poison a step.
