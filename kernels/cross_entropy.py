@@ -1,5 +1,5 @@
 """Cross-entropy loss and its gradient in one Triton kernel launch: per row, a log-sum-exp loop over the
-vocabulary, then a gradient loop over the same row (which the first loop left in L2).
+vocabulary, then a gradient loop over the same row.
 
     loss = cross_entropy(logits, targets, ignore_index=-100, reduction="mean", inplace=False)
 
