@@ -125,3 +125,13 @@ def test_fused_linear_cross_entropy_speed(inputs):
 
     compare("fused_linear_cross_entropy", ours, baseline, "F.cross_entropy(F.linear(h, w).float())",
             [hidden, weight])
+    # A diagnostic, printed only (not a result): larger chunks than the default (1024 rows here) re-read and
+    # re-write the (V, D) fp32 grad_weight accumulator fewer times, for more memory. Data for the default.
+    grads = [hidden, weight]
+    for rows in (1024, 2048, 4096):
+        def step(rows=rows):
+            fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=rows).backward()
+
+        step()
+        print(f"\n  (diagnostic) fused_linear_cross_entropy chunk_rows={rows}: {time_ms(step, grads):.3f} ms, "
+              f"peak {peak_bytes(step, grads) / 2 ** 20:,.0f} MiB")
