@@ -515,10 +515,10 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     def q_grid(meta):
         return (_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
 
+    strides = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do))  # both kernels'
     # dq first: it also computes delta, which the dk/dv kernel reads
     _BWD_Q(key, q_grid,
-           q, k, v, o, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale,
-           *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do), *_bhs_strides(o),
+           q, k, v, o, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale, *strides, *_bhs_strides(o),
            n_head, group, seq_q, seq_k,
            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision)
 
@@ -526,8 +526,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
         return (_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head)
 
     _BWD_KV(key, kv_grid,
-            q, k, v, do, lse, delta, dk, dv, sm_scale * _LOG2E, sm_scale,
-            *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do),
+            q, k, v, do, lse, delta, dk, dv, sm_scale * _LOG2E, sm_scale, *strides,
             n_head, n_kv_head, group, seq_q, seq_k,
             HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision)
     return dq, dk, dv
