@@ -42,9 +42,9 @@ PY_SCAN = textwrap.dedent(
 )
 
 # The algorithm of Modalities' create_raw_index (its IndexGenerator, line-based since Modalities 0.2),
-# rewritten here so that the framework's ~5 s import is not counted: the file opened in text mode, a reader thread that calls tell() and readline()
-# for every line and feeds a queue, an indexer thread that json.loads each line under a tqdm bar, the list
-# pickled at the end. Text mode makes tell() slow (it replays the decoder) and lengths come out in
+# rewritten here so that the framework's ~5 s import is not counted: the file opened in text mode, a reader
+# thread that calls tell() and readline() for every line and feeds a queue, an indexer thread that
+# json.loads each line under a tqdm bar, the list pickled at the end. Text mode makes tell() slow (it replays the decoder) and lengths come out in
 # characters, not bytes: the offsets equal fastlm's, the lengths of non-ASCII lines do not.
 PY_SCAN_MODALITIES = textwrap.dedent(
     """
@@ -151,9 +151,10 @@ def test_create_raw_index(corpus_200mb, tmp_path):
     ours = pickle.loads(idx.read_bytes())
     assert pickle.loads((tmp_path / "py.idx").read_bytes()) == ours
     assert [offset for offset, _ in pickle.loads((tmp_path / "pym.idx").read_bytes())] == [o for o, _ in ours]
-    name = f"create_raw_index {corpus_200mb.stat().st_size / 1e6:.0f} MB, {usable_cpus()} threads (whole command)"
-    record(name, fast, "s", "Modalities' IndexGenerator scan (text mode, tell() per line, thread + queue)", py_mod,
-           higher_is_better=False, bar=20)
+    mb = corpus_200mb.stat().st_size / 1e6
+    name = f"create_raw_index {mb:.0f} MB, {usable_cpus()} threads (whole command)"
+    record(name, fast, "s", "Modalities' IndexGenerator scan (text mode, tell() per line, thread + queue)",
+           py_mod, higher_is_better=False, bar=20)
     record(name, fast, "s", "python scan (lean loop)", py, higher_is_better=False, bar=20)
     record(name, fast, "s", "wc -l", wc, higher_is_better=False, bar=1 / 3)
 

@@ -54,11 +54,12 @@ def cached_tokens_per_s(model, batch: int, device, compile_step: bool = False) -
 
 def generator_tokens_per_s(model, device, run_dir) -> float:
     """Generator.generate on a PROMPT-token prompt for NEW tokens, batch 1, from the model saved as a run."""
+    from dataclasses import asdict
+
     from fastlm.checkpoint import save_consolidated
     from fastlm.generate import GenerationSettings, Generator
 
-    cfg = model.cfg
-    save_consolidated(run_dir, model, {k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
+    save_consolidated(run_dir, model, asdict(model.cfg))
     gen = Generator(GenerationSettings(model_path=str(run_dir), tokenizer_path=str(GPT2), device=device.type,
                                        max_new_tokens=NEW, stop_at_eod=False, top_k=50, temperature=0.8))
     prompt = torch.randint(0, 50000, (PROMPT,)).tolist()

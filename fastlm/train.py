@@ -74,8 +74,8 @@ def make_deterministic() -> None:
     torch's deterministic algorithms (an op without one raises instead of running nondeterministically), a
     fixed cuBLAS workspace (needed for deterministic cuBLAS; set before its first use), cuDNN without
     benchmarking, inductor's deterministic mode (no on-device benchmarking that changes numerics), and
-    fastlm's Triton kernels take a fixed configuration instead of the fastest one measured (see
-    fastlm.kernels.flash_attention, which follows torch.are_deterministic_algorithms_enabled())."""
+    fastlm's Triton kernels take a fixed configuration instead of the fastest one measured (the attention
+    and cross-entropy kernels follow torch.are_deterministic_algorithms_enabled())."""
     import os
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

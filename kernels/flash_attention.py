@@ -481,13 +481,25 @@ _BWD_Q = _Tuned(_bwd_q_kernel)
 _BWD_KV = _Tuned(_bwd_kv_kernel)
 
 
+def _new_outputs(q):
+    """The forward's outputs, unwritten: o (batch, n_head, seq_q, head_dim) stored as (batch, seq_q, n_head,
+    head_dim), as SDPA's output (merging the heads back into (batch, seq_q, n_head * head_dim), what a
+    transformer does next, is then a view, not a copy), and the fp32 lse (batch, n_head, seq_q). Shared
+    with the custom op's fake implementation, which must give the same layouts."""
+    batch, n_head, seq_q, head_dim = q.shape
+    return (q.new_empty(batch, seq_q, n_head, head_dim).transpose(1, 2),
+            q.new_empty(batch, n_head, seq_q, dtype=torch.float32))
+
+
+def _new_grads(q, k, v):
+    """dq, dk, dv, unwritten: contiguous tensors of q's, k's and v's shapes (the kernels store them so)."""
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
 def _forward(q, k, v, causal: bool, sm_scale: float):
     batch, n_head, seq_q, head_dim = q.shape
     n_kv_head, seq_k = k.shape[1], k.shape[2]
-    # (batch, seq_q, n_head, head_dim) in memory, as SDPA's output: merging the heads back into
-    # (batch, seq_q, n_head * head_dim), what a transformer does next, is then a view, not a copy
-    o = torch.empty((batch, seq_q, n_head, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty((batch, n_head, seq_q), dtype=torch.float32, device=q.device)
+    o, lse = _new_outputs(q)
 
     def grid(meta):
         return (_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
@@ -508,9 +520,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     key = (seq_q, seq_k, head_dim, causal, q.dtype)
 
     delta = torch.empty_like(lse)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = _new_grads(q, k, v)
 
     def q_grid(meta):
         return (_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
@@ -572,9 +582,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 # old layout fails its stride assertion ("incorrect fake kernel").
 @_forward_op.register_fake
 def _forward_fake(q, k, v, causal, sm_scale):
-    batch, n_head, seq_q, head_dim = q.shape
-    return (q.new_empty(batch, seq_q, n_head, head_dim).transpose(1, 2),  # the layout _forward gives
-            q.new_empty(batch, n_head, seq_q, dtype=torch.float32))
+    return _new_outputs(q)
 
 
 @torch.library.custom_op("fastlm::flash_attention_backward", mutates_args=())
@@ -586,7 +594,7 @@ def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 @_backward_op.register_fake
 def _backward_fake(do, q, k, v, o, lse, causal, sm_scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return _new_grads(q, k, v)
 
 
 def _setup_context(ctx, inputs, output):
