@@ -45,8 +45,9 @@ PY_SCAN = textwrap.dedent(
 # The algorithm of Modalities' create_raw_index (its IndexGenerator, line-based since Modalities 0.2),
 # rewritten here so that the framework's ~5 s import is not counted: the file opened in text mode, a reader
 # thread that calls tell() and readline() for every line and feeds a queue, an indexer thread that
-# json.loads each line under a tqdm bar, the list pickled at the end. Text mode makes tell() slow (it replays the decoder) and lengths come out in
-# characters, not bytes: the offsets equal fastlm's, the lengths of non-ASCII lines do not.
+# json.loads each line under a tqdm bar, the list pickled at the end. Text mode makes tell() slow (it
+# replays the decoder) and lengths come out in characters, not bytes: the offsets equal fastlm's, the
+# lengths of non-ASCII lines do not.
 PY_SCAN_MODALITIES = textwrap.dedent(
     """
     import json, os, pickle, queue, sys, threading
