@@ -115,7 +115,8 @@ BASELINE = textwrap.dedent(
 
 
 def fastlm_cmd() -> list[str]:
-    exe = shutil.which("fastlm", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    search = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    exe = shutil.which("fastlm", path=search)
     return [exe] if exe else [sys.executable, "-m", "fastlm"]
 
 
@@ -184,7 +185,8 @@ def native_index_seconds(corpus, dst, repeat: int = 5) -> float:
 
 def test_pack_200mb(benchmark, corpus_200mb, tmp_path):
     fastlm_pack(corpus_200mb, tmp_path / "warm.pbin")  # builds nothing lasting; warms the page cache
-    summary = benchmark.pedantic(fastlm_pack, args=(corpus_200mb, tmp_path / "x.pbin"), rounds=1, iterations=1)
+    summary = benchmark.pedantic(fastlm_pack, args=(corpus_200mb, tmp_path / "x.pbin"), rounds=1,
+                                 iterations=1)
     # the whole job (tokenizer load, indexing, JSON, BPE, writing) against tokenize-only baselines
     rate = summary["tokens"] / summary["seconds"]
     print(f"\nfastlm pack: {summary['tokens']:,} tokens in {summary['seconds']:.2f} s "
@@ -208,5 +210,6 @@ def test_pack_unrepeated(benchmark, split, tmp_path):
     fastlm_pack(src, tmp_path / "warm.pbin")
     summary = benchmark.pedantic(fastlm_pack, args=(src, tmp_path / "x.pbin"), rounds=3, iterations=1)
     hf = baseline("tokenizers", src)
-    record(f"pack {split} split ({src.stat().st_size / 1e6:.1f} MB), 2 threads", summary["tokens_per_s"] / 1e6,
-           "M tokens/s", "HF tokenizers encode_batch", hf["tokens"] / hf["seconds"] / 1e6)
+    name = f"pack {split} split ({src.stat().st_size / 1e6:.1f} MB), 2 threads"
+    record(name, summary["tokens_per_s"] / 1e6, "M tokens/s", "HF tokenizers encode_batch",
+           hf["tokens"] / hf["seconds"] / 1e6)
