@@ -3,7 +3,9 @@ bf16) against a plain PyTorch loop of the same model (SDPA attention, torch cros
 fused AdamW), same batch, measured in the same run. fastlm runs as users start it: gpt60m as a plain
 `python -m fastlm.train`, gpt124m under `torchrun --nproc_per_node 1` (one process: the single-device path,
 bf16 autocast). With FASTLM_BENCH_OUT set, 5 steps of each loop after the measured ones are profiled into
-its profile.txt, side by side. Needs CUDA; without it, says so and skips.
+its profile.txt, side by side. Then gpt124m again with one of fastlm's parts switched back to the
+baseline's (SDPA attention, torch cross-entropy, eager blocks), each against fastlm as configured: which
+part gains or loses in this model. Needs CUDA; without it, says so and skips.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if not torch.cuda.is_available():
 STEPS, WARMUP = 60, 10  # fastlm: 5 measured windows of 10 steps after the first (compilation)
 PROFILE = [STEPS + 1, STEPS + 5]  # then 5 profiled steps, outside the measured windows
 MICRO = {"gpt60m": 16, "gpt124m": 16}
+_DEFAULT_RATE: dict[str, float] = {}  # fastlm's own tokens/s per model, for the ablation below
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +44,25 @@ def synthetic_pbin(tmp_path_factory):
     return path
 
 
-def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: str) -> float:
-    out = tmp_path / f"{name}-{compile_blocks}"
+def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: str, overrides=(),
+                        profile: bool = True) -> float:
+    out = tmp_path / f"{name}-{compile_blocks}-{len(overrides)}"
+    steps = PROFILE[1] if profile else STEPS
     start = {"python": [sys.executable],
-             "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]}
-    cmd = [*start[launcher], "-m", "fastlm.train", str(ROOT / "configs" / f"{name}.yaml"), f"data.train_path={data}",
-           "data.val_path=", f"run.output_dir={out}", f"target.steps={PROFILE[1]}", f"intervals.log={WARMUP}",
+             "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "1"]}
+    cmd = [*start[launcher], "-m", "fastlm.train", str(ROOT / "configs" / f"{name}.yaml"),
+           f"data.train_path={data}",
+           "data.val_path=", f"run.output_dir={out}", f"target.steps={steps}", f"intervals.log={WARMUP}",
            f"batch.micro_batch_size={MICRO[name]}", "batch.global_batch_tokens=0", "batch.grad_accum_steps=1",
-           f"logging.profile_steps=[{PROFILE[0]}, {PROFILE[1]}]",
+           f"logging.profile_steps=[{PROFILE[0]}, {PROFILE[1]}]" if profile else "logging.profile_steps=[]",
            f"parallel.compile={str(compile_blocks).lower()}", "checkpoint.consolidated=false",
-           "intervals.checkpoint=0", "checkpoint.keep_last=1", "logging.console=false"]
+           "intervals.checkpoint=0", "checkpoint.keep_last=1", "logging.console=false", *overrides]
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r["event"] == "train" and WARMUP < r["step"] <= STEPS]
-    add_to_results_profile(out / name / "profile.txt", f"training {name} ({launcher})")
+    if profile:
+        add_to_results_profile(out / name / "profile.txt", f"training {name} ({launcher})")
     return float(np.median(rates))
 
 
@@ -118,6 +126,7 @@ def test_training_throughput(name, launcher, synthetic_pbin, tmp_path):
     del model
     torch.cuda.empty_cache()
     fast = fastlm_tokens_per_s(name, synthetic_pbin, tmp_path, compile_blocks=True, launcher=launcher)
+    _DEFAULT_RATE[name] = fast
     from fastlm.config import load_config
     from fastlm.model import GPT
 
@@ -125,6 +134,29 @@ def test_training_throughput(name, launcher, synthetic_pbin, tmp_path):
         meta = GPT(load_config(ROOT / "configs" / f"{name}.yaml").model)
     mfu, why = meta.estimate_mfu(fast, "cuda")
     record(f"train {name}, 1 GPU ({launcher}), bf16, micro batch {MICRO[name]}", fast, "tokens/s",
-           "plain PyTorch (SDPA, torch CE, eager)", base, bar=1.2, mfu=mfu, baseline_mfu=base_mfu, mfu_note=why)
+           "plain PyTorch (SDPA, torch CE, eager)", base, bar=1.2, mfu=mfu, baseline_mfu=base_mfu,
+           mfu_note=why)
     print(f"  MFU fastlm {mfu if mfu is None else f'{mfu:.1%}'} vs baseline "
           f"{base_mfu if base_mfu is None else f'{base_mfu:.1%}'} ({why})")
+
+
+# Where gpt124m's time goes, by switching one of fastlm's parts back to what the baseline uses, each run
+# against fastlm as configured (a ratio > 1 means that part of fastlm is worth its place in this model).
+ABLATIONS = {
+    "attention SDPA (in compiled blocks)": (True, ["model.attention=sdpa"]),
+    "torch cross-entropy (LM head not fused)": (True, ["model.loss=torch"]),
+    "blocks not compiled": (False, []),
+}
+
+
+@pytest.mark.parametrize("what", list(ABLATIONS))
+def test_gpt124m_ablation(what, synthetic_pbin, tmp_path):
+    name = "gpt124m"
+    if name not in _DEFAULT_RATE:  # run alone: measure fastlm as configured first
+        _DEFAULT_RATE[name] = fastlm_tokens_per_s(name, synthetic_pbin, tmp_path, True, "python",
+                                                  profile=False)
+    compile_blocks, overrides = ABLATIONS[what]
+    other = fastlm_tokens_per_s(name, synthetic_pbin, tmp_path, compile_blocks, "python", overrides,
+                                profile=False)
+    record(f"train {name}, 1 GPU, fastlm as configured vs with {what}", _DEFAULT_RATE[name], "tokens/s",
+           f"fastlm with {what}", other)
