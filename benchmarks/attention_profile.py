@@ -31,7 +31,8 @@ B, H, D = 8, 16, 64
 
 def _inputs(batch, heads, seq, grad=True):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    t = [torch.randn(batch, heads, seq, D, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4)]
+    t = [torch.randn(batch, heads, seq, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+         for _ in range(4)]
     if grad:
         for x in t[:3]:
             x.requires_grad_()
@@ -102,7 +103,8 @@ def main():
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     # first the host cost (a small shape compiles quickly), then the kernels at the benchmark's shapes
-    print(f"host cost per fwd+bwd (B1 H1 T128): fastlm {host_cost(_ours):.0f} us, SDPA {host_cost(_sdpa):.0f} us")
+    print(f"host cost per fwd+bwd (B1 H1 T128): fastlm {host_cost(_ours):.0f} us, "
+          f"SDPA {host_cost(_sdpa):.0f} us")
     q, k, v, do = _inputs(1, 1, 128)
     prof = cProfile.Profile()
     prof.enable()
@@ -124,8 +126,8 @@ def main():
         print(" SDPA kernels:")
         kernel_table(_sdpa, seq)
         ours, sd = forward_tflops(_ours, seq), forward_tflops(_sdpa, seq)
-        print(f" forward only: fastlm {ours[0]:.0f} TFLOP/s ({ours[1] * 1e3:.0f} us), SDPA {sd[0]:.0f} TFLOP/s "
-              f"({sd[1] * 1e3:.0f} us)")
+        print(f" forward only: fastlm {ours[0]:.0f} TFLOP/s ({ours[1] * 1e3:.0f} us), "
+              f"SDPA {sd[0]:.0f} TFLOP/s ({sd[1] * 1e3:.0f} us)")
 
 
 def compiled_block(batches=(16,), reps=20):
@@ -146,8 +148,8 @@ def compiled_block(batches=(16,), reps=20):
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; gpt124m block, bf16 autocast")
     # (name, attention impl, what the model calls for "triton", fullgraph)
     variants = (("custom op (the model's path)", "triton", flash_attention, True),
-                ("eager attention (torch.compiler.disable)", "triton", torch.compiler.disable(flash_attention),
-                 False),
+                ("eager attention (torch.compiler.disable)", "triton",
+                 torch.compiler.disable(flash_attention), False),
                 ("traced Triton kernels (fullgraph)", "triton", traced, True),
                 ("SDPA", "sdpa", None, True))
     model_flash = M._flash_attention

@@ -17,7 +17,8 @@ import time
 
 from fastlm.tokenizer import tiktoken_encoding
 
-DATA = str(Path(__file__).resolve().parent.parent / "examples/getting_started/data/raw/redpajama_v2_samples_512_train.jsonl")
+DATA = str(Path(__file__).resolve().parent.parent
+           / "examples/getting_started/data/raw/redpajama_v2_samples_512_train.jsonl")
 TOKENIZER = str(Path(__file__).resolve().parent.parent / "examples/getting_started/tokenizer/tokenizer.json")
 
 
@@ -72,7 +73,8 @@ def main() -> None:
     try:
         enc = tiktoken_encoding(args.tokenizer)
         allowed = {eod}
-        add("tiktoken encode per doc (1 thread)", lambda: [enc.encode(d, allowed_special=allowed) for d in docs])
+        add("tiktoken encode per doc (1 thread)",
+            lambda: [enc.encode(d, allowed_special=allowed) for d in docs])
         add("tiktoken encode_batch (2 threads)",
             lambda: enc.encode_batch(docs, allowed_special=allowed, num_threads=2))
     except ImportError:

@@ -53,11 +53,14 @@ def fmt(value: float) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [BEGIN, "", "| job | fastlm | baseline | advantage | bar | machine, date |", "|---|---|---|---|---|---|"]
+    lines = [BEGIN, "", "| job | fastlm | baseline | advantage | bar | machine, date |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        bar = "" if r.get("bar") is None else f"{r['bar']:.3g}x: {'met' if r['advantage'] >= r['bar'] else 'not met'}"
+        bar = ("" if r.get("bar") is None
+               else f"{r['bar']:.3g}x: {'met' if r['advantage'] >= r['bar'] else 'not met'}")
         lines.append(
-            f"| {r['name']} | {fmt(r['fastlm'])} {r['unit']} | {r['baseline']}: {fmt(r['baseline_value'])} {r['unit']} "
+            f"| {r['name']} | {fmt(r['fastlm'])} {r['unit']} "
+            f"| {r['baseline']}: {fmt(r['baseline_value'])} {r['unit']} "
             f"| {r['advantage']:.2f}x | {bar} | {r['machine']}, {r['date']} ([json]({r['file']})) |"
         )
     lines += ["", END]

@@ -4,9 +4,9 @@ fastest; cuDNN's flash attention on an H200 with torch 2.11).
 Causal forward + backward, bf16, head_dim 64, batch 8 x 16 heads (enough programs to fill an H100), for
 T in {512, 1024, 2048}. TFLOP/s come from the explicit formula below, the same for both, and both are timed
 in the same run with CUDA events after a warm-up (the warm-up also runs the Triton autotuner): one call as a
-program sees it, host launch cost included. A second row per T gives the GPU kernel time alone (torch.profiler),
-the kernels' own efficiency. Each case also checks that the two outputs agree with the fp32 reference equally
-well. Without CUDA the file skips.
+program sees it, host launch cost included. A second row per T gives the GPU kernel time alone
+(torch.profiler), the kernels' own efficiency. Each case also checks that the two outputs agree with the fp32
+reference equally well. Without CUDA the file skips.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def test_flash_attention_fwd_bwd(benchmark, seq):
     name = f"attention fwd+bwd causal bf16 B{BATCH} H{N_HEAD} T{seq} hd{HEAD_DIM}"
     record(name, tflops, "TFLOP/s", "torch SDPA", sdpa_tflops, bar=1.0, ms=ms, sdpa_ms=sdpa_ms,
            max_err=err, sdpa_max_err=torch_err, device=torch.cuda.get_device_name())
-    record(f"{name}, GPU kernel time", gpu_us, "us", "torch SDPA kernels", sdpa_gpu_us, higher_is_better=False)
+    record(f"{name}, GPU kernel time", gpu_us, "us", "torch SDPA kernels", sdpa_gpu_us,
+           higher_is_better=False)
     if seq == 1024:
         record(name, tflops, "TFLOP/s", "FlashAttention-2 (DESIGN.md figure, H100)", FA2_H100_T1024)

@@ -133,5 +133,5 @@ def test_fused_linear_cross_entropy_speed(inputs):
             fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=rows).backward()
 
         step()
-        print(f"\n  (diagnostic) fused_linear_cross_entropy chunk_rows={rows}: {time_ms(step, grads):.3f} ms, "
-              f"peak {peak_bytes(step, grads) / 2 ** 20:,.0f} MiB")
+        print(f"\n  (diagnostic) fused_linear_cross_entropy chunk_rows={rows}: "
+              f"{time_ms(step, grads):.3f} ms, peak {peak_bytes(step, grads) / 2 ** 20:,.0f} MiB")

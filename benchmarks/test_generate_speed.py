@@ -20,7 +20,8 @@ def model_for(name: str, device: torch.device, dtype: torch.dtype):
     from fastlm.config import load_config
     from fastlm.model import GPT
 
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml", ["model.sequence_length=1024", "model.attention=sdpa"]).model
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml",
+                      ["model.sequence_length=1024", "model.attention=sdpa"]).model
     torch.manual_seed(0)
     return GPT(cfg).to(device=device, dtype=dtype).eval()
 
@@ -29,7 +30,8 @@ def model_for(name: str, device: torch.device, dtype: torch.dtype):
 def cached_tokens_per_s(model, batch: int, device, compile_step: bool = False) -> float:
     from fastlm.generate import decode_one_token, prefill
 
-    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if compile_step else decode_one_token
+    step = (torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if compile_step
+            else decode_one_token)
     prompt = torch.randint(0, 50000, (batch, PROMPT), device=device)
     pad = torch.zeros(batch, dtype=torch.long, device=device)
 
@@ -111,8 +113,8 @@ def test_gpu_decoding_gpt60m(tmp_path):
     eager = cached_tokens_per_s(model, 1, device)
     compiled = cached_tokens_per_s(model, 1, device, compile_step=True)
     full = recompute_tokens_per_s(model, 1, device)
-    record("decode gpt60m cuda bf16, batch 1, compiled step", compiled, "tokens/s", "full recompute per token",
-           full, aim_tokens_per_s=2000, eager_tokens_per_s=eager)
+    record("decode gpt60m cuda bf16, batch 1, compiled step", compiled, "tokens/s",
+           "full recompute per token", full, aim_tokens_per_s=2000, eager_tokens_per_s=eager)
     model.clear_caches()
     generate = generator_tokens_per_s(model, device, tmp_path)
     record("decode gpt60m cuda bf16, batch 1, Generator.generate (top-k sampling, ids to the host)", generate,

@@ -14,7 +14,6 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastlm.model import ModelConfig
@@ -32,7 +31,8 @@ class RunSection:
     name: str = doc("run name: the folder under output_dir and the wandb run name", "run")
     output_dir: str = doc("where run folders go (checkpoints/, metrics.jsonl)", "checkpoints")
     seed: int = doc("seed of initialisation, data order and dropout", 1337)
-    resume: str = doc("none | auto (the latest complete checkpoint of the run folder) | a checkpoint path", "none")
+    resume: str = doc(
+        "none | auto (the latest complete checkpoint of the run folder) | a checkpoint path", "none")
     device: str = doc("auto (cuda when available, else cpu) | cpu | cuda", "auto")
     deterministic: bool = doc("repeat a GPU run bit for bit, resumes included: deterministic torch "
                               "algorithms and cuBLAS workspace, compiled kernels and Triton kernels "
@@ -74,7 +74,8 @@ class BatchSection:
     micro_batch_size: int = doc("sequences per rank per forward pass", 8)
     grad_accum_steps: int = doc(
         "micro batches per optimizer step; 0: derived from global_batch_tokens (1 when that is 0 too)", 0)
-    global_batch_tokens: int = doc("tokens per optimizer step across all ranks; 0: micro x seq x accum x world", 0)
+    global_batch_tokens: int = doc(
+        "tokens per optimizer step across all ranks; 0: micro x seq x accum x world", 0)
 
 
 @dataclass
@@ -106,10 +107,12 @@ class LoggingSection:
     metrics_file: bool = doc("write metrics.jsonl in the run folder", True)
     wandb_mode: str = doc("online | offline | disabled", "disabled")
     wandb_project: str = doc("wandb project", "fastlm")
-    wandb_dir: str = doc("folder in which wandb keeps its wandb/ folder (default: the working directory)", ".")
+    wandb_dir: str = doc(
+        "folder in which wandb keeps its wandb/ folder (default: the working directory)", ".")
     profile_steps: list = doc(
-        "[FIRST, LAST] (e.g. [20, 24]): profile those steps with torch.profiler; rank 0 writes profile.txt (time "
-        "per step, top operators and kernels) and trace.json (Chrome/Perfetto) to the run folder; []: off",
+        "[FIRST, LAST] (e.g. [20, 24]): profile those steps with torch.profiler; rank 0 writes "
+        "profile.txt (time per step, top operators and kernels) and trace.json (Chrome/Perfetto) to the "
+        "run folder; []: off",
         factory=list)
 
 
@@ -258,8 +261,8 @@ def profile_window(cfg: Config) -> tuple[int, int] | None:
     ok = (len(window) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in window)
           and 1 <= window[0] <= window[1])
     if not ok:
-        raise ConfigError(f"{cfg.source}: logging.profile_steps must be [FIRST, LAST] with 1 <= FIRST <= LAST "
-                          f"(e.g. [20, 24]), found {window!r}")
+        raise ConfigError(f"{cfg.source}: logging.profile_steps must be [FIRST, LAST] "
+                          f"with 1 <= FIRST <= LAST (e.g. [20, 24]), found {window!r}")
     return window[0], window[1]
 
 
@@ -290,8 +293,9 @@ def derive(cfg: Config, world_size: int, train_tokens: int | None = None) -> Der
         accum = cfg.batch.global_batch_tokens // unit
         if cfg.batch.grad_accum_steps and cfg.batch.grad_accum_steps != accum:
             raise ConfigError(
-                f"{src}: batch.grad_accum_steps ({cfg.batch.grad_accum_steps}) disagrees with global_batch_tokens: "
-                f"{cfg.batch.global_batch_tokens:,} / ({cfg.batch.micro_batch_size} x {seq} x {world_size}) = {accum}"
+                f"{src}: batch.grad_accum_steps ({cfg.batch.grad_accum_steps}) disagrees with "
+                f"global_batch_tokens: {cfg.batch.global_batch_tokens:,} / "
+                f"({cfg.batch.micro_batch_size} x {seq} x {world_size}) = {accum}"
             )
     else:
         accum = cfg.batch.grad_accum_steps or 1
@@ -315,7 +319,8 @@ def config_reference() -> list[tuple[str, str, str, str]]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             typ = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
-            rows.append((f"{name}.{f.name}", typ, repr(default), f.metadata.get("doc", MODEL_DOCS.get(f.name, ""))))
+            rows.append((f"{name}.{f.name}", typ, repr(default),
+                         f.metadata.get("doc", MODEL_DOCS.get(f.name, ""))))
     precision = next(f for f in dataclasses.fields(Config) if f.name == "precision")
     rows.append(("precision", "str", repr(precision.default), precision.metadata["doc"]))
     return rows
@@ -351,7 +356,8 @@ def reference_markdown() -> str:
     """The README's config reference, one row per key of the typed config."""
     lines = [REFERENCE_BEGIN, "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for key, typ, default, text in config_reference():
-        lines.append(f"| `{key}` | {typ.replace(' | ', ' or ')} | `{default}` | {text.replace('|', '&#124;')} |")
+        lines.append(f"| `{key}` | {typ.replace(' | ', ' or ')} | `{default}` "
+                     f"| {text.replace('|', '&#124;')} |")
     lines += ["", REFERENCE_END]
     return "\n".join(lines)
 

@@ -205,12 +205,14 @@ class Generator:
         cfg = self.model.cfg
         self.context = settings.sequence_length or cfg.sequence_length
         if cfg.pos_encoding == "learned" and self.context > cfg.sequence_length:
-            raise ConfigError(f"settings.sequence_length {self.context} exceeds the model's learned positions "
-                              f"({cfg.sequence_length})")
+            raise ConfigError(f"settings.sequence_length {self.context} exceeds the model's learned "
+                              f"positions ({cfg.sequence_length})")
         self.eod_id = self.tokenizer.token_to_id(settings.eod_token)
         if self.eod_id is None:
-            raise ConfigError(f"eod_token {settings.eod_token!r} is not in the vocabulary of {self.tokenizer.path}")
-        use_compile = settings.compile == "true" or (settings.compile == "auto" and self.device.type == "cuda")
+            raise ConfigError(f"eod_token {settings.eod_token!r} is not in the vocabulary of "
+                              f"{self.tokenizer.path}")
+        use_compile = (settings.compile == "true"
+                       or (settings.compile == "auto" and self.device.type == "cuda"))
         self._decode = (torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if use_compile
                         else decode_one_token)
         self._batch = 0
@@ -287,8 +289,9 @@ class Generator:
             return ids or [self.eod_id]
         if self.s.prompt_too_long == "truncate_left":
             return ids[-room:]
-        raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.context} (one is needed "
-                         f"for the answer); shorten it or set settings.prompt_too_long: truncate_left")
+        raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.context} "
+                         f"(one is needed for the answer); shorten it or set "
+                         f"settings.prompt_too_long: truncate_left")
 
 
 def stream_text(tokenizer, ids: list[int], printed: int) -> tuple[str, int]:
@@ -334,7 +337,8 @@ def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastlm.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config_file_path", "--config-file-path", help="generation config (the tutorial's format)")
+    p.add_argument("--config_file_path", "--config-file-path",
+                   help="generation config (the tutorial's format)")
     p.add_argument("--checkpoint", help="run folder, model.safetensors or checkpoint folder")
     p.add_argument("--tokenizer", help="tokenizer.json or its folder")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
@@ -351,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> GenerationSettings:
     s = load_generation_config(args.config_file_path) if args.config_file_path else GenerationSettings()
-    for flag, key in (("checkpoint", "model_path"), ("tokenizer", "tokenizer_path"), ("max_new_tokens", None),
-                      ("temperature", None), ("top_k", None), ("top_p", None), ("seed", None), ("device", None)):
+    for flag, key in (("checkpoint", "model_path"), ("tokenizer", "tokenizer_path"),
+                      ("max_new_tokens", None), ("temperature", None), ("top_k", None), ("top_p", None),
+                      ("seed", None), ("device", None)):
         value = getattr(args, flag)
         if value is not None:
             setattr(s, key or flag, value)
@@ -372,7 +377,8 @@ def _run(args) -> int:
     gen = Generator(settings_from_args(args))
     prompts = list(args.prompt or [])
     if args.batch_file:
-        prompts += [line.rstrip("\n") for line in Path(args.batch_file).read_text(encoding="utf-8").splitlines()
+        prompts += [line.rstrip("\n")
+                    for line in Path(args.batch_file).read_text(encoding="utf-8").splitlines()
                     if line.strip()]
     if not prompts or args.interactive:
         return interactive(gen)

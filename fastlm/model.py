@@ -56,7 +56,8 @@ class ModelConfig:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.ffn_hidden is None:
-            self.ffn_hidden = 4 * self.n_embd if self.activation == "gelu" else _round_up(8 * self.n_embd // 3, 64)
+            self.ffn_hidden = (4 * self.n_embd if self.activation == "gelu"
+                               else _round_up(8 * self.n_embd // 3, 64))
         self.validate()
 
     @property
@@ -71,7 +72,8 @@ class ModelConfig:
         def bad(key, why):
             raise ConfigError(f"{source}: model.{key} {why}")
 
-        for key in ("vocab_size", "sequence_length", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"):
+        for key in ("vocab_size", "sequence_length", "n_layer", "n_head", "n_kv_head", "n_embd",
+                    "ffn_hidden"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(key, f"must be a positive integer, found {value!r}")
@@ -123,7 +125,8 @@ def _copy_full(param: torch.Tensor, value: torch.Tensor) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(param, DTensor):
-        value = distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+        value = distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh,
+                                  param.placements)
     param.copy_(value)
 
 
@@ -287,7 +290,8 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.sequence_length, cfg.n_embd) if cfg.pos_encoding == "learned" else None
+        self.pos_emb = (nn.Embedding(cfg.sequence_length, cfg.n_embd) if cfg.pos_encoding == "learned"
+                        else None)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
@@ -321,7 +325,8 @@ class GPT(nn.Module):
                 value = torch.ones(p.shape)
             _copy_full(p, value)
         if self.cfg.pos_encoding == "rope":
-            cos, sin = rope_cache(self.max_seq, self.cfg.head_dim, self.cfg.rope_theta, device=self.rope_cos.device)
+            cos, sin = rope_cache(self.max_seq, self.cfg.head_dim, self.cfg.rope_theta,
+                                  device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
@@ -343,11 +348,13 @@ class GPT(nn.Module):
     def setup_caches(self, batch: int, max_seq: int, dtype=None) -> None:
         """Allocate static KV caches for decoding `batch` sequences of up to `max_seq` tokens."""
         if max_seq > self.cfg.sequence_length and self.cfg.pos_encoding == "learned":
-            raise ValueError(f"max_seq {max_seq} exceeds the learned position table ({self.cfg.sequence_length})")
+            raise ValueError(f"max_seq {max_seq} exceeds the learned position table "
+                             f"({self.cfg.sequence_length})")
         device = self.tok_emb.weight.device
         dtype = dtype or self.tok_emb.weight.dtype
         for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch, self.cfg.n_kv_head, max_seq, self.cfg.head_dim, dtype, device)
+            block.attn.kv_cache = KVCache(batch, self.cfg.n_kv_head, max_seq, self.cfg.head_dim, dtype,
+                                          device)
         if self.cfg.pos_encoding == "rope" and max_seq > self.rope_cos.shape[0]:
             cos, sin = rope_cache(max_seq, self.cfg.head_dim, self.cfg.rope_theta, device=device)
             self.rope_cos, self.rope_sin = cos, sin
@@ -357,8 +364,8 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
-                pad_lens: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                input_pos: torch.Tensor | None = None, pad_lens: torch.Tensor | None = None):
         """idx (B, T) token ids. Training: targets (B, T) -> (logits or None, loss); with the fused loss the
         logits are never materialised and None is returned in their place. Decoding: after
         setup_caches(), input_pos (T,) gives the cache slots of idx and logits (B, T, V) come back; with
@@ -380,7 +387,8 @@ class GPT(nn.Module):
             if pad_lens is not None:
                 # ... except the row's padding; a padding query attends itself only (no empty softmax rows)
                 real = slots[None, None, :] >= pad_lens[:, None, None]  # (B, 1, max_seq)
-                mask = (mask[None] & real) | (input_pos[None, :, None] == slots[None, None, :])  # (B, T, max_seq)
+                mask = ((mask[None] & real)
+                        | (input_pos[None, :, None] == slots[None, None, :]))  # (B, T, max_seq)
                 mask = mask[:, None]  # (B, 1, T, max_seq): broadcast over heads
                 positions = (input_pos[None, :] - pad_lens[:, None]).clamp(min=0)  # (B, T)
         x = self.tok_emb(idx)  # (B, T, C)
@@ -404,7 +412,8 @@ class GPT(nn.Module):
                                               ignore_index=IGNORE_INDEX)
             return None, loss
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def estimate_mfu(self, tokens_per_s: float, device=None) -> tuple[float | None, str]:
@@ -413,7 +422,8 @@ class GPT(nn.Module):
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay for matrices of linear layers; none for norms, biases and
         embeddings (the tied LM head is the token embedding)."""
-        embeddings = {id(self.tok_emb.weight)} | ({id(self.pos_emb.weight)} if self.pos_emb is not None else set())
+        embeddings = {id(self.tok_emb.weight)} | ({id(self.pos_emb.weight)} if self.pos_emb is not None
+                                                  else set())
         decay, no_decay, seen = [], [], set()
         for p in self.parameters():
             if id(p) in seen or not p.requires_grad:
@@ -451,10 +461,12 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def estimate_mfu(model: GPT, tokens_per_s: float, device: torch.device | str | None = None) -> tuple[float | None, str]:
+def estimate_mfu(model: GPT, tokens_per_s: float,
+                 device: torch.device | str | None = None) -> tuple[float | None, str]:
     """Model flops utilisation: achieved training flop/s over the device's peak bf16 flop/s.
     Returns (mfu or None, explanation); None for a CPU or an unknown GPU rather than a wrong number."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (torch.device(device) if device is not None
+              else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
         return None, "MFU is defined against GPU tensor-core peaks; none for CPU"
     name = torch.cuda.get_device_name(device)

@@ -37,7 +37,8 @@ SETTINGS_KEYS = {
     "processed_samples_queue_size": "accepted for Modalities compatibility; no effect",
 }
 TOKENIZER_KEYS = ("component_key", "variant_key", "config")
-TOKENIZER_CONFIG_KEYS = ("pretrained_model_name_or_path", "padding", "truncation", "max_length", "special_tokens")
+TOKENIZER_CONFIG_KEYS = ("pretrained_model_name_or_path", "padding", "truncation", "max_length",
+                         "special_tokens")
 
 
 @dataclass
@@ -62,14 +63,16 @@ def load_pack_config(path: str | os.PathLike) -> PackJob:
     check_keys(settings, SETTINGS_KEYS, "settings", source, required=("src_path", "dst_path", "eod_token"))
     check_keys(tok, TOKENIZER_KEYS, "tokenizer", source, required=("config",))
     if tok.get("component_key", "tokenizer") != "tokenizer":
-        raise ConfigError(f'{source}: tokenizer.component_key must be "tokenizer", found {tok["component_key"]!r}')
+        raise ConfigError(f'{source}: tokenizer.component_key must be "tokenizer", '
+                          f'found {tok["component_key"]!r}')
     if tok.get("variant_key", "pretrained_hf_tokenizer") != "pretrained_hf_tokenizer":
         raise ConfigError(
             f'{source}: tokenizer.variant_key {tok["variant_key"]!r} is not supported '
             f'(supported: "pretrained_hf_tokenizer", a tokenizer.json)'
         )
     tcfg = tok["config"]
-    check_keys(tcfg, TOKENIZER_CONFIG_KEYS, "tokenizer.config", source, required=("pretrained_model_name_or_path",))
+    check_keys(tcfg, TOKENIZER_CONFIG_KEYS, "tokenizer.config", source,
+               required=("pretrained_model_name_or_path",))
     for key in ("padding", "truncation"):
         if tcfg.get(key) not in (None, False, "do_not_pad", "do_not_truncate"):
             raise ConfigError(
@@ -153,13 +156,14 @@ def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: s
     if not starts_line.all():
         i = int(np.flatnonzero(~starts_line)[0])
         raise ValueError(
-            f"{index_path}: entry {i} (offset {offsets[i]}) is not the start of a valid JSON line of {src}, and "
-            f"{mismatch}: the index does not fit this file. HINT: regenerate it with "
+            f"{index_path}: entry {i} (offset {offsets[i]}) is not the start of a valid JSON line of {src}, "
+            f"and {mismatch}: the index does not fit this file. HINT: regenerate it with "
             f"`fastlm data create_raw_index --index_path {index_path} {src}`")
     byte_lengths = lines["lengths"][at]
-    print(f"note: {index_path}: {int((byte_lengths != lengths).sum()):,} of {len(offsets):,} documents do not "
-          f"end at a line end of {src}; their byte lengths were taken from the file (an index written in "
-          f"text mode, such as Modalities', counts characters and drops the \\r of CRLF line ends)",
+    print(f"note: {index_path}: {int((byte_lengths != lengths).sum()):,} of {len(offsets):,} documents "
+          f"do not end at a line end of {src}; their byte lengths were taken from the file (an index "
+          f"written in text mode, such as Modalities', counts characters and drops the \\r of CRLF "
+          f"line ends)",
           file=sys.stderr)
     return byte_lengths
 
@@ -239,7 +243,8 @@ def format_summary(r: dict) -> str:
     line = (
         f"packed {r['documents']:,} documents, {r['tokens']:,} tokens ({r['token_size']}-byte) into "
         f"{r['dst_path']} in {r['seconds']:.2f} s ({r['setup_seconds']:.2f} s tokenizer and index, "
-        f"{r['pack_seconds']:.2f} s packing: {r['mb_per_s']:.1f} MB/s, {r['tokens_per_s'] / 1e6:.2f} M tokens/s), "
+        f"{r['pack_seconds']:.2f} s packing: {r['mb_per_s']:.1f} MB/s, "
+        f"{r['tokens_per_s'] / 1e6:.2f} M tokens/s), "
         f"tokenizer: {r['tokenizer']}, {r['threads']} threads"
     )
     if r["invalid_lines"]:
@@ -260,7 +265,8 @@ def job_from_args(args: argparse.Namespace) -> PackJob:
     if args.config:
         flags = [f for f in ("src", "dst", "tokenizer") if getattr(args, f)]
         if flags:
-            raise ConfigError(f"give either a config file or --src/--dst/--tokenizer, not both (got --{flags[0]})")
+            raise ConfigError(f"give either a config file or --src/--dst/--tokenizer, "
+                              f"not both (got --{flags[0]})")
         job = load_pack_config(args.config)
     else:
         missing = [f"--{f}" for f in ("src", "dst", "tokenizer") if not getattr(args, f)]

@@ -72,7 +72,8 @@ class StepProfiler:
                  f"wall time per step: {wall / n * 1e3:.2f} ms"]
         if gpu:
             lines.append(f"GPU time per step (all kernels and copies): {gpu_us / n / 1e3:.2f} ms "
-                         f"({gpu_us / 1e6 / wall:.0%} of wall time; the rest is the GPU waiting for the host)")
+                         f"({gpu_us / 1e6 / wall:.0%} of wall time; "
+                         f"the rest is the GPU waiting for the host)")
         header = f"{'self CPU ms/step':>16} {'calls/step':>10}  name"
         lines += ["", (f"{'self GPU ms/step':>16} " if gpu else "") + header]
         key = _self_device_us if gpu else (lambda e: e.self_cpu_time_total)

@@ -149,7 +149,8 @@ class Tokenizer:
     def native_encoder(self):
         """The C++ byte-level BPE (fastlm._C.ByteLevelBPE); only when `native` is true."""
         if self.native_reason is not None:
-            raise TokenizerError(f"{self.path}: the native path does not cover this tokenizer: {self.native_reason}")
+            raise TokenizerError(f"{self.path}: the native path does not cover this tokenizer: "
+                                 f"{self.native_reason}")
         if self._native is None:
             from fastlm import _C
 

@@ -128,7 +128,8 @@ class Logger:
                     f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
                     + (f" | mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""))
         elif record["event"] == "eval":
-            text = f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
+            text = (f"step {record['step']:>6} | val loss {record['val_loss']:.4f} "
+                    f"| val ppl {record['val_ppl']:.2f}")
         elif record["event"] == "checkpoint":
             text = f"step {record['step']:>6} | checkpoint {record['path']}"
         else:
@@ -197,7 +198,8 @@ def evaluate(model, cfg: Config, d: Dist, val_dataset, autocast) -> tuple[float,
         weight = 1.0 if b < total_batches else 0.0
         b = b if b < total_batches else 0
         idx = range(b * micro, min(n, (b + 1) * micro))
-        rows = torch.stack([torch.from_numpy(val_dataset[i][val_dataset.sample_key]) for i in idx]).to(d.device)
+        rows = torch.stack([torch.from_numpy(val_dataset[i][val_dataset.sample_key])
+                            for i in idx]).to(d.device)
         with autocast:
             _, loss = model(rows[:, :-1], rows[:, 1:])
         loss_sum += weight * loss.double() * rows[:, 1:].numel()
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m fastlm.train", description="Train a GPT from one YAML config.")
+    p = argparse.ArgumentParser(prog="python -m fastlm.train",
+                                description="Train a GPT from one YAML config.")
     p.add_argument("config", nargs="?", help="the run config (YAML)")
     p.add_argument("--config_file_path", "--config-file-path", dest="config_flag", help="same as CONFIG")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4")
@@ -274,7 +277,8 @@ def parse_args(argv):
 def train(cfg: Config, d: Dist) -> int:
     # ---- set-up ---------------------------------------------------------------------------------------
     if d.device.type != "cuda" and cfg.precision != "fp32":
-        raise ConfigError(f"{cfg.source}: precision {cfg.precision} needs a CUDA device; set precision: fp32 on CPU")
+        raise ConfigError(f"{cfg.source}: precision {cfg.precision} needs a CUDA device; "
+                          f"set precision: fp32 on CPU")
     dtype = DTYPES[cfg.precision]
     if cfg.run.deterministic:
         make_deterministic()
@@ -334,11 +338,12 @@ def train(cfg: Config, d: Dist) -> int:
             print(f"fastlm: config {cfg.source}: {json.dumps(config_dict(cfg))}", flush=True)
         attn, loss_impl = resolve_attention(cfg.model, d.device), resolve_loss(cfg.model, d.device)
         print(f"fastlm: {n_params:,} parameters | {d.world_size} x {d.device.type} | attention {attn}, loss "
-              f"{loss_impl}, {cfg.precision}, fsdp {use_fsdp}{', deterministic' if cfg.run.deterministic else ''}\n"
-              f"fastlm: {derived.tokens_per_step:,} tokens per step = micro batch {cfg.batch.micro_batch_size} x "
-              f"sequence {cfg.model.sequence_length} x accumulation {derived.grad_accum_steps} x world "
-              f"{d.world_size}; {derived.steps:,} steps, {derived.total_tokens:,} tokens; train data "
-              f"{len(train_set):,} samples"
+              f"{loss_impl}, {cfg.precision}, fsdp {use_fsdp}"
+              f"{', deterministic' if cfg.run.deterministic else ''}\n"
+              f"fastlm: {derived.tokens_per_step:,} tokens per step = micro batch "
+              f"{cfg.batch.micro_batch_size} x sequence {cfg.model.sequence_length} x accumulation "
+              f"{derived.grad_accum_steps} x world {d.world_size}; {derived.steps:,} steps, "
+              f"{derived.total_tokens:,} tokens; train data {len(train_set):,} samples"
               + (f"; resuming from {resume_from} at step {start_step}" if resume_from else ""), flush=True)
 
     logger = Logger(cfg, run_dir, d, derived.steps, start_step)
@@ -378,7 +383,8 @@ def train(cfg: Config, d: Dist) -> int:
             for micro in range(derived.grad_accum_steps):
                 last = micro == derived.grad_accum_steps - 1
                 if use_fsdp:
-                    model.set_requires_gradient_sync(last)  # reduce-scatter once per step, not per micro batch
+                    # reduce-scatter once per step, not per micro batch
+                    model.set_requires_gradient_sync(last)
                 x, y = loader.next()
                 with autocast:
                     _, loss = model(x, y)
@@ -391,7 +397,8 @@ def train(cfg: Config, d: Dist) -> int:
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             step_loss = loss_sum / derived.grad_accum_steps
-            if cfg.optim.skip_nonfinite and not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)).item():
+            if (cfg.optim.skip_nonfinite
+                    and not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)).item()):
                 optimizer.zero_grad(set_to_none=True)
                 logger.log({"event": "skipped_step", "step": step, "loss": step_loss.item()})
                 step += 1
@@ -417,17 +424,18 @@ def train(cfg: Config, d: Dist) -> int:
                 if not all(math.isfinite(v) for v in losses):
                     first = next(i for i, v in enumerate(losses) if not math.isfinite(v))
                     raise FloatingPointError(
-                        f"loss is {losses[first]} at step {step - len(losses) + first + 1} of {derived.steps}. "
-                        f"HINT: lower optim.lr, check the data, or set optim.skip_nonfinite: true to skip such steps"
+                        f"loss is {losses[first]} at step {step - len(losses) + first + 1} of "
+                        f"{derived.steps}. HINT: lower optim.lr, check the data, or set "
+                        f"optim.skip_nonfinite: true to skip such steps"
                     )
                 now = time.perf_counter()
                 elapsed, t_last = now - t_last, now
                 tok_s = len(losses) * derived.tokens_per_step / elapsed
                 mfu, _ = model.estimate_mfu(tok_s / d.world_size, d.device)
-                record = {"event": "train", "step": step, "tokens": tokens_seen, "loss": sum(losses) / len(losses),
-                          "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                          "tokens_per_s_per_device": tok_s / d.world_size, "mfu": mfu,
-                          "step_time_s": elapsed / len(losses)}
+                record = {"event": "train", "step": step, "tokens": tokens_seen,
+                          "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": float(grad_norm),
+                          "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / d.world_size,
+                          "mfu": mfu, "step_time_s": elapsed / len(losses)}
                 if d.device.type == "cuda":
                     record["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
                 logger.log(record)
@@ -445,8 +453,8 @@ def train(cfg: Config, d: Dist) -> int:
         if stopped_early:
             save(step)
             if d.is_main:
-                print(f"fastlm: stopped by a signal at step {step}; checkpoint saved, resume with run.resume=auto",
-                      flush=True)
+                print(f"fastlm: stopped by a signal at step {step}; checkpoint saved, "
+                      f"resume with run.resume=auto", flush=True)
             return 0
         run_eval(step)
         save(step)

@@ -137,8 +137,8 @@ def test_contractions_all_cases(bpe, hf):
 def test_added_token_positions(bpe, hf):
     texts = [EOD, EOD * 3, EOD + "x", "x" + EOD, " " + EOD + " ", "a" + EOD + "b" + EOD + "c", "<|endoftext|",
              "<|endoftext", "|endoftext|>", "<|endoftext|<|endoftext|>>", "<<|endoftext|>", "<|<|endoftext|>",
-             "\n\n" + EOD + "\n\n", "  " + EOD, EOD + "  ", "'" + EOD + "s", "1" + EOD + "2", "<|endoftext|>" * 50,
-             "<" * 20 + EOD + ">" * 20, "\u3000" + EOD + "\u3000"]
+             "\n\n" + EOD + "\n\n", "  " + EOD, EOD + "  ", "'" + EOD + "s", "1" + EOD + "2",
+             "<|endoftext|>" * 50, "<" * 20 + EOD + ">" * 20, "\u3000" + EOD + "\u3000"]
     assert_same(bpe, hf, texts)
     assert bpe.encode(EOD) == [50256]
 
@@ -154,8 +154,8 @@ def test_long_random_word_uses_heap_path(bpe, hf):
 
     rng = random.Random(1234)
     letters = "etaoinshrdlucmfwypvbgkqjxz" + "ETAOIN" + "éüßø"
-    texts = ["".join(rng.choice(letters) for _ in range(n)) for n in [10, 47, 48, 49, 50, 64, 65, 100, 257, 1000,
-                                                                       5000, 60000]]
+    texts = ["".join(rng.choice(letters) for _ in range(n))
+             for n in [10, 47, 48, 49, 50, 64, 65, 100, 257, 1000, 5000, 60000]]
     punct = "!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~"
     texts += ["".join(rng.choice(punct) for _ in range(n)) for n in [49, 100, 3000]]
     texts += ["".join(rng.choice("0123456789") for _ in range(n)) for n in [49, 100, 3000]]
@@ -233,8 +233,10 @@ def test_fuzz_against_tokenizers(bpe, hf):
     @hyp.given(texts)
     def check(text):
         assert bpe.encode(text) == hf.encode(text).ids, repr(text)
-        assert ["".join(bytes_to_unicode()[b] for b in p.encode()) for p in ByteLevelBPE._pretokenize(text)] == \
-            [p for p, _ in pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(text)]
+        assert (["".join(bytes_to_unicode()[b] for b in p.encode())
+                 for p in ByteLevelBPE._pretokenize(text)]
+                == [p for p, _ in
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str(text)])
 
     check()
 
@@ -271,7 +273,8 @@ def make_json(vocab, merges, added=(), ignore_merges=False) -> dict:
         "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for c, i in added],
         "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                          "use_regex": True},
         "post_processor": None, "decoder": None,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
@@ -319,8 +322,8 @@ def test_overlapping_added_tokens_leftmost_longest():
     real = {t.content: i for i, t in hf.get_added_tokens_decoder().items()}
     assert real["<"] == vocab["<"] and real["é"] == vocab["é"]
     ours = ByteLevelBPE(vocab, [], list(real.items()))
-    texts = ["<a>b", "<a>bc", "<a>", "x<a>b<a>y", "a>b", "<<a>b", "xyz", "wxyzyz", "café", "\u3000\u3000\u3000 a",
-             "<", "<<", "ab<a", "<a>b<a>b<a>"]
+    texts = ["<a>b", "<a>bc", "<a>", "x<a>b<a>y", "a>b", "<<a>b", "xyz", "wxyzyz", "café",
+             "\u3000\u3000\u3000 a", "<", "<<", "ab<a", "<a>b<a>b<a>"]
     for t in texts:
         assert ours.encode(t) == hf.encode(t).ids, t
     assert ours.max_id == max(real.values())

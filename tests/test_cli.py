@@ -1,11 +1,8 @@
 """The `fastlm` command: help, inspect and merge from the command line, and bounded memory when packing."""
 
-import resource
 import shutil
 import subprocess
 import sys
-
-import pytest
 
 from fastlm.cli import main as cli
 
@@ -67,8 +64,9 @@ def _peak_rss_mb_of_pack(tmp_path, megabytes):
         "import resource, sys; from fastlm.pack import main; rc = main(sys.argv[1:]); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
     )
-    r = subprocess.run([sys.executable, "-c", code, "--src", str(src), "--dst", str(tmp_path / f"c{megabytes}.pbin"),
-                        "--tokenizer", str(GPT2), "--jq-pattern", ".raw_content", "--num-cpus", "2", "--quiet"],
+    r = subprocess.run([sys.executable, "-c", code, "--src", str(src),
+                        "--dst", str(tmp_path / f"c{megabytes}.pbin"), "--tokenizer", str(GPT2),
+                        "--jq-pattern", ".raw_content", "--num-cpus", "2", "--quiet"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return int(r.stdout.split()[-1]) / 1024

@@ -1,7 +1,5 @@
 """Block datasets over .pbin files: counts, contents, and the document-aligned rule against a plain loop."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,7 @@ from fastlm.data.datasets import (
 )
 from fastlm.data.pbin import write_packed
 
-from conftest import GPT2 as _GPT2_DIR, MODALITIES as GOLDEN
+from conftest import MODALITIES as GOLDEN
 
 
 def test_continuous_sample_count_arithmetic():
@@ -99,7 +97,8 @@ def test_document_aligned_starts_match_reference():
 @pytest.mark.parametrize("S", [3, 16, 100])
 def test_document_aligned_invariants(tmp_path, S):
     rng = np.random.default_rng(S)
-    lengths = np.concatenate([rng.integers(1, S // 2 + 2, 200), rng.integers(S, 4 * S, 30), [S + 1, S, S + 2]])
+    lengths = np.concatenate([rng.integers(1, S // 2 + 2, 200), rng.integers(S, 4 * S, 30),
+                              [S + 1, S, S + 2]])
     rng.shuffle(lengths)
     docs = [np.full(L, i % 60000, np.int64) for i, L in enumerate(lengths)]  # token = document id
     path = tmp_path / "d.pbin"
@@ -114,7 +113,8 @@ def test_document_aligned_invariants(tmp_path, S):
     assert np.all(np.diff(starts) > 0) and starts[-1] + S + 1 <= n
     for i in range(len(ds)):
         sample = ds[i]["x"]
-        assert len(sample) == S + 1 and sample.tolist() == (doc_of[starts[i] : starts[i] + S + 1] % 60000).tolist()
+        assert len(sample) == S + 1 and sample.tolist() == (doc_of[starts[i] : starts[i] + S + 1]
+                                                            % 60000).tolist()
     # A block starts at a document start, or continues the long document of the previous block.
     at_doc_start = np.isin(starts, doc_starts)
     continues = np.r_[False, (starts[1:] == starts[:-1] + S) & (doc_of[starts[1:]] == doc_of[starts[:-1]])]

@@ -45,7 +45,8 @@ def greedy_by_recompute(model: GPT, prompt: list[int], n: int) -> list[int]:
 
 def test_kv_cached_greedy_equals_full_recompute_batched_with_different_lengths(tiny_run):
     gen = make_generator(tiny_run, temperature=0.0, max_new_tokens=12, stop_at_eod=False)
-    prompts = [gen.encode(t) for t in ("Hello world, this is", "A", "The quick brown fox jumps over the lazy")]
+    prompts = [gen.encode(t)
+               for t in ("Hello world, this is", "A", "The quick brown fox jumps over the lazy")]
     assert len({len(p) for p in prompts}) == 3
     batched = gen.generate(prompts)
     reference_model = load_model(tiny_run, torch.device("cpu"), torch.float32)
@@ -58,7 +59,8 @@ def test_kv_cached_greedy_equals_full_recompute_batched_with_different_lengths(t
 
 def test_seeded_sampling_is_reproducible(tiny_run):
     prompt = make_generator(tiny_run).encode("Once upon a time")
-    runs = [make_generator(tiny_run, seed=s, max_new_tokens=16, top_k=50).generate([prompt])[0] for s in (7, 7, 8)]
+    runs = [make_generator(tiny_run, seed=s, max_new_tokens=16, top_k=50).generate([prompt])[0]
+            for s in (7, 7, 8)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
@@ -113,8 +115,8 @@ def test_mismatched_checkpoint_names_the_tensor(tiny_run, tmp_path):
 
     state = load_file(str(bad / "model.safetensors"))
     save_file(state, str(bad / "model.safetensors"), metadata={"config": json.dumps(cfg)})
-    with pytest.raises(ValueError, match=r"tensor 'blocks.0.mlp.up.weight' has shape \(384, 64\) but the model "
-                                         r"config expects \(512, 64\)"):
+    with pytest.raises(ValueError, match=r"tensor 'blocks.0.mlp.up.weight' has shape \(384, 64\) "
+                                         r"but the model config expects \(512, 64\)"):
         load_model(bad, torch.device("cpu"), torch.float32)
     with pytest.raises(FileNotFoundError, match="no model.safetensors and no complete checkpoint"):
         load_model(tmp_path, torch.device("cpu"), torch.float32)
@@ -145,8 +147,8 @@ def test_interactive_cli_through_a_pipe(tiny_run, tmp_path):
     )
     exe = shutil.which("fastlm")
     cmd = [exe] if exe else [sys.executable, "-m", "fastlm"]
-    r = subprocess.run(cmd + ["generate_text", "--config_file_path", str(cfg)], input="Hello there\nGoodbye\n",
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ["generate_text", "--config_file_path", str(cfg)],
+                       input="Hello there\nGoodbye\n", capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert lines[0] == "enter prompt> Hello there" and lines[1].startswith("Hello there")
@@ -160,5 +162,6 @@ def test_generation_config_errors(tmp_path):
 
     cfg = tmp_path / "g.yaml"
     cfg.write_text("settings:\n  model_path: x\n  temprature: 0.5\n")
-    with pytest.raises(ConfigError, match=r'unknown key "settings.temprature" \(did you mean "settings.temperature"\?\)'):
+    with pytest.raises(ConfigError,
+                       match=r'unknown key "settings.temprature" \(did you mean "settings.temperature"\?\)'):
         load_generation_config(cfg)

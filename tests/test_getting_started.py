@@ -28,13 +28,15 @@ def test_tutorial_end_to_end(tmp_path):
     shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns("mem_map", "checkpoints", "wandb"))
     fl = fastlm_cmd()
     for split in ("train", "test"):
-        run(fl + ["data", "create_raw_index", "--index_path", f"data/mem_map/redpajama_v2_samples_512_{split}.idx",
+        run(fl + ["data", "create_raw_index",
+                  "--index_path", f"data/mem_map/redpajama_v2_samples_512_{split}.idx",
                   f"data/raw/redpajama_v2_samples_512_{split}.jsonl"], work)
     for split in ("train", "test"):
         r = run(fl + ["data", "pack_encoded_data", f"example_dataset_config_{split}.yaml"], work)
         assert "native byte-level BPE" in r.stdout
-    assert "tokens:          786,370" in run(fl + ["data", "inspect", "data/mem_map/redpajama_v2_samples_512_train.pbin"],
-                                   work).stdout
+    assert "tokens:          786,370" in run(fl + ["data", "inspect",
+                                                  "data/mem_map/redpajama_v2_samples_512_train.pbin"],
+                                            work).stdout
 
     # training, cut down to a few dozen steps; `fastlm run` is the tutorial's verb
     run(fl + ["run", "--config_file_path", "example_config_cpu.yaml", "target.steps=40", "intervals.log=5",
@@ -46,14 +48,16 @@ def test_tutorial_end_to_end(tmp_path):
     vals = [r["val_loss"] for r in records if r["event"] == "eval"]
     assert losses[-1] < losses[0] - 2.0, losses
     assert len(vals) == 2 and all(v > 0 for v in vals)
-    for artefact in ("model.safetensors", "model.json", "checkpoints/latest", "checkpoints/step_00000040/.metadata"):
+    for artefact in ("model.safetensors", "model.json", "checkpoints/latest",
+                     "checkpoints/step_00000040/.metadata"):
         assert (run_dir / artefact).exists(), artefact
     assert list((work / "wandb").glob("offline-run-*")), "the offline W&B run folder"
 
     run(fl + ["plot", "checkpoints/tiny_redpajama"], work)
     assert (run_dir / "loss.png").stat().st_size > 10_000
 
-    r = run([sys.executable, "-m", "fastlm.generate", "--config_file_path", "example_text_generation_config.yaml",
+    r = run([sys.executable, "-m", "fastlm.generate",
+             "--config_file_path", "example_text_generation_config.yaml",
              "--checkpoint", "checkpoints/tiny_redpajama", "--prompt", "The city", "--max-new-tokens", "12",
              "--device", "cpu"], work)
     out = json.loads(r.stdout.strip().splitlines()[-1])

@@ -103,7 +103,8 @@ def test_unsupported_patterns_say_what_is_supported(pattern):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    lambda children: (st.lists(children, max_size=4)
+                      | st.dictionaries(st.text(max_size=5), children, max_size=4)),
     max_leaves=12,
 )
 

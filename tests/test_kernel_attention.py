@@ -275,7 +275,8 @@ def test_kernels_lower_to_h100_code():
         fa = sys.modules["fastlm.kernels.flash_attention"]
         strides = lambda *names: {f"stride_{n}{d}": "i32" for n in names for d in "bht"}
         common = {"n_head": "i32", "group": "i32", "seq_q": "i32", "seq_k": "i32", "HEAD_DIM": "constexpr",
-                  "CAUSAL": "constexpr", "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+                  "CAUSAL": "constexpr", "PRECISION": "constexpr", "BLOCK_M": "constexpr",
+                  "BLOCK_N": "constexpr"}
         for dtype, head_dim, causal, precision in (("bf16", 64, True, "tf32"), ("fp16", 128, False, "tf32")):
             t = "*" + dtype
             kernels = {
@@ -284,8 +285,8 @@ def test_kernels_lower_to_h100_code():
                 fa._bwd_q_kernel: {"Q": t, "K": t, "V": t, "O": t, "DO": t, "LSE": "*fp32", "DELTA": "*fp32",
                                    "DQ": t, "qk_scale": "fp32", "sm_scale": "fp32",
                                    **strides("q", "k", "v", "do", "o"), **common},
-                fa._bwd_kv_kernel: {"Q": t, "K": t, "V": t, "DO": t, "LSE": "*fp32", "DELTA": "*fp32", "DK": t,
-                                    "DV": t, "qk_scale": "fp32", "sm_scale": "fp32",
+                fa._bwd_kv_kernel: {"Q": t, "K": t, "V": t, "DO": t, "LSE": "*fp32", "DELTA": "*fp32",
+                                    "DK": t, "DV": t, "qk_scale": "fp32", "sm_scale": "fp32",
                                     **strides("q", "k", "v", "do"), "n_head": "i32", "n_kv_head": "i32",
                                     **{k: v for k, v in common.items() if k != "n_head"}},
             }

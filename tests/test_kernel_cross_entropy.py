@@ -137,7 +137,8 @@ def test_cross_entropy_several_blocks_per_row(vocab, block):
 def test_cross_entropy_strided_logits(layout):
     # A padded vocabulary sliced back (row stride > V, no copy), and a transposed view (copied first).
     gen = torch.Generator().manual_seed(4)
-    base = torch.randn(6, 1024, generator=gen) if layout == "row_slice" else torch.randn(1000, 6, generator=gen)
+    base = (torch.randn(6, 1024, generator=gen) if layout == "row_slice"
+            else torch.randn(1000, 6, generator=gen))
     base = base.to(DEVICE).requires_grad_()
     logits = base[:, :1000] if layout == "row_slice" else base.t()
     targets = make_targets(6, 1000, gen)
@@ -521,7 +522,8 @@ def test_kernel_lowers_to_h100_code():
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from fastlm.kernels.cross_entropy import CANDIDATES, _cross_entropy_kernel, num_warps
-        variants = [("bf16", "i64", True, False, block, warps) for block, warps in CANDIDATES]  # timed on GPUs
+        # timed on GPUs
+        variants = [("bf16", "i64", True, False, block, warps) for block, warps in CANDIDATES]
         variants += [("fp32", "i32", True, True, 32768, num_warps(32768)),
                      ("fp16", "i64", False, False, 32768, num_warps(32768))]
         for dtype, targets, grad, per_row, block, warps in variants:

@@ -44,7 +44,8 @@ def expected_params(cfg: ModelConfig) -> int:
     return V * C + L * block + norm + head
 
 
-@pytest.mark.parametrize("name, low, high", [("gpt60m", 55e6, 65e6), ("gpt124m", 123e6, 125e6), ("tiny", 1, 5e6)])
+@pytest.mark.parametrize("name, low, high",
+                         [("gpt60m", 55e6, 65e6), ("gpt124m", 123e6, 125e6), ("tiny", 1, 5e6)])
 def test_parameter_counts_of_shipped_configs(name, low, high):
     cfg = load(name)
     with torch.device("meta"):
@@ -111,14 +112,16 @@ def test_optimizer_groups():
     decay_ids = {id(p) for p in decay["params"]}
     assert id(model.tok_emb.weight) not in decay_ids and id(model.pos_emb.weight) not in decay_ids
     assert all(p.ndim == 2 for p in decay["params"])
-    assert all(p.ndim == 1 for p in no_decay["params"] if p is not model.tok_emb.weight and p is not model.pos_emb.weight)
+    assert all(p.ndim == 1 for p in no_decay["params"]
+               if p is not model.tok_emb.weight and p is not model.pos_emb.weight)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
 def test_flops_and_mfu():
     model = GPT(load("gpt124m", n_layer=2, vocab_size=512))
     cfg = model.cfg
-    assert model.flops_per_token() == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.sequence_length
+    assert model.flops_per_token() == (6 * model.num_params()
+                                       + 12 * cfg.n_layer * cfg.n_embd * cfg.sequence_length)
     assert estimate_mfu(model, 1e5, "cpu")[0] is None
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
     assert peak_flops("Some Future GPU") is None

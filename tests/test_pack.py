@@ -99,9 +99,11 @@ def test_random_documents_equal_tokenizers(tmp_path, gpt2_hf, texts):
 
 
 def test_unusual_but_valid_input(tmp_path, gpt2_hf):
-    texts = ["", "ends with eod<|endoftext|>", "<|endoftext|>", "mid <|endoftext|> dle", "nul \x00 char", "crlf"]
+    texts = ["", "ends with eod<|endoftext|>", "<|endoftext|>", "mid <|endoftext|> dle", "nul \x00 char",
+             "crlf"]
     lines = [json.dumps({"text": t}).encode() for t in texts]
-    data = b"\xef\xbb\xbf" + b"\n".join(lines[:-1]) + b"\n" + lines[-1].replace(b"}", b"}\r")  # no final newline
+    # no final newline
+    data = b"\xef\xbb\xbf" + b"\n".join(lines[:-1]) + b"\n" + lines[-1].replace(b"}", b"}\r")
     src = tmp_path / "odd.jsonl"
     src.write_bytes(data)
     summary, dst = run_pack(tmp_path, src)
@@ -168,7 +170,8 @@ def test_skip_invalid_skips_and_reports(tmp_path, gpt2_hf, capsys):
     assert cli(["data", "pack_encoded_data", str(cfg), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "skipped 2 invalid line(s)" in out and "line 2" in out and "line 4" in out
-    assert (tmp_path / "out.pbin").read_bytes() == reference_pbin(expected_docs(gpt2_hf, ["one", "two", "three"]))
+    assert ((tmp_path / "out.pbin").read_bytes()
+            == reference_pbin(expected_docs(gpt2_hf, ["one", "two", "three"])))
 
 
 def test_tutorial_config_with_relative_paths_and_missing_index(tmp_path, gpt2_hf, monkeypatch):
@@ -200,7 +203,8 @@ tokenizer:
     )
     monkeypatch.chdir(tmp_path)
     assert subprocess.run([sys.executable, "-m", "fastlm.pack", "cfg.yaml", "--quiet"]).returncode == 0
-    assert (tmp_path / "data/mem_map/lorem.pbin").read_bytes() == (MODALITIES / "lorem_ipsum.pbin").read_bytes()
+    assert ((tmp_path / "data/mem_map/lorem.pbin").read_bytes()
+            == (MODALITIES / "lorem_ipsum.pbin").read_bytes())
     assert (tmp_path / "data/mem_map/lorem.idx").read_bytes() == (MODALITIES / "lorem_ipsum.idx").read_bytes()
     job = load_pack_config("cfg.yaml")
     assert job.num_cpus == len(os.sched_getaffinity(0))
@@ -219,8 +223,9 @@ def _config(tmp_path, settings_extra="", tokenizer=None, settings=None, jq_patte
 
 
 def test_config_errors_are_clear(tmp_path):
-    with pytest.raises(ConfigError, match=r'unknown key "settings.src_pth" \(did you mean "settings.src_path"\?\)'):
-        load_pack_config(_config(tmp_path, settings=f"  src_pth: x\n  dst_path: y\n  eod_token: z\n"))
+    with pytest.raises(ConfigError,
+                       match=r'unknown key "settings.src_pth" \(did you mean "settings.src_path"\?\)'):
+        load_pack_config(_config(tmp_path, settings="  src_pth: x\n  dst_path: y\n  eod_token: z\n"))
     with pytest.raises(ConfigError, match=r"valid keys of settings: src_path, dst_path"):
         load_pack_config(_config(tmp_path, "  colour: red\n"))
     with pytest.raises(ConfigError, match=r'missing key "settings.dst_path"'):
@@ -274,9 +279,9 @@ def test_file_existence_policy(tmp_path, capsys):
 def test_plain_flags_and_summary(tmp_path):
     dst = tmp_path / "flags.pbin"
     r = subprocess.run(
-        [sys.executable, "-m", "fastlm.pack", "--src", str(MODALITIES / "lorem_ipsum_long.jsonl"), "--dst", str(dst),
-         "--tokenizer", str(GPT2 / "tokenizer.json"), "--jq-pattern", ".text", "--eod-token", "<|endoftext|>",
-         "--num-cpus", "2", "--quiet"],
+        [sys.executable, "-m", "fastlm.pack", "--src", str(MODALITIES / "lorem_ipsum_long.jsonl"),
+         "--dst", str(dst), "--tokenizer", str(GPT2 / "tokenizer.json"), "--jq-pattern", ".text",
+         "--eod-token", "<|endoftext|>", "--num-cpus", "2", "--quiet"],
         capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr
@@ -328,7 +333,8 @@ def test_library_fallback_gives_identical_ids(tmp_path):
     tok.mkdir()
     (tok / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     hf = Tokenizer.from_file(str(tok / "tokenizer.json"))
-    texts = [json.loads(line)["text"] for line in (MODALITIES / "danish_test_dataset.jsonl").read_text().splitlines()]
+    texts = [json.loads(line)["text"]
+             for line in (MODALITIES / "danish_test_dataset.jsonl").read_text().splitlines()]
     texts += ["Cafe\u0301 vs Café", ""]
     src = write_jsonl(tmp_path / "d.jsonl", texts)
     job = PackJob(src_path=src, dst_path=tmp_path / "d.pbin", tokenizer_path=tok, num_cpus=2)
@@ -344,8 +350,8 @@ def test_token_size_counts_added_tokens(tmp_path):
 
     spec = json.loads((GPT2 / "tokenizer.json").read_text(encoding="utf-8"))
     for i in range(50257, 65601):
-        spec["added_tokens"].append({"id": i, "content": f"<|extra_{i}|>", "single_word": False, "lstrip": False,
-                                     "rstrip": False, "normalized": True, "special": True})
+        spec["added_tokens"].append({"id": i, "content": f"<|extra_{i}|>", "single_word": False,
+                                     "lstrip": False, "rstrip": False, "normalized": True, "special": True})
     tok = tmp_path / "big_tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
@@ -413,7 +419,8 @@ def _text_mode_index(src):
 
 def test_index_written_in_text_mode_gets_byte_lengths_from_the_file(tmp_path, capsys):
     src = tmp_path / "mixed.jsonl"
-    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in ("héllo wörld", "plain", "ünïcödé ☃ 漢字", "x")]
+    lines = [json.dumps({"text": t}, ensure_ascii=False)
+             for t in ("héllo wörld", "plain", "ünïcödé ☃ 漢字", "x")]
     src.write_bytes("\n".join(lines[:2]).encode() + b"\r\n" + "\n".join(lines[2:]).encode() + b"\n")
     index = tmp_path / "text_mode.idx"
     index.write_bytes(pickle.dumps(_text_mode_index(src), protocol=4))
@@ -430,11 +437,12 @@ def test_index_of_another_file_is_a_clear_error(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", ["one", "two", "three"])
     shifted = tmp_path / "shifted.idx"
     shifted.write_bytes(pickle.dumps([(0, 13), (5, 13)], protocol=4))  # 5 is inside the first line
-    with pytest.raises(ValueError, match=r"shifted\.idx: entry 1 \(offset 5\) is not the start of a valid JSON line"):
+    with pytest.raises(ValueError,
+                       match=r"shifted\.idx: entry 1 \(offset 5\) is not the start of a valid JSON line"):
         run_pack(tmp_path, src, jq_pattern=".text", index_path=shifted)
     too_long = tmp_path / "too_long.idx"
     too_long.write_bytes(pickle.dumps([(0, 13), (15, 1000)], protocol=4))
-    with pytest.raises(ValueError, match=r"a\.jsonl: the index places document 1 at bytes 15\.\.1015 but the file "
-                                         r"holds 50 bytes"):
+    with pytest.raises(ValueError, match=r"a\.jsonl: the index places document 1 at bytes 15\.\.1015 "
+                                         r"but the file holds 50 bytes"):
         run_pack(tmp_path, src, jq_pattern=".text", index_path=too_long)
     assert not (tmp_path / "out.pbin").exists()

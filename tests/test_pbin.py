@@ -3,12 +3,10 @@
 pickle is the reference here (tests only): the library never unpickles.
 """
 
-import io
 import json
 import os
 import pickle
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +26,10 @@ MAGNITUDES = [1, 256, 65536, 2**31, 2**64]  # exclusive bounds: BININT1 / BININT
 def random_pairs(rng, n, bound=None):
     """Two uint64 arrays; each element gets its own magnitude class unless `bound` is given."""
     def column():
-        bounds = np.array(MAGNITUDES, dtype=object)[rng.integers(0, len(MAGNITUDES), n)] if bound is None else [bound] * n
-        return np.array([int(rng.integers(0, b, dtype=np.uint64)) if b > 1 else 0 for b in bounds], dtype=np.uint64)
+        bounds = (np.array(MAGNITUDES, dtype=object)[rng.integers(0, len(MAGNITUDES), n)] if bound is None
+                  else [bound] * n)
+        return np.array([int(rng.integers(0, b, dtype=np.uint64)) if b > 1 else 0 for b in bounds],
+                        dtype=np.uint64)
     return column(), column()
 
 
@@ -111,7 +111,8 @@ def test_golden_indexes_roundtrip_bytes(name):
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_parse_pairs_all_protocols_with_memo_references(protocol):
     shared = (5, 70000)
-    distinct = [(i, i * 3) for i in range(300)]  # > 256 memo entries: LONG_BINPUT / LONG_BINGET at protocol 2, 3
+    # > 256 memo entries: LONG_BINPUT / LONG_BINGET at protocol 2, 3
+    distinct = [(i, i * 3) for i in range(300)]
     pairs = [shared, *distinct, shared, distinct[280], distinct[3], (2**63 + 1, 0), shared]
     data = pickle.dumps(pairs, protocol=protocol)
     f, s = _C.parse_pairs(data)
@@ -213,7 +214,8 @@ def test_parse_pairs_rejects_opcode_straddling_frames():
 
 def test_raw_index_read_write(tmp_path):
     offsets, lengths = read_raw_index(GOLDEN / "lorem_ipsum.idx")
-    assert list(zip(offsets.tolist(), lengths.tolist())) == pickle.loads((GOLDEN / "lorem_ipsum.idx").read_bytes())
+    assert (list(zip(offsets.tolist(), lengths.tolist()))
+            == pickle.loads((GOLDEN / "lorem_ipsum.idx").read_bytes()))
     write_raw_index(tmp_path / "x.idx", offsets, lengths)
     assert (tmp_path / "x.idx").read_bytes() == (GOLDEN / "lorem_ipsum.idx").read_bytes()
     (tmp_path / "bad.idx").write_bytes(pickle.dumps({"a": 1}))
@@ -249,7 +251,8 @@ def pbin_bytes(docs, token_size, header_relative=False):
 def test_packed_file_golden(name, count):
     p = PackedFile(GOLDEN / f"{name}.pbin")
     docs = golden_documents(name)
-    assert (p.num_documents, p.token_size, p.dtype, p.offsets_convention) == (count, 2, np.dtype("<u2"), "data-relative")
+    assert ((p.num_documents, p.token_size, p.dtype, p.offsets_convention)
+            == (count, 2, np.dtype("<u2"), "data-relative"))
     assert p.num_tokens == sum(map(len, docs)) == len(p.tokens)
     for i, d in enumerate(docs):
         assert p.document(i).tolist() == d
@@ -274,7 +277,8 @@ def test_packed_file_header_relative(tmp_path):
 
 
 def test_packed_file_data_relative_document_at_byte_12(tmp_path):
-    # The second document of a data-relative file starts at byte 12: not to be mistaken for the old convention.
+    # The second document of a data-relative file starts at byte 12: not to be mistaken for the old
+    # convention.
     docs = [[1, 2, 3, 4, 5, 9], [6, 7, 9], [9]]
     (tmp_path / "a.pbin").write_bytes(pbin_bytes(docs, 2))
     p = PackedFile(tmp_path / "a.pbin")
@@ -311,9 +315,13 @@ def test_packed_file_rejects_corrupt_files(tmp_path):
             good[: 12 + data_len] + pickle.dumps([(8, 10), (18, 2)], protocol=4),
             "first document at offset 0",
         ),
-        "outside.pbin": (good[: 12 + data_len] + pickle.dumps([(0, 10), (10, data_len)], protocol=4), "inside"),
+        "outside.pbin": (good[: 12 + data_len] + pickle.dumps([(0, 10), (10, data_len)], protocol=4),
+                         "inside"),
         "half_token.pbin": (good[: 12 + data_len] + pickle.dumps([(0, 11)], protocol=4), "whole tokens"),
-        "decreasing.pbin": (good[: 12 + data_len] + pickle.dumps([(0, 10), (20, 2), (10, 2)], protocol=4), "non-decreasing"),
+        "decreasing.pbin": (
+            good[: 12 + data_len] + pickle.dumps([(0, 10), (20, 2), (10, 2)], protocol=4),
+            "non-decreasing",
+        ),
         "header_relative_overrun.pbin": (
             good[: 12 + data_len] + pickle.dumps([(12, 10), (22, data_len - 8)], protocol=4),
             "inside",
@@ -369,8 +377,8 @@ def test_write_packed_policy_and_atomicity(tmp_path):
 
 def test_inspect_packed(tmp_path):
     report = inspect_packed(GOLDEN / "lorem_ipsum.pbin")
-    for expected in ["documents:       12", "tokens:          7,989", "token size:      2 bytes", "data-relative",
-                     "token 50256"]:
+    for expected in ["documents:       12", "tokens:          7,989", "token size:      2 bytes",
+                     "data-relative", "token 50256"]:
         assert expected in report
     assert "decoded" not in report
     text = json.loads((GOLDEN / "lorem_ipsum.jsonl").open().readline())["text"]
@@ -400,7 +408,8 @@ def test_merge_packed_rejects_mismatches_without_leaving_output(tmp_path):
     dst = tmp_path / "m.pbin"
     with pytest.raises(ValueError, match=r"four\.pbin \(token size 4\).*a\.pbin \(token size 2\)"):
         merge_packed(dst, [tmp_path / "a.pbin", tmp_path / "four.pbin"])
-    with pytest.raises(ValueError, match=r"eod7\.pbin \(end-of-document token 7\).*a\.pbin \(end-of-document token 9\)"):
+    with pytest.raises(ValueError,
+                       match=r"eod7\.pbin \(end-of-document token 7\).*a\.pbin \(end-of-document token 9\)"):
         merge_packed(dst, [tmp_path / "a.pbin", tmp_path / "eod7.pbin"])
     with pytest.raises(ValueError, match=r"mixed\.pbin.*2 different last tokens"):
         merge_packed(dst, [tmp_path / "a.pbin", tmp_path / "mixed.pbin"])
@@ -408,4 +417,5 @@ def test_merge_packed_rejects_mismatches_without_leaving_output(tmp_path):
     with pytest.raises(ValueError, match="broken.pbin"):
         merge_packed(dst, [tmp_path / "a.pbin", tmp_path / "broken.pbin"])
     assert not dst.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pbin", "broken.pbin", "eod7.pbin", "four.pbin", "mixed.pbin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pbin", "broken.pbin", "eod7.pbin", "four.pbin",
+                                                         "mixed.pbin"]

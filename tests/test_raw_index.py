@@ -113,7 +113,8 @@ def test_file_existence_policy(tmp_path, capsys):
     out.write_bytes(b"keep me")
     assert cli(["data", "create_raw_index", "--index_path", str(out), str(src)]) == 1
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
-    assert cli(["data", "create_raw_index", "--file_existence_policy", "skip", "--index_path", str(out), str(src)]) == 0
+    assert cli(["data", "create_raw_index", "--file_existence_policy", "skip", "--index_path", str(out),
+                str(src)]) == 0
     assert out.read_bytes() == b"keep me"
     assert cli(["data", "create_raw_index", "--file_existence_policy", "override", "--index_path", str(out),
                 str(src)]) == 0
@@ -131,7 +132,8 @@ def test_command_line_entry_point_and_no_torch(tmp_path):
     out = tmp_path / "x.idx"
     code = (
         "import sys; from fastlm.cli import main; "
-        f"rc = main(['data', 'create_raw_index', '--index_path', {str(out)!r}, {str(MODALITIES / 'lorem_ipsum.jsonl')!r}]); "
+        f"rc = main(['data', 'create_raw_index', '--index_path', {str(out)!r}, "
+        f"{str(MODALITIES / 'lorem_ipsum.jsonl')!r}]); "
         "assert 'torch' not in sys.modules, 'the data CLI imported torch'; sys.exit(rc)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -177,7 +179,8 @@ line_kinds = st.one_of(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(line_kinds, max_size=30), st.booleans(), st.booleans(), st.integers(1, 3), st.integers(16, 300))
+@given(st.lists(line_kinds, max_size=30), st.booleans(), st.booleans(), st.integers(1, 3),
+       st.integers(16, 300))
 def test_random_files_match_reference(tmp_path_factory, lines, bom, final_newline, threads, chunk):
     data = ("\n".join(lines) + ("\n" if final_newline else "")).encode()
     if bom:

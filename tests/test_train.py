@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,9 +19,9 @@ TRAIN = MODALITIES / "lorem_ipsum_long.pbin"  # 335k GPT-2 tokens of repetitive 
 VAL = MODALITIES / "lorem_ipsum.pbin"
 # a small, quick run of the tiny model: 4 x 32 tokens per micro batch
 BASE = [
-    f"data.train_path={TRAIN}", f"data.val_path={VAL}", "model.sequence_length=32", "batch.micro_batch_size=4",
-    "intervals.log=1", "intervals.eval=0", "intervals.eval_batches=2", "schedule.warmup_steps=2",
-    "logging.console=true", "checkpoint.keep_last=0",
+    f"data.train_path={TRAIN}", f"data.val_path={VAL}", "model.sequence_length=32",
+    "batch.micro_batch_size=4", "intervals.log=1", "intervals.eval=0", "intervals.eval_batches=2",
+    "schedule.warmup_steps=2", "logging.console=true", "checkpoint.keep_last=0",
 ]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -53,8 +52,8 @@ def losses(run_dir):
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_trains_checkpoints_and_resumes_exactly(tmp_path, ranks):
     # 3 eval batches: with 2 ranks one rank has no batch in the last round and must still take part
-    train(tmp_path, "target.steps=12", "intervals.checkpoint=6", "intervals.eval=6", "intervals.eval_batches=3",
-          ranks=ranks, name="full")
+    train(tmp_path, "target.steps=12", "intervals.checkpoint=6", "intervals.eval=6",
+          "intervals.eval_batches=3", ranks=ranks, name="full")
     full = tmp_path / "full"
     first = losses(full)
     assert sorted(first) == list(range(1, 13))
@@ -65,7 +64,8 @@ def test_trains_checkpoints_and_resumes_exactly(tmp_path, ranks):
     ckpts = full / "checkpoints"
     assert (ckpts / "step_00000006" / ".metadata").is_file() and (ckpts / "step_00000012").is_dir()
     assert json.loads((ckpts / "latest").read_text()) == {"checkpoint": "step_00000012"}
-    assert (full / "model.safetensors").is_file() and json.loads((full / "model.json").read_text())["n_layer"] == 2
+    assert ((full / "model.safetensors").is_file()
+            and json.loads((full / "model.json").read_text())["n_layer"] == 2)
 
     # resume from the middle checkpoint in a fresh run folder: the later losses are the same, bit for bit
     train(tmp_path, "target.steps=12", "intervals.checkpoint=6", f"run.resume={ckpts / 'step_00000006'}",
@@ -122,7 +122,8 @@ def test_config_errors_are_clear(tmp_path):
                                           r"4,096 / \(8 x 64 x 2\) = 4"):
         derive(c, world_size=2)
     c = load_config(cfg, ["target.steps=1000"])
-    with pytest.raises(ConfigError, match=r"needs 1,000 steps x 512 tokens = 512,000 tokens but .* holds 100,000"):
+    with pytest.raises(ConfigError,
+                       match=r"needs 1,000 steps x 512 tokens = 512,000 tokens but .* holds 100,000"):
         derive(c, world_size=1, train_tokens=100_000)
     r = train(tmp_path, "optim.lrr=1", check=False)
     assert r.returncode != 0 and 'did you mean "optim.lr"' in r.stderr
@@ -132,7 +133,7 @@ def test_config_errors_are_clear(tmp_path):
 
 
 def test_profile_steps_write_a_summary_and_a_trace(tmp_path):
-    r = train(tmp_path, "target.steps=5", "logging.profile_steps=[2, 3]", name="prof")
+    train(tmp_path, "target.steps=5", "logging.profile_steps=[2, 3]", name="prof")
     run = tmp_path / "prof"
     text = (run / "profile.txt").read_text()
     assert text.startswith("fastlm profile: steps 2-3 (2 steps) on cpu"), text[:300]
@@ -157,7 +158,8 @@ def test_a_failing_profile_does_not_stop_training(tmp_path, monkeypatch, capsys)
     prof.before_step(1)
     torch.ones(3).sum()
     prof.after_step(1)  # must not raise
-    assert "profiling steps 1-1 failed, training goes on: RuntimeError('no trace for you')" in capsys.readouterr().err
+    assert ("profiling steps 1-1 failed, training goes on: RuntimeError('no trace for you')"
+            in capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
 
 
@@ -210,7 +212,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_wandb_offline_writes_its_run_folder(tmp_path):
-    train(tmp_path, "target.steps=2", "logging.wandb_mode=offline", f"logging.wandb_dir={tmp_path}", name="wb")
+    train(tmp_path, "target.steps=2", "logging.wandb_mode=offline", f"logging.wandb_dir={tmp_path}",
+          name="wb")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].rglob("*.wandb"))
 
@@ -282,7 +285,8 @@ def test_gpu_deterministic_run_resumes_bit_for_bit(tmp_path):
     gpu = ["run.device=cuda", "precision=bf16", "run.deterministic=true", "model.attention=triton",
            "model.loss=fused", "target.steps=8", "intervals.checkpoint=4"]
     r = train(tmp_path, *gpu, name="full")
-    assert "attention triton, loss fused, bf16" in r.stdout and ", deterministic" in r.stdout, r.stdout[-2000:]
+    assert ("attention triton, loss fused, bf16" in r.stdout
+            and ", deterministic" in r.stdout), r.stdout[-2000:]
     first = losses(tmp_path / "full")
     train(tmp_path, *gpu, f"run.resume={tmp_path / 'full' / 'checkpoints' / 'step_00000004'}", name="resumed")
     again = losses(tmp_path / "resumed")

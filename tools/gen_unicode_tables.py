@@ -83,9 +83,13 @@ def gpt2_split(s: str, cls: bytearray) -> list[str]:
         if ch == "'" and i + 1 < n:
             nxt = s[i + 1]
             if nxt in "stmd":
-                out.append(s[i:i + 2]); i += 2; continue
+                out.append(s[i:i + 2])
+                i += 2
+                continue
             if i + 2 < n and s[i + 1:i + 3] in ("re", "ve", "ll"):
-                out.append(s[i:i + 3]); i += 3; continue
+                out.append(s[i:i + 3])
+                i += 3
+                continue
         j = i + 1 if (ch == " " and i + 1 < n) else i
         k = c(j)
         if j != i and k == SPACE:
@@ -95,15 +99,19 @@ def gpt2_split(s: str, cls: bytearray) -> list[str]:
             e = j + 1
             while e < n and c(e) == k:
                 e += 1
-            out.append(s[i:e]); i = e; continue
+            out.append(s[i:e])
+            i = e
+            continue
         # whitespace run
         e = i
         while e < n and c(e) == SPACE:
             e += 1
         if e == n or e - i == 1:
-            out.append(s[i:e]); i = e
+            out.append(s[i:e])
+            i = e
         else:
-            out.append(s[i:e - 1]); i = e - 1
+            out.append(s[i:e - 1])
+            i = e - 1
     return out
 
 

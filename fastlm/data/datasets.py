@@ -38,8 +38,8 @@ def continuous_sample_count(num_tokens: int, sequence_length: int, reuse_last_ta
 def _check_enough_tokens(packed: PackedFile, sequence_length: int) -> None:
     if packed.num_tokens < sequence_length + 1:
         raise ValueError(
-            f"{packed.path}: a sample needs sequence_length + 1 = {sequence_length + 1:,} tokens but the file "
-            f"holds {packed.num_tokens:,}. HINT: lower sequence_length or pack more data "
+            f"{packed.path}: a sample needs sequence_length + 1 = {sequence_length + 1:,} tokens "
+            f"but the file holds {packed.num_tokens:,}. HINT: lower sequence_length or pack more data "
             f"({PACK_HINT.removeprefix('HINT: ')})"
         )
 
@@ -74,7 +74,8 @@ class PackedMemMapDatasetContinuous:
         self.sample_key = sample_key
         self.reuse_last_target = reuse_last_target
         _check_enough_tokens(self.packed, sequence_length)
-        self._num_samples = continuous_sample_count(self.packed.num_tokens, sequence_length, reuse_last_target)
+        self._num_samples = continuous_sample_count(self.packed.num_tokens, sequence_length,
+                                                    reuse_last_target)
         self._stride = sequence_length if reuse_last_target else sequence_length + 1
 
     def __len__(self) -> int:
@@ -83,10 +84,12 @@ class PackedMemMapDatasetContinuous:
     def __getitem__(self, i) -> dict[str, np.ndarray]:
         i = _normalize_index(i, self._num_samples, self.packed.path)
         start = i * self._stride
-        return {self.sample_key: self.packed.tokens[start : start + self.sequence_length + 1].astype(np.int64)}
+        return {self.sample_key:
+                self.packed.tokens[start : start + self.sequence_length + 1].astype(np.int64)}
 
 
-def document_aligned_starts(doc_offsets: np.ndarray, doc_lengths: np.ndarray, num_tokens: int, sequence_length: int) -> np.ndarray:
+def document_aligned_starts(doc_offsets: np.ndarray, doc_lengths: np.ndarray, num_tokens: int,
+                            sequence_length: int) -> np.ndarray:
     """Start token of every sample of `PackedMemMapDatasetDocumentAligned` (int64, increasing).
 
     `doc_offsets` / `doc_lengths` are in tokens, contiguous and in order (as `PackedFile` gives them).
@@ -152,10 +155,11 @@ class PackedMemMapDatasetDocumentAligned:
             or np.any(p.doc_token_offsets[1:] != p.doc_token_offsets[:-1] + p.doc_token_lengths[:-1])
         ):
             raise ValueError(
-                f"{p.path}: document-aligned sampling expects documents stored back to back from the start of the "
-                f"data segment, found gaps or overlaps. {PACK_HINT}"
+                f"{p.path}: document-aligned sampling expects documents stored back to back from the start "
+                f"of the data segment, found gaps or overlaps. {PACK_HINT}"
             )
-        self.sample_starts = document_aligned_starts(p.doc_token_offsets, p.doc_token_lengths, p.num_tokens, sequence_length)
+        self.sample_starts = document_aligned_starts(p.doc_token_offsets, p.doc_token_lengths, p.num_tokens,
+                                                     sequence_length)
 
     def __len__(self) -> int:
         return len(self.sample_starts)
@@ -163,4 +167,5 @@ class PackedMemMapDatasetDocumentAligned:
     def __getitem__(self, i) -> dict[str, np.ndarray]:
         i = _normalize_index(i, len(self.sample_starts), self.packed.path)
         start = self.sample_starts[i]
-        return {self.sample_key: self.packed.tokens[start : start + self.sequence_length + 1].astype(np.int64)}
+        return {self.sample_key:
+                self.packed.tokens[start : start + self.sequence_length + 1].astype(np.int64)}

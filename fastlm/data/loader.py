@@ -62,7 +62,8 @@ class BatchLoader:
     """Yields (inputs, targets) int64 tensors of shape (micro_batch_size, sequence_length) in sampler
     order, prefetched by a background thread (pinned memory when the device is CUDA)."""
 
-    def __init__(self, dataset, sampler: ResumableDistributedSampler, device: torch.device, prefetch: int = 2):
+    def __init__(self, dataset, sampler: ResumableDistributedSampler, device: torch.device,
+                 prefetch: int = 2):
         self.dataset, self.sampler, self.device = dataset, sampler, device
         self.prefetch = prefetch
         self._queue: queue.Queue | None = None

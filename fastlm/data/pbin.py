@@ -52,7 +52,8 @@ def read_raw_index(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         offsets, lengths = _C.parse_pairs(data)
     except ValueError as e:
         raise ValueError(
-            f"{path}: expected a pickled list of (offset, length) pairs ({len(data):,} bytes), found: {e}. {hint}"
+            f"{path}: expected a pickled list of (offset, length) pairs ({len(data):,} bytes), "
+            f"found: {e}. {hint}"
         ) from None
     return offsets, lengths
 
@@ -62,7 +63,8 @@ def write_raw_index(path: str | os.PathLike, offsets: np.ndarray, lengths: np.nd
     offsets = np.asarray(offsets)
     lengths = np.asarray(lengths)
     if offsets.shape != lengths.shape or offsets.ndim != 1:
-        raise ValueError(f"offsets and lengths must be 1-D and equal in length, got {offsets.shape} and {lengths.shape}")
+        raise ValueError(f"offsets and lengths must be 1-D and equal in length, "
+                         f"got {offsets.shape} and {lengths.shape}")
     payload = _C.pickle_pairs(offsets, lengths)
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         f.write(payload)
@@ -136,15 +138,16 @@ class PackedFile:
         raise ValueError(f"{self.path}: {what}. {PACK_HINT}")
 
     def _check_index(self, offsets: np.ndarray, lengths: np.ndarray, data_len: int, token_size: int) -> None:
-        """Every document inside the data segment, token-aligned, in non-decreasing order (offsets are data-relative)."""
+        """Every document inside the data segment, token-aligned, in non-decreasing order (offsets are
+        data-relative)."""
         where = lambda mask: int(np.flatnonzero(mask)[0])  # noqa: E731 - first offending document
         bad = offsets % np.uint64(token_size) != 0
         bad |= lengths % np.uint64(token_size) != 0
         if bad.any():
             i = where(bad)
             self._fail(
-                f"expected document offsets and lengths in whole tokens of {token_size} bytes, found document "
-                f"{i:,} at offset {int(offsets[i]):,} with length {int(lengths[i]):,}"
+                f"expected document offsets and lengths in whole tokens of {token_size} bytes, "
+                f"found document {i:,} at offset {int(offsets[i]):,} with length {int(lengths[i]):,}"
             )
         if len(offsets) > 1 and (offsets[1:] < offsets[:-1]).any():
             i = where(offsets[1:] < offsets[:-1]) + 1
@@ -158,8 +161,9 @@ class PackedFile:
         if outside.any():
             i = where(outside)
             self._fail(
-                f"expected every document inside the {data_len:,}-byte data segment ({self.offsets_convention} "
-                f"offsets), found document {i:,} at offset {int(offsets[i]):,} with length {int(lengths[i]):,}"
+                f"expected every document inside the {data_len:,}-byte data segment "
+                f"({self.offsets_convention} offsets), found document {i:,} at offset {int(offsets[i]):,} "
+                f"with length {int(lengths[i]):,}"
             )
 
     def __len__(self) -> int:
@@ -210,7 +214,8 @@ def write_packed(
         for i, doc in enumerate(documents):
             tokens = np.asarray(doc)
             if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
-                raise TypeError(f"document {i} must be a 1-D sequence of ints, got dtype {tokens.dtype} shape {tokens.shape}")
+                raise TypeError(f"document {i} must be a 1-D sequence of ints, "
+                                f"got dtype {tokens.dtype} shape {tokens.shape}")
             if tokens.size and (tokens.min() < 0 or tokens.max() > max_id):
                 raise ValueError(
                     f"document {i} holds token ids in [{tokens.min()}, {tokens.max()}], outside the "

@@ -26,7 +26,8 @@ def end_of_document_tokens(packed: PackedFile) -> np.ndarray:
     return np.unique(np.asarray(packed.tokens[last]))
 
 
-def inspect_packed(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None, max_chars: int = 2000) -> str:
+def inspect_packed(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+                   max_chars: int = 2000) -> str:
     """The report of `fastlm data inspect FILE.pbin [--tokenizer PATH]`, as a string.
 
     Lists documents, tokens, token size, the offsets convention and the end-of-document token(s); with a
@@ -42,7 +43,8 @@ def inspect_packed(path: str | os.PathLike, tokenizer_path: str | os.PathLike | 
         f"tokens:          {packed.num_tokens:,}",
         f"token size:      {packed.token_size} bytes ({packed.dtype.name}, little-endian)",
         f"offsets:         {packed.offsets_convention}"
-        + (" (Modalities >= 0.5, fastlm)" if packed.offsets_convention == "data-relative" else " (older Modalities)"),
+        + (" (Modalities >= 0.5, fastlm)" if packed.offsets_convention == "data-relative"
+           else " (older Modalities)"),
     ]
     if len(eods) == 1:
         lines.append(f"end of document: token {int(eods[0])} (last token of every document)")
@@ -51,7 +53,8 @@ def inspect_packed(path: str | os.PathLike, tokenizer_path: str | os.PathLike | 
         lines.append(f"end of document: documents end with {len(eods):,} different tokens: {shown}")
     if packed.num_documents:
         lines.append(
-            f"document tokens: min {int(lengths.min()):,}, mean {float(lengths.mean()):,.1f}, max {int(lengths.max()):,}"
+            f"document tokens: min {int(lengths.min()):,}, mean {float(lengths.mean()):,.1f}, "
+            f"max {int(lengths.max()):,}"
         )
         first = packed.document(0)
         lines.append(f"first document:  {len(first):,} tokens: {np.asarray(first[:20]).tolist()}"
@@ -88,7 +91,8 @@ def merge_packed(
     for p in packed:
         if p.token_size != ref.token_size:
             raise ValueError(
-                f"cannot merge {p.path} (token size {p.token_size}) with {ref.path} (token size {ref.token_size}): "
+                f"cannot merge {p.path} (token size {p.token_size}) with {ref.path} "
+                f"(token size {ref.token_size}): "
                 f"all inputs must share the token size. HINT: pack them with the same tokenizer."
             )
         eods = end_of_document_tokens(p)
@@ -103,8 +107,8 @@ def merge_packed(
             elif int(eods[0]) != ref_eod[1]:
                 raise ValueError(
                     f"cannot merge {p.path} (end-of-document token {int(eods[0])}) with {ref_eod[0].path} "
-                    f"(end-of-document token {ref_eod[1]}): different tokenizers. HINT: pack all inputs with the "
-                    f"same tokenizer."
+                    f"(end-of-document token {ref_eod[1]}): different tokenizers. "
+                    f"HINT: pack all inputs with the same tokenizer."
                 )
 
     offsets, lengths = [], []
