@@ -102,7 +102,8 @@ def _key_range(start_m, seq_q, seq_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexp
     """The keys that query rows [start_m, start_m + BLOCK_M) attend to, as (n_full, hi): keys below n_full
     lie inside seq_k and are visible to every row of the block (no mask needed there); keys in
     [n_full, hi) need the mask; keys from hi on are never visible (causal row i sees keys up to
-    i + seq_k - seq_q: the mask is aligned bottom-right). The forward and the dq kernel walk the same range."""
+    i + seq_k - seq_q: the mask is aligned bottom-right). The forward and the dq kernel walk the same
+    range."""
     if CAUSAL:
         shift = seq_k - seq_q
         hi = tl.minimum(seq_k, start_m + BLOCK_M + shift)
@@ -448,7 +449,8 @@ class _Tuned:
     def __init__(self, kernel):
         self.kernel = kernel
         self.chosen: dict[tuple, dict] = {}
-        smallest = min(kernel.configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+        smallest = min(kernel.configs,
+                       key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
         # (the tile sizes and launch options only: torch.compile refuses a num_ctas argument)
         self.fixed = dict(smallest.kwargs, num_warps=smallest.num_warps, num_stages=smallest.num_stages)
         self.launch = CachedLauncher(kernel.fn, direct=not _INTERPRET)
