@@ -59,7 +59,7 @@ FASTLM_SKIP_SETUP=1 timeout "$(limit 200)" bash scripts/getting_started.sh > "$R
 echo "exit $?" >> "$R/getting_started.log"; grep -E "^-- |^== |exit " "$R/getting_started.log" | tail -n 20
 
 : > "$R/profile.txt"  # the training benchmark and the attention diagnostics below append to it
-bench 240 benchmarks/test_train_speed.py
+bench 300 benchmarks/test_train_speed.py
 bench 120 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py
 
 since "attention profile (autotuner choices, GPU time per kernel, host cost)"
