@@ -8,7 +8,9 @@ Layout of a run folder:
 
 A checkpoint is written to a temporary folder and renamed when every rank has finished, so a crash
 mid-write leaves only a `.tmp` folder that `resume=auto` ignores. Non-tensor state (step, tokens, data
-position, RNG states) is JSON, never pickle; DCP files are read with DCP's own loader.
+position, RNG states) is JSON, never pickle. DCP's own `.metadata` file is a pickle: it is read with an
+unpickler that knows only the classes DCP metadata is made of (`SafeReader`), so a crafted checkpoint
+cannot run code; DCP reads the tensors themselves with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -34,12 +38,88 @@ from torch.distributed.checkpoint.state_dict import (
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
+# What DCP's .metadata pickle is made of (torch 2.4-2.13): its metadata dataclasses, the file reader's
+# storage records, paths, sizes, dtypes and layouts. Nothing else may be named in the file.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "ChunkStorageMetadata",
+        "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "pathlib._local": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class UnsafeCheckpointError(ValueError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.source}: expected DCP checkpoint metadata, found a reference to {module}.{name}, which "
+            f"DCP metadata does not contain; the file was not loaded (unpickling it could run code)")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader, but its .metadata pickle is read by `_MetadataUnpickler`."""
+
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        path = Path(self.path) / name
+        with open(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f, str(path)).load()
+            except UnsafeCheckpointError:
+                raise
+            except Exception as err:
+                raise ValueError(f"{path}: expected DCP checkpoint metadata, found an unreadable file "
+                                 f"({type(err).__name__}: {err})") from None
+        if not hasattr(metadata, "state_dict_metadata"):
+            raise ValueError(f"{path}: expected DCP checkpoint metadata, found a {type(metadata).__name__}")
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
 def dcp_io(fn, state: dict, path) -> None:
     """dcp.save or dcp.load of `state` at `path`, across the process group or, without one, by this process
-    alone (DCP then warns that it runs alone: that is the intent, so the warning is dropped)."""
+    alone (DCP then warns that it runs alone: that is the intent, so the warning is dropped).
+
+    Loads read the metadata through `SafeReader`, once before DCP does, so that a bad file is one clear
+    ValueError. DCP reports any other failure as a CheckpointException (a BaseException, which
+    `except Exception` misses): it is raised again as a ValueError that names the checkpoint and the
+    first failure, e.g. a tensor whose shape does not fit."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if fn is dcp.load:
+        SafeReader(str(path)).read_metadata()
+        kwargs = {"storage_reader": SafeReader(str(path))}
+    else:
+        kwargs = {"checkpoint_id": str(path)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        fn(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        try:
+            fn(state, no_dist=not dist.is_initialized(), **kwargs)
+        except CheckpointException as err:
+            failures = [exc for exc, _trace in err.failures.values()]
+            what = f"{type(failures[0]).__name__}: {failures[0]}" if failures else str(err)
+            raise ValueError(f"{path}: {'loading' if fn is dcp.load else 'saving'} the checkpoint failed on "
+                             f"{len(failures) or 'some'} rank(s); the first failure: {what}") from None
 
 
 def _barrier():

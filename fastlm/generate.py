@@ -80,8 +80,9 @@ def resolve_device(spec: str) -> torch.device:
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> GPT:
     """A GPT from a run folder (its model.safetensors, else its latest checkpoint), a model.safetensors
-    file, or a DCP checkpoint folder. Safetensors and DCP only: nothing is unpickled. A tensor whose name
-    or shape does not fit the config is an error that names it."""
+    file, or a DCP checkpoint folder. Safetensors and DCP only; DCP's metadata pickle is read by an
+    unpickler limited to DCP's own classes (fastlm.checkpoint.SafeReader), so a crafted file cannot run
+    code. A tensor whose name or shape does not fit the config is an error that names it."""
     from fastlm import checkpoint as ckpt
 
     path = Path(path)
@@ -119,10 +120,17 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> GP
         cfg = ModelConfig.from_dict(train_state["config"]["model"], str(path / "train_state.json"))
         model = GPT(cfg)
         sd = model.state_dict()
+        # DCP loads the keys it is asked for and ignores the rest: a checkpoint with more (e.g. more
+        # layers than the config says) would load without a word
+        saved = ckpt.SafeReader(str(path)).read_metadata().state_dict_metadata
+        extra = sorted(k.removeprefix("model.") for k in saved
+                       if k.startswith("model.") and k.removeprefix("model.") not in sd)
+        if extra:
+            raise ValueError(f"{path}: tensors the model config does not have: {', '.join(extra[:5])}")
         try:
             ckpt.dcp_io(dcp.load, {"model": sd}, path)
-        except Exception as err:  # DCP reports missing keys and shape conflicts as plain exceptions
-            raise ValueError(f"{path}: checkpoint does not fit the model config: {err}") from None
+        except ValueError as err:  # missing keys and shape conflicts, named by DCP
+            raise ValueError(f"checkpoint does not fit the model config: {err}") from None
         model.load_state_dict(sd)
     return model.to(device=device, dtype=dtype).eval()
 
