@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -65,15 +66,48 @@ def load_generation_config(path: str | Path) -> GenerationSettings:
         if getattr(settings, key) not in allowed:
             raise ConfigError(f"{source}: settings.{key} must be one of {' | '.join(allowed)}, "
                               f"found {getattr(settings, key)!r}")
+    check_ranges(settings, {name: f"{source}: settings.{name}" for name in names})
     return settings
 
 
+def check_ranges(settings: GenerationSettings, where: dict[str, str]) -> None:
+    """ConfigError for a sampling setting out of its range; `where` names each setting (the config key or
+    the command-line flag it came from)."""
+    s = settings
+    checks = (("max_new_tokens", s.max_new_tokens >= 0, "an integer >= 0"),
+              ("temperature", math.isfinite(s.temperature) and s.temperature >= 0,
+               "a finite number >= 0 (0: greedy)"),
+              ("top_k", s.top_k >= 0, "an integer >= 0 (0: no top-k filter)"),
+              ("top_p", 0 < s.top_p <= 1, "a number in (0, 1] (1: no nucleus filter)"))
+    for key, ok, expected in checks:
+        if key in where and not ok:
+            raise ConfigError(f"{where[key]} must be {expected}, found {getattr(s, key)!r}")
+
+
 def resolve_device(spec: str) -> torch.device:
+    """settings.device (or --device): auto | cpu | cuda | cuda:N | a GPU index N. A CUDA device that this
+    machine does not have is a ConfigError here, not an assertion deep in torch."""
+    expected = "auto, cpu, cuda, cuda:N or a GPU index N"
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.isdigit():
-        return torch.device("cuda", int(spec))
-    return torch.device(spec)
+        device = torch.device("cuda", int(spec))
+    else:
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise ConfigError(f"settings.device (--device) must be {expected}, found {spec!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"settings.device (--device) must be {expected}, found {spec!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"settings.device (--device) is {spec!r}, but this machine has no CUDA device "
+                              f"(torch.cuda.is_available() is false); expected cpu or auto here")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"settings.device (--device) is {spec!r}, but this machine has {count} CUDA "
+                              f"device(s) (indices 0 to {count - 1})")
+    return device
 
 
 # ---- loading ------------------------------------------------------------------------------------------
@@ -90,17 +124,26 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> GP
         path = path / "model.safetensors"
     elif path.is_dir() and not ckpt.is_complete(path):
         latest = ckpt.find_latest(path)
+        if latest is None and path.name == "checkpoints":  # RUN/checkpoints: the run's latest checkpoint
+            latest = ckpt.find_latest(path.parent)
         if latest is None:
-            raise FileNotFoundError(f"{path}: no model.safetensors and no complete checkpoint in this folder")
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors and no complete checkpoint in this folder (expected a run "
+                f"folder, its checkpoints folder, a checkpoint folder such as checkpoints/step_00000100 "
+                f"or a model.safetensors file)")
         path = latest
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if path.is_file():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a safetensors file (expected a model.safetensors written by "
+                             f"training, or a run or checkpoint folder); safetensors says: {err}") from None
         config_file = path.with_name("model.json")
         if "config" in meta:
             model_cfg = json.loads(meta["config"])
@@ -158,7 +201,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     the top_k largest (when top_k > 0) and to the smallest set whose probability reaches top_p."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted to a maximum of 0 first: a tiny temperature then gives -inf, never inf - inf (NaN)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     logits = filter_logits(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -175,6 +220,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = torch.softmax(sorted_logits, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the ids ranked above each one
         drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False  # the most likely id, even at top_p <= 0
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -215,6 +261,14 @@ class Generator:
         if cfg.pos_encoding == "learned" and self.context > cfg.sequence_length:
             raise ConfigError(f"settings.sequence_length {self.context} exceeds the model's learned "
                               f"positions ({cfg.sequence_length})")
+        tokenizer_ids = self.tokenizer.max_id + 1
+        if tokenizer_ids > cfg.vocab_size:
+            raise ConfigError(
+                f"{self.tokenizer.path}: the tokenizer has {tokenizer_ids} ids (0 to {tokenizer_ids - 1}) "
+                f"but the model of {settings.model_path} has vocab_size {cfg.vocab_size}; expected the "
+                f"tokenizer the model was trained with (settings.tokenizer_path)")
+        # ids past the tokenizer's vocabulary (a model vocab_size padded beyond it) are never sampled
+        self.vocab = min(cfg.vocab_size, tokenizer_ids)
         self.eod_id = self.tokenizer.token_to_id(settings.eod_token)
         if self.eod_id is None:
             raise ConfigError(f"eod_token {settings.eod_token!r} is not in the vocabulary of "
@@ -245,7 +299,12 @@ class Generator:
 
         One host sync per token (the chosen ids, which the caller streams anyway): which rows are done
         and the token history (for sliding the window) are kept on the host. A finished row keeps being
-        decoded with the rest of the batch; rows never attend to each other, so what it draws is dropped."""
+        decoded with the rest of the batch; rows never attend to each other, so what it draws is dropped.
+
+        Rows share one cache position, the widest row's. When it reaches the context: with context_full
+        stop, the rows whose own history fills the context are done and the others are prefilled again
+        from their own histories (a done row by a 1-token placeholder), so a row of a batch gets what it
+        would get alone; with slide, every row keeps the newest half of its history."""
         s, model = self.s, self.model
         rows = [list(self._fit(p)) for p in prompts]  # each row's tokens so far (copies: they grow)
         B = len(rows)
@@ -253,13 +312,12 @@ class Generator:
             model.setup_caches(B, self.context, dtype=self.dtype)
             self._batch = B
         gen = torch.Generator(device=self.device).manual_seed(s.seed)
-        vocab = model.cfg.vocab_size  # ids past the tokenizer's vocabulary (embedding padding) never win
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         logits, pad_lens, pos = self._prefill(rows)
         input_pos = torch.zeros(1, dtype=torch.long, device=self.device)
         for _ in range(s.max_new_tokens):
-            nxt = sample(logits[:, :vocab], s.temperature, s.top_k, s.top_p, gen)
+            nxt = sample(logits[:, :self.vocab], s.temperature, s.top_k, s.top_p, gen)
             for b, t in enumerate(nxt.tolist()):  # the one sync of the step
                 if done[b]:
                     continue
@@ -272,9 +330,20 @@ class Generator:
                 break
             if pos >= self.context:
                 if s.context_full == "stop":
-                    print(f"fastlm: reached the context of {self.context} tokens; stopping "
-                          f"(settings.context_full: slide keeps going)", file=sys.stderr)
-                    break
+                    # a row is full when its newest token would go past the context (its own position,
+                    # len - 1, is the batch's position less its padding)
+                    for b in range(B):
+                        if not done[b] and len(rows[b]) - 1 >= self.context:
+                            done[b] = True
+                            which = f"row {b} " if B > 1 else ""
+                            print(f"fastlm: {which}reached the context of {self.context} tokens; stopping "
+                                  f"(settings.context_full: slide keeps going)", file=sys.stderr)
+                    if all(done):
+                        break
+                    # the rest have room: prefill them again from their own histories
+                    logits, pad_lens, pos = self._prefill([[self.eod_id] if done[b] else rows[b]
+                                                           for b in range(B)])
+                    continue
                 keep = self.context // 2  # slide: recompute the caches over the newest half
                 logits, pad_lens, pos = self._prefill([row[-keep:] for row in rows])
                 continue
@@ -302,18 +371,35 @@ class Generator:
                          f"settings.prompt_too_long: truncate_left")
 
 
-def stream_text(tokenizer, ids: list[int], printed: int) -> tuple[str, int]:
-    """The new text of a growing id list, holding back an incomplete UTF-8 character."""
-    text = tokenizer.decode(ids)
-    if text.endswith("\ufffd"):
+def continuation_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """The text that ids add after the prompt. Decoded together with the prompt: a tokenizer that marks
+    word starts (SentencePiece's Metaspace) drops the space of a leading word when it is decoded alone.
+    When the prompt's own text is not a prefix of the whole, the continuation is decoded alone."""
+    if not prompt_ids:
+        return tokenizer.decode(ids)
+    head = tokenizer.decode(prompt_ids)
+    text = tokenizer.decode(list(prompt_ids) + list(ids))
+    return text[len(head):] if text.startswith(head) else tokenizer.decode(ids)
+
+
+def stream_text(tokenizer, ids: list[int], printed: int, prompt_ids: list[int] | tuple = (),
+                final: bool = False) -> tuple[str, int]:
+    """The new text of a growing id list after its prompt, holding back an incomplete UTF-8 character
+    until the end (final: whatever is left, so that the streamed text is the whole continuation)."""
+    text = continuation_text(tokenizer, list(prompt_ids), ids)
+    if text.endswith("\ufffd") and not final:
         return "", printed
     return text[printed:], len(text)
 
 
-def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout) -> int:
+def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout, stderr=None) -> int:
     """The tutorial's loop: `enter prompt> `, the continuation streamed, again; an empty line or EOF ends
-    it. With stdin not a terminal, every input line is a prompt."""
+    it. With stdin not a terminal, every input line is a prompt. A prompt that cannot be generated (too
+    long for the context) is an `error: ...` line on stderr and the loop goes on with the next; the exit
+    status is then 1."""
+    stderr = sys.stderr if stderr is None else stderr
     tty = stdin.isatty()
+    failed = False
     while True:
         if tty:
             stdout.write("enter prompt> ")
@@ -321,9 +407,10 @@ def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout) -> int:
         line = stdin.readline()
         if not line or (tty and not line.strip()):
             break
-        prompt = line.rstrip("\n")
+        prompt = line.rstrip("\r\n")
         if not tty:
             stdout.write(f"enter prompt> {prompt}\n")
+        prompt_ids: list[int] = []
         ids: list[int] = []
         printed = 0
         stdout.write(prompt)
@@ -333,14 +420,22 @@ def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout) -> int:
             if token == gen.eod_id:
                 return
             ids.append(token)
-            new, printed = stream_text(gen.tokenizer, ids, printed)
+            new, printed = stream_text(gen.tokenizer, ids, printed, prompt_ids)
             stdout.write(new)
             stdout.flush()
 
-        gen.generate([gen.encode(prompt)], on_token=on_token)
-        stdout.write("\n")
+        try:
+            prompt_ids = gen.encode(prompt)
+            gen.generate([prompt_ids], on_token=on_token)
+        except ValueError as err:  # this prompt only (e.g. longer than the context)
+            stdout.write("\n")
+            stdout.flush()
+            print(f"error: {err}", file=stderr)
+            failed = True
+            continue
+        stdout.write(stream_text(gen.tokenizer, ids, printed, prompt_ids, final=True)[0] + "\n")
         stdout.flush()
-    return 0
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,12 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> GenerationSettings:
     s = load_generation_config(args.config_file_path) if args.config_file_path else GenerationSettings()
+    given = {}  # setting -> the flag that set it
     for flag, key in (("checkpoint", "model_path"), ("tokenizer", "tokenizer_path"),
                       ("max_new_tokens", None), ("temperature", None), ("top_k", None), ("top_p", None),
                       ("seed", None), ("device", None)):
         value = getattr(args, flag)
         if value is not None:
             setattr(s, key or flag, value)
+            given[key or flag] = "--" + flag.replace("_", "-")
+    check_ranges(s, given)
     if not s.model_path:
         raise ConfigError("give --checkpoint (or a config file with settings.model_path)")
     return s
@@ -390,10 +488,12 @@ def _run(args) -> int:
                     if line.strip()]
     if not prompts or args.interactive:
         return interactive(gen)
-    outputs = gen.generate([gen.encode(p) for p in prompts])
-    for prompt, ids in zip(prompts, outputs):
+    prompt_ids = [gen.encode(p) for p in prompts]
+    outputs = gen.generate(prompt_ids)
+    for prompt, ids_in, ids in zip(prompts, prompt_ids, outputs):
         ids = [t for t in ids if t != gen.eod_id]
-        print(json.dumps({"prompt": prompt, "completion": gen.tokenizer.decode(ids)}, ensure_ascii=False))
+        completion = continuation_text(gen.tokenizer, ids_in, ids)
+        print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
     return 0
 
 

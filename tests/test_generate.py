@@ -1,5 +1,6 @@
 """Generation: KV-cached decoding against full recomputation, sampling, checkpoints, the interactive CLI."""
 
+import io
 import json
 import shutil
 import subprocess
@@ -10,8 +11,11 @@ import torch
 
 from fastlm.checkpoint import save_consolidated
 from fastlm.config import load_config
-from fastlm.generate import GenerationSettings, Generator, filter_logits, load_model, sample
+from fastlm.generate import (GenerationSettings, Generator, continuation_text, filter_logits, interactive,
+                             load_model, sample)
 from fastlm.model import GPT
+from fastlm.tokenizer import Tokenizer
+from fastlm.yamlconf import ConfigError
 
 from conftest import GPT2, MODALITIES, ROOT
 
@@ -27,9 +31,58 @@ def tiny_run(tmp_path_factory):
     return run
 
 
-def make_generator(run, **kw) -> Generator:
-    settings = GenerationSettings(model_path=str(run), tokenizer_path=str(GPT2), device="cpu", **kw)
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run written by training: model.safetensors and the DCP checkpoint of step 3."""
+    out = tmp_path_factory.mktemp("trained")
+    r = subprocess.run([sys.executable, "-m", "fastlm.train", str(ROOT / "configs" / "tiny.yaml"),
+                        f"data.train_path={MODALITIES / 'lorem_ipsum_long.pbin'}", "data.val_path=",
+                        "model.sequence_length=32", "batch.micro_batch_size=4", "target.steps=3",
+                        f"run.output_dir={out}", "run.name=gen"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "gen"
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer(tmp_path_factory):
+    """A small SentencePiece-style tokenizer (Metaspace: a word's space is part of its first piece), under
+    100 ids, with the eod token."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    text = ["hello world this is a small corpus of words", "the quick brown fox jumps over the lazy dog"] * 50
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<|endoftext|>", "<unk>"],
+                                  show_progress=False)
+    hf.train_from_iterator(text, trainer)
+    path = tmp_path_factory.mktemp("metaspace") / "tokenizer.json"
+    hf.save(str(path))
+    return path
+
+
+def make_generator(run, tokenizer=GPT2, **kw) -> Generator:
+    kw.setdefault("device", "cpu")
+    settings = GenerationSettings(model_path=str(run), tokenizer_path=str(tokenizer), **kw)
     return Generator(settings)
+
+
+class FixedGenerator:
+    """Stands in for Generator in `interactive`: 'generates' fixed ids, streamed through on_token."""
+
+    def __init__(self, tokenizer: Tokenizer, ids: list[int]):
+        self.tokenizer, self.ids, self.prompts = tokenizer, ids, []
+        self.eod_id = tokenizer.token_to_id("<|endoftext|>")
+
+    def encode(self, text: str) -> list[int]:
+        self.prompts.append(text)
+        return self.tokenizer.encode(text)
+
+    def generate(self, prompts, on_token=None):
+        for t in self.ids:
+            on_token(0, t)
+        return [list(self.ids)]
 
 
 def greedy_by_recompute(model: GPT, prompt: list[int], n: int) -> list[int]:
@@ -122,13 +175,8 @@ def test_mismatched_checkpoint_names_the_tensor(tiny_run, tmp_path):
         load_model(tmp_path, torch.device("cpu"), torch.float32)
 
 
-def test_checkpoint_written_by_training_generates(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fastlm.train", str(ROOT / "configs" / "tiny.yaml"),
-                        f"data.train_path={MODALITIES / 'lorem_ipsum_long.pbin'}", "data.val_path=",
-                        "model.sequence_length=32", "batch.micro_batch_size=4", "target.steps=3",
-                        f"run.output_dir={tmp_path}", "run.name=gen"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    run = tmp_path / "gen"
+def test_checkpoint_written_by_training_generates(trained_run):
+    run = trained_run
     from_safetensors = make_generator(run, temperature=0.0, max_new_tokens=6, stop_at_eod=False)
     dcp_dir = run / "checkpoints" / "step_00000003"
     from_dcp = make_generator(dcp_dir, temperature=0.0, max_new_tokens=6, stop_at_eod=False)
@@ -165,3 +213,164 @@ def test_generation_config_errors(tmp_path):
     with pytest.raises(ConfigError,
                        match=r'unknown key "settings.temprature" \(did you mean "settings.temperature"\?\)'):
         load_generation_config(cfg)
+
+
+def test_run_checkpoints_folder_loads_its_latest_checkpoint(trained_run):
+    from_folder = load_model(trained_run / "checkpoints", torch.device("cpu"), torch.float32)
+    from_step = load_model(trained_run / "checkpoints" / "step_00000003", torch.device("cpu"), torch.float32)
+    for (name, a), b in zip(from_folder.state_dict().items(), from_step.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_dcp_checkpoint_with_tensors_the_config_lacks_is_refused(trained_run, tmp_path):
+    step = tmp_path / "step_00000003"
+    shutil.copytree(trained_run / "checkpoints" / "step_00000003", step)
+    state = json.loads((step / "train_state.json").read_text())
+    assert state["config"]["model"]["n_layer"] == 2
+    state["config"]["model"]["n_layer"] = 1
+    (step / "train_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError,
+                       match=r"step_00000003: tensors the model config does not have: blocks\.1\."):
+        load_model(step, torch.device("cpu"), torch.float32)
+
+
+def test_not_a_safetensors_file_is_named(tmp_path):
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(b"PK\x03\x04 a zip, as torch.save writes" * 10)
+    with pytest.raises(ValueError, match=r"model\.pt: not a safetensors file"):
+        load_model(junk, torch.device("cpu"), torch.float32)
+
+
+def test_tokenizer_with_more_ids_than_the_model_is_a_config_error(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml").model
+    cfg.vocab_size = 1000
+    save_consolidated(tmp_path, GPT(cfg), {k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
+    with pytest.raises(ConfigError, match=r"the tokenizer has 50257 ids .* has vocab_size 1000"):
+        make_generator(tmp_path)
+
+
+def test_ids_the_tokenizer_does_not_have_are_never_sampled(tiny_run, metaspace_tokenizer):
+    # the model's 50257 ids against a tokenizer of under 100: only the tokenizer's ids may come out (a
+    # random tied model greedily repeats its input token; sampling at temperature 2 reaches all ids)
+    greedy = make_generator(tiny_run, metaspace_tokenizer, temperature=0.0, max_new_tokens=20,
+                            stop_at_eod=False)
+    vocab = greedy.tokenizer.max_id + 1
+    assert greedy.vocab == vocab < 100
+    prompt = greedy.encode("hello world")
+    sampled = make_generator(tiny_run, metaspace_tokenizer, temperature=2.0, max_new_tokens=100,
+                             stop_at_eod=False, seed=1)
+    for out in (greedy.generate([prompt])[0], sampled.generate([prompt])[0]):
+        assert len(out) > 0 and max(out) < vocab
+
+
+def test_top_p_at_or_below_zero_keeps_the_most_likely_id():
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.2, 0.15, 0.05]]))
+    for top_p in (0.0, -0.5, 1e-9):
+        assert torch.isfinite(filter_logits(logits, 0, top_p)[0]).nonzero().flatten().tolist() == [1]
+        assert sample(logits, 1.0, 0, top_p, torch.Generator().manual_seed(0)).item() == 1
+    # a temperature so small that logits / T overflows is greedy, not NaN
+    assert sample(logits, 1e-45, 0, 1.0, torch.Generator().manual_seed(0)).item() == 1
+
+
+def test_sampling_settings_are_checked(tmp_path):
+    from fastlm.generate import build_parser, load_generation_config, settings_from_args
+
+    cfg = tmp_path / "g.yaml"
+    top_p, temperature = r"must be a number in \(0, 1\] .*found", r"must be a finite number >= 0 .*found"
+    count = r"must be an integer >= 0, found"
+    for line, message in (("top_p: 0", rf"settings\.top_p {top_p} 0\.0"),
+                          ("top_p: 1.5", rf"settings\.top_p {top_p} 1\.5"),
+                          ("temperature: -1", rf"settings\.temperature {temperature} -1"),
+                          ("temperature: .nan", rf"settings\.temperature {temperature} nan"),
+                          ("top_k: -5", r"settings\.top_k must be an integer >= 0 .*found -5"),
+                          ("max_new_tokens: -1", rf"settings\.max_new_tokens {count} -1")):
+        cfg.write_text(f"settings:\n  model_path: x\n  {line}\n")
+        with pytest.raises(ConfigError, match=rf"{cfg}: {message}"):
+            load_generation_config(cfg)
+    for flags, message in ((["--top-p", "0"], rf"--top-p {top_p} 0\.0"),
+                           (["--temperature", "inf"], rf"--temperature {temperature} inf"),
+                           (["--top-k", "-1"], r"--top-k must be an integer >= 0 .*found -1"),
+                           (["--max-new-tokens", "-3"], rf"--max-new-tokens {count} -3")):
+        with pytest.raises(ConfigError, match=message):
+            settings_from_args(build_parser().parse_args(["--checkpoint", "x"] + flags))
+
+
+def test_cuda_device_without_cuda_is_a_config_error(tiny_run, monkeypatch):
+    from fastlm.generate import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for spec in ("cuda", "cuda:1", "0"):
+        with pytest.raises(ConfigError, match=rf"settings\.device \(--device\) is '{spec}', but this machine "
+                                              r"has no CUDA device"):
+            make_generator(tiny_run, device=spec)
+    with pytest.raises(ConfigError, match=r"settings\.device \(--device\) must be auto, cpu, cuda, cuda:N or "
+                                          r"a GPU index N, found 'gpu'"):
+        resolve_device("gpu")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_row_of_a_batch_stops_only_when_its_own_context_is_full(tiny_run, capsys):
+    # context 64: a 60-token prompt has room for 5 tokens, a 5-token one for 60; batched, the short row
+    # must go on (prefilled again from its own history) and get what it gets alone
+    long_prompt, short_prompt = list(range(1000, 1060)), list(range(2000, 2005))
+    gen = make_generator(tiny_run, temperature=0.0, max_new_tokens=30, stop_at_eod=False)
+    alone = gen.generate([short_prompt])[0]
+    assert len(alone) == 30
+    long_out, short_out = gen.generate([long_prompt, short_prompt])
+    assert short_out == alone and long_out == gen.generate([long_prompt])[0] and len(long_out) == 5
+    assert "fastlm: row 0 reached the context of 64 tokens" in capsys.readouterr().err
+    # the long row ends early at its eod (here: its first token) and the short row still goes on
+    eod = gen.tokenizer.library().id_to_token(long_out[0])
+    gen = make_generator(tiny_run, temperature=0.0, max_new_tokens=30, eod_token=eod)
+    alone = gen.generate([short_prompt])[0]
+    assert len(alone) > 5
+    assert gen.generate([long_prompt, short_prompt]) == [long_out[:1], alone]
+
+
+def test_interactive_prints_the_held_back_tail():
+    tok = Tokenizer(GPT2)
+    for text in (" ok \U0001F389", " caf\u00e9 \ufffd"):
+        ids = tok.encode(text)
+        for n in (len(ids), len(ids) - 1):  # the last cut ends in an incomplete character
+            out = io.StringIO()
+            interactive(FixedGenerator(tok, ids[:n]), stdin=io.StringIO("Hi\n"), stdout=out)
+            assert out.getvalue().splitlines()[1] == "Hi" + tok.decode(ids[:n])
+
+
+def test_metaspace_continuation_keeps_the_space_after_the_prompt(tiny_run, metaspace_tokenizer, monkeypatch,
+                                                                 capsys):
+    from fastlm.generate import main
+
+    tok = Tokenizer(metaspace_tokenizer)
+    prompt, whole = tok.encode("hello world"), tok.encode("hello world the quick fox")
+    cont = whole[len(prompt):]
+    assert whole[:len(prompt)] == prompt and tok.decode(cont) == "the quick fox"  # alone: no space
+    assert continuation_text(tok, prompt, cont) == " the quick fox"
+    out = io.StringIO()
+    interactive(FixedGenerator(tok, cont), stdin=io.StringIO("hello world\n"), stdout=out)
+    assert out.getvalue().splitlines()[1] == "hello world the quick fox"
+    # the JSON completion of a batch
+    monkeypatch.setattr(Generator, "generate", lambda self, prompts, on_token=None: [list(cont)])
+    assert main(["--checkpoint", str(tiny_run), "--tokenizer", str(metaspace_tokenizer), "--device", "cpu",
+                 "--prompt", "hello world"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt": "hello world", "completion": " the quick fox"}
+
+
+def test_interactive_goes_on_after_a_prompt_too_long(tiny_run):
+    gen = make_generator(tiny_run, temperature=0.0, max_new_tokens=3)
+    out, err = io.StringIO(), io.StringIO()
+    status = interactive(gen, stdin=io.StringIO(" word" * 100 + "\nHi\n"), stdout=out, stderr=err)
+    lines = out.getvalue().splitlines()
+    assert lines[2] == "enter prompt> Hi" and lines[3].startswith("Hi") and len(lines) == 4
+    assert err.getvalue().startswith("error: the prompt has 100 tokens but the context holds 64")
+    assert status == 1
+
+
+def test_interactive_strips_crlf_line_ends():
+    tok = Tokenizer(GPT2)
+    gen = FixedGenerator(tok, tok.encode(" there"))
+    out = io.StringIO()
+    interactive(gen, stdin=io.StringIO("Hi\r\nBye\r\n"), stdout=out)
+    assert gen.prompts == ["Hi", "Bye"]
+    assert out.getvalue().splitlines() == ["enter prompt> Hi", "Hi there", "enter prompt> Bye", "Bye there"]
