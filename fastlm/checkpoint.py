@@ -158,7 +158,12 @@ def _write_json(path: Path, obj) -> None:
 
 
 def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep_last: int) -> Path:
-    """Save the whole training state at `step` (a collective: every rank calls it)."""
+    """Save the whole training state at `step` (a collective: every rank calls it).
+
+    keep_last > 0 keeps that many complete checkpoints up to this one, this one included, and removes the
+    older ones. Checkpoints of later steps are left alone: they come from an earlier run of this folder that
+    went further (this run resumed from an earlier checkpoint); keeping the last K of all checkpoints would
+    delete the one just written and leave `latest` naming nothing."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -179,7 +184,8 @@ def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep_las
         os.replace(tmp, final)
         _write_json(root / "latest", {"checkpoint": final.name})
         if keep_last > 0:
-            for old in complete_checkpoints(run_dir)[:-keep_last]:
+            older = [p for p in complete_checkpoints(run_dir) if _step_of(p) < step]
+            for old in older[:max(0, len(older) - (keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -190,12 +196,16 @@ def is_complete(path: Path) -> bool:
         path / "train_state.json").is_file()
 
 
+def _step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary folders of interrupted saves are skipped)."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and is_complete(p)), key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and is_complete(p)), key=_step_of)
 
 
 def find_latest(run_dir: Path) -> Path | None:
@@ -211,19 +221,43 @@ def find_latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model, optimizer) -> dict:
-    """Load model and optimizer state (resharded to this run's world size) and this rank's RNG state;
-    returns train_state.json's content."""
+def read_train_state(path: Path) -> dict:
+    """train_state.json of the checkpoint at `path` (step, tokens, data position, world size, config),
+    checked: read before any tensor, so that a broken checkpoint is named before DCP loads anything."""
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(
             f"{path}: not a complete fastlm checkpoint (expected DCP .metadata and train_state.json)"
         )
+    file = path / "train_state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: expected the checkpoint's training state as JSON, found an unreadable "
+                         f"file ({err})") from None
+    counts = ("step", "tokens", "data_position")  # data_position: absent in checkpoints of older versions
+
+    def count(key):
+        if key == "data_position" and key not in state:
+            return True
+        return type(state.get(key)) is int and state[key] >= 0
+
+    if not (isinstance(state, dict) and all(count(key) for key in counts)):
+        found = {k: state.get(k) for k in counts} if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{file}: expected a JSON object with step, tokens and data_position counts, "
+                         f"found {found}")
+    return state
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Load model and optimizer state (resharded to this run's world size) and this rank's RNG state;
+    returns train_state.json's content (checked first, by `read_train_state`)."""
+    path = Path(path)
+    train_state = read_train_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp_io(dcp.load, state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    train_state = json.loads((path / "train_state.json").read_text())
     rng_file = path / f"rng_rank{_rank()}.json"
     if not rng_file.is_file():  # fewer ranks wrote the checkpoint than read it
         rng_file = path / "rng_rank0.json"

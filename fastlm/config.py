@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class OptimSection:
     fused: bool = doc("use the fused AdamW implementation on CUDA", True)
     skip_nonfinite: bool = doc(
         "skip a step whose loss or gradient norm is not finite (one host sync per step); false: stop at the "
-        "next log, naming the first bad step", False)
+        "next log or checkpoint, naming the first bad step", False)
 
 
 @dataclass
@@ -118,7 +119,7 @@ class LoggingSection:
 
 @dataclass
 class CheckpointSection:
-    keep_last: int = doc("keep the last K complete checkpoints (0: keep all)", 2)
+    keep_last: int = doc("keep the last K complete checkpoints up to the one just written (0: keep all)", 2)
     consolidated: bool = doc("also write model.safetensors + model.json at the end", True)
 
 
@@ -156,6 +157,10 @@ def _section_classes() -> dict[str, type]:
     return {name: hints[name] for name in SECTIONS if dataclasses.is_dataclass(hints[name])}
 
 
+# list keys whose items have a type of their own (YAML 1.1 reads `9e-1` in `[9e-1, 0.95]` as a string)
+_LIST_ITEMS = {"optim.betas": float}
+
+
 def _build_section(cls: type, section: dict, prefix: str, source: str):
     if cls is ModelConfig:
         return ModelConfig.from_dict(section, source)
@@ -165,7 +170,12 @@ def _build_section(cls: type, section: dict, prefix: str, source: str):
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in section:
-            values[f.name] = coerce_value(section[f.name], hints[f.name], f"{source}: {prefix}.{f.name}")
+            key = f"{prefix}.{f.name}"
+            value = coerce_value(section[f.name], hints[f.name], f"{source}: {key}")
+            if key in _LIST_ITEMS:
+                value = [coerce_value(item, _LIST_ITEMS[key], f"{source}: {key}[{i}]")
+                         for i, item in enumerate(value)]
+            values[f.name] = value
     return cls(**values)
 
 
@@ -188,7 +198,9 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
             raise ConfigError(f'override {item!r}: unknown section "{parts[0]}"{hint}')
         node = raw
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or a section left empty in the file (`logging:`)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
         node[parts[-1]] = interpolate(_parse_scalar(text), f"override {key}")
@@ -203,7 +215,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:
-    check_keys(raw, list(SECTIONS), "config", source)
+    check_keys(raw, list(SECTIONS), "", source)
     classes = _section_classes()
     values = {}
     for name, cls in classes.items():
@@ -238,16 +250,31 @@ def validate(cfg: Config) -> None:
                        "batch.global_batch_tokens": cfg.batch.global_batch_tokens,
                        "target.steps": cfg.target.steps, "target.tokens": cfg.target.tokens,
                        "intervals.eval": cfg.intervals.eval, "intervals.checkpoint": cfg.intervals.checkpoint,
+                       "intervals.eval_batches": cfg.intervals.eval_batches,
                        "schedule.warmup_steps": cfg.schedule.warmup_steps,
+                       "data.num_workers": cfg.data.num_workers,
                        "checkpoint.keep_last": cfg.checkpoint.keep_last}.items():
         if value < 0:
             raise ConfigError(f"{src}: {key} must not be negative, found {value}")
+    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
+        raise ConfigError(f"{src}: optim.lr must be a finite number above 0, found {cfg.optim.lr}")
+    # a negative clip norm scales gradients by a negative factor (gradient ascent); inf: no clipping
+    for key, value, finite in (("optim.grad_clip", cfg.optim.grad_clip, False),
+                               ("optim.eps", cfg.optim.eps, True),
+                               ("optim.weight_decay", cfg.optim.weight_decay, True),
+                               ("schedule.min_lr", cfg.schedule.min_lr, True)):
+        if not value >= 0 or (finite and math.isinf(value)):  # `not >=` catches NaN
+            what = "a finite number >= 0" if finite else "a number >= 0"
+            raise ConfigError(f"{src}: {key} must be {what}, found {value}")
     if cfg.target.steps == 0 and cfg.target.tokens == 0:
         raise ConfigError(f"{src}: set target.steps or target.tokens (both are 0)")
     if not cfg.data.train_path:
         raise ConfigError(f'{src}: missing key "data.train_path"')
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"{src}: optim.betas must be two numbers, found {cfg.optim.betas!r}")
+    for i, beta in enumerate(cfg.optim.betas):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{src}: optim.betas[{i}] must be in [0, 1), found {beta}")
     if cfg.schedule.min_lr > cfg.optim.lr:
         raise ConfigError(f"{src}: schedule.min_lr ({cfg.schedule.min_lr}) exceeds optim.lr ({cfg.optim.lr})")
     profile_window(cfg)

@@ -32,11 +32,15 @@ class Dist:
         return self.world_size > 1 or dist.is_initialized()
 
 
-def setup_distributed(device_pref: str = "auto") -> Dist:
-    """Join the process group torchrun prepared (nccl on CUDA, gloo on CPU), or run as one process."""
+def setup_distributed(device_pref: str = "auto", source: str = "config") -> Dist:
+    """Join the process group torchrun prepared (nccl on CUDA, gloo on CPU), or run as one process.
+    `source` names the config file in errors."""
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is cuda but no CUDA device is available")
+        from fastlm.yamlconf import ConfigError
+
+        raise ConfigError(f"{source}: run.device is cuda but torch finds no CUDA device "
+                          f"(torch.cuda.is_available() is false); set run.device: auto or cpu")
     if "RANK" not in os.environ:  # plain `python -m fastlm.train`
         return Dist(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])

@@ -1,26 +1,32 @@
-"""`fastlm plot RUN_DIR`: a PNG of train/val loss and throughput over steps, from metrics.jsonl."""
+"""`fastlm plot RUN_DIR`: a plot of train/val loss and throughput over steps, from metrics.jsonl (PNG by
+default; `--out` picks the format by its suffix: .png, .svg, .pdf)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The train and eval records of a run, by step. A step logged twice (a run resumed from an earlier
+    checkpoint repeats the steps after it) keeps its last record."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a fastlm run folder?)")
-    train, evals = [], []
+    last: dict[tuple[str, int], dict] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{n}: not JSON ({err})") from None
-        if rec.get("event") == "train":
-            train.append(rec)
-        elif rec.get("event") == "eval":
-            evals.append(rec)
-    return train, evals
+        if rec.get("event") in ("train", "eval"):
+            last[(rec["event"], rec["step"])] = rec
+
+    def of(event):
+        return sorted((r for (e, _), r in last.items() if e == event), key=lambda r: r["step"])
+
+    return of("train"), of("eval")
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -31,26 +37,38 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     train, evals = read_metrics(run_dir)
-    if not train:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no training records to plot")
+    if not train and not evals:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no training or evaluation records to plot")
     out = Path(out) if out else run_dir / "loss.png"
+    # a line through one point draws nothing: one record gets a marker
+    marker = "o" if len(train) == 1 else None
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if train:
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], marker=marker,
+                     label="train loss")
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    ax_speed.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="tab:green")
+    if train:
+        ax_speed.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], marker=marker,
+                      color="tab:green")
+    else:
+        ax_speed.text(0.5, 0.5, "no training records", ha="center", va="center", transform=ax_speed.transAxes)
     ax_speed.set_xlabel("step")
     ax_speed.set_ylabel("tokens/s")
     ax_speed.grid(alpha=0.3)
     fig.suptitle(f"fastlm run {run_dir.name}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    # matplotlib takes the format from the suffix, so the temporary name keeps it (x.svg -> .x.tmp-PID.svg)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix or '.png'}")
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out

@@ -95,9 +95,11 @@ def make_dataset(path: str, cfg: Config):
 
 
 class Logger:
-    """Console (rank 0), metrics.jsonl and optional Weights & Biases."""
+    """Console (rank 0), metrics.jsonl and optional Weights & Biases. A resumed run first drops the records
+    of metrics.jsonl after its checkpoint's step (written by the run it continues, after the checkpoint),
+    so that each step is logged once."""
 
-    def __init__(self, cfg: Config, run_dir: Path, d: Dist, steps: int, start_step: int):
+    def __init__(self, cfg: Config, run_dir: Path, d: Dist, steps: int, start_step: int, resumed: bool):
         self.cfg, self.d = cfg, d
         self.metrics = None
         self.wandb = None
@@ -105,7 +107,10 @@ class Logger:
         if not d.is_main:
             return
         if cfg.logging.metrics_file:
-            self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = run_dir / "metrics.jsonl"
+            if resumed and path.is_file():
+                drop_records_after(path, start_step)
+            self.metrics = open(path, "a", encoding="utf-8")
         if cfg.logging.wandb_mode != "disabled":
             self.wandb = start_wandb(cfg)
         if cfg.logging.console and sys.stderr.isatty():
@@ -151,6 +156,26 @@ class Logger:
             self.metrics.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the records of steps after `step`. Lines that are not
+    records (a line cut short by a crash) are kept as they are, each ending in a newline."""
+    from fastlm.atomic import atomic_output
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            rec_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            rec_step = None
+        if not (isinstance(rec_step, int) and rec_step > step):
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def start_wandb(cfg: Config):
@@ -211,6 +236,90 @@ def evaluate(model, cfg: Config, d: Dist, val_dataset, autocast) -> tuple[float,
     return (loss_sum / count).item(), int(count.item())
 
 
+def optimizer_step(optimizer, scaler, params: list, grad_clip: float, skip_nonfinite: bool,
+                   step_loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Unscale (fp16), clip and apply the accumulated gradients, then zero them. Returns the gradient
+    norm and whether the step was applied.
+
+    With skip_nonfinite, a step whose loss or gradient norm is not finite is dropped (a host sync per
+    step). The fp16 scaler is updated on that path too: update() lowers the scale after the inf it saw, and
+    without it the next step's unscale_() fails ("unscale_() has already been called"). Without
+    skip_nonfinite nothing here syncs; the loop checks losses and norms once per log interval."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    applied = True
+    if skip_nonfinite:
+        applied = bool((torch.isfinite(step_loss) & torch.isfinite(grad_norm)).item())
+    if not applied:
+        if scaler:
+            scaler.update()
+    elif scaler:
+        scaler.step(optimizer)  # skips the update itself when the unscaled gradients hold an inf
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, applied
+
+
+def first_nonfinite(steps: list[int], losses: list[float], norms: list[float] | None,
+                    total: int) -> str | None:
+    """The message naming the first step of a log window whose loss or gradient norm (when `norms` is
+    given) is not finite, or None when all are finite."""
+    for i, step in enumerate(steps):
+        if not math.isfinite(losses[i]):
+            return f"loss is {losses[i]} at step {step} of {total}"
+        if norms is not None and not math.isfinite(norms[i]):
+            return (f"gradient norm is {norms[i]} at step {step} of {total} "
+                    f"(the loss, {losses[i]:.4f}, is finite)")
+    return None
+
+
+def resume_path(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint run.resume names: None, the newest of the run folder (auto) or a path, checked."""
+    if cfg.run.resume == "auto":
+        return ckpt.find_latest(run_dir)
+    if cfg.run.resume in ("none", ""):
+        return None
+    path = Path(cfg.run.resume)
+    if not path.exists():
+        raise FileNotFoundError(f"{cfg.source}: run.resume names {path}, which does not exist")
+    if not ckpt.is_complete(path) and ckpt.checkpoint_root(path).is_dir():
+        latest = ckpt.find_latest(path)
+        raise ConfigError(
+            f"{cfg.source}: run.resume names the run folder {path}, not a checkpoint; resume its newest "
+            f"checkpoint with run.resume=auto (and run.output_dir/run.name naming that folder)"
+            + (f" or run.resume={latest}" if latest else ""))
+    return path
+
+
+# implementations of the same function: a GPU run may resume on CPU with another attention or loss
+_SWAPPABLE_MODEL_KEYS = ("attention", "loss")
+
+
+def check_resume(cfg: Config, state: dict, path: Path, steps: int) -> None:
+    """ConfigError when the checkpoint cannot continue this run: a model section that differs from the
+    one it was trained with (its shapes would not load, or would load into another model), or a step
+    beyond the run's target."""
+    saved = state.get("config")  # checkpoints of older fastlm versions have no config
+    saved = saved.get("model") if isinstance(saved, dict) else None
+    if isinstance(saved, dict):
+        now = asdict(cfg.model)
+        changed = [f"model.{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now" for key in now
+                   if key in saved and key not in _SWAPPABLE_MODEL_KEYS and saved[key] != now[key]]
+        if changed:
+            raise ConfigError(f"{cfg.source}: the model section differs from the one {path} was trained "
+                              f"with: {'; '.join(changed)}")
+    if state["step"] > steps:
+        target = (f"target.steps {cfg.target.steps:,}" if cfg.target.steps
+                  else f"{steps:,} steps from target.tokens {cfg.target.tokens:,}")
+        raise ConfigError(f"{cfg.source}: {path} is at step {state['step']:,}, beyond the run's target "
+                          f"({target}); raise the target to train on from it")
+
+
 class StopRequest:
     """SIGTERM / SIGINT (preemption, Ctrl-C) ask for a checkpoint and a clean exit at the next check."""
 
@@ -240,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        d = setup_distributed(cfg.run.device)
+        d = setup_distributed(cfg.run.device, cfg.source)
         try:
             return train(cfg, d)
         finally:
@@ -318,19 +427,21 @@ def train(cfg: Config, d: Dist) -> int:
         eps=cfg.optim.eps, fused=(d.device.type == "cuda" and cfg.optim.fused) or None,
     )
 
-    start_step, tokens_seen = 0, 0
-    resume_from = None
-    if cfg.run.resume == "auto":
-        resume_from = ckpt.find_latest(run_dir)
-    elif cfg.run.resume not in ("none", ""):
-        resume_from = Path(cfg.run.resume)
-    if resume_from is not None:
-        state = ckpt.load(resume_from, model, optimizer)
-        start_step, tokens_seen = state["step"], state["tokens"]
-
+    # the data position is samples of the global stream consumed; a step takes samples_per_step of this
+    # run, which differs from the checkpoint's with another world size or batch shape
     samples_per_step = derived.grad_accum_steps * d.world_size * cfg.batch.micro_batch_size
+    start_step, tokens_seen, start_position = 0, 0, 0
+    resume_from = resume_path(cfg, run_dir)
+    if resume_from is not None:
+        state = ckpt.read_train_state(resume_from)
+        check_resume(cfg, state, resume_from, derived.steps)
+        ckpt.load(resume_from, model, optimizer)
+        start_step, tokens_seen = state["step"], state["tokens"]
+        # checkpoints of older fastlm versions lack data_position: their step x this run's samples per step
+        start_position = state.get("data_position", start_step * samples_per_step)
+
     sampler = ResumableDistributedSampler(len(train_set), cfg.batch.micro_batch_size, d.world_size, d.rank,
-                                          seed=cfg.run.seed, position=start_step * samples_per_step)
+                                          seed=cfg.run.seed, position=start_position)
     loader = BatchLoader(train_set, sampler, d.device, prefetch=2 if cfg.data.num_workers > 0 else 0)
 
     if d.is_main:
@@ -344,14 +455,16 @@ def train(cfg: Config, d: Dist) -> int:
               f"{cfg.batch.micro_batch_size} x sequence {cfg.model.sequence_length} x accumulation "
               f"{derived.grad_accum_steps} x world {d.world_size}; {derived.steps:,} steps, "
               f"{derived.total_tokens:,} tokens; train data {len(train_set):,} samples"
-              + (f"; resuming from {resume_from} at step {start_step}" if resume_from else ""), flush=True)
+              + (f"; resuming from {resume_from} at step {start_step}, data position {start_position:,}"
+                 if resume_from else ""), flush=True)
 
-    logger = Logger(cfg, run_dir, d, derived.steps, start_step)
+    logger = Logger(cfg, run_dir, d, derived.steps, start_step, resumed=resume_from is not None)
     stop = StopRequest()
     model_cfg = asdict(cfg.model)
 
     def save(step: int) -> None:
-        state = {"step": step, "tokens": tokens_seen, "data_position": step * samples_per_step,
+        position = start_position + (step - start_step) * samples_per_step  # skipped steps took data too
+        state = {"step": step, "tokens": tokens_seen, "data_position": position,
                  "world_size": d.world_size, "config": config_dict(cfg)}
         path = ckpt.save(run_dir, step, model, optimizer, state, cfg.checkpoint.keep_last)
         logger.log({"event": "checkpoint", "step": step, "path": str(path)})
@@ -365,11 +478,31 @@ def train(cfg: Config, d: Dist) -> int:
 
     profiler = StepProfiler(profile_window(cfg), run_dir, d.device, active=d.is_main)
 
+    # the steps applied since the last log: their losses and gradient norms stay on the device until the
+    # log (or a checkpoint) brings them to the host in one sync
+    window_steps: list[int] = []
+    window_losses: list[torch.Tensor] = []
+    window_norms: list[torch.Tensor] = []
+
+    def sync_window() -> tuple[list[float], list[float]]:
+        """The window's losses (mean over ranks) and gradient norms on the host; FloatingPointError at the
+        first step with a non-finite one. Under fp16 the grad scaler handles non-finite gradients itself
+        (it skips the step and lowers the scale, routine in the first steps), so only losses count."""
+        losses = torch.stack(window_losses).float()
+        if d.enabled:
+            dist.all_reduce(losses)
+            losses /= d.world_size
+        losses, norms = torch.stack([losses, torch.stack(window_norms).float()]).tolist()
+        bad = first_nonfinite(window_steps, losses, norms if scaler is None else None, derived.steps)
+        if bad:
+            raise FloatingPointError(f"{bad}. HINT: lower optim.lr, check the data, or set "
+                                     f"optim.skip_nonfinite: true to skip such steps")
+        return losses, norms
+
     # ---- the loop -------------------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
-    window_losses: list[torch.Tensor] = []
-    grad_norm = torch.zeros((), device=d.device)
-    t_last, step = time.perf_counter(), start_step
+    # throughput: the steps since t_last (evaluations and checkpoints restart the clock)
+    t_last, steps_timed, step = time.perf_counter(), 0, start_step
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
     stopped_early = False
@@ -391,64 +524,48 @@ def train(cfg: Config, d: Dist) -> int:
                 scaled = loss / derived.grad_accum_steps
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.detach()
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
             step_loss = loss_sum / derived.grad_accum_steps
-            if (cfg.optim.skip_nonfinite
-                    and not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)).item()):
-                optimizer.zero_grad(set_to_none=True)
-                logger.log({"event": "skipped_step", "step": step, "loss": step_loss.item()})
-                step += 1
-                continue
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            window_losses.append(step_loss)
+            grad_norm, applied = optimizer_step(optimizer, scaler, params, cfg.optim.grad_clip,
+                                                cfg.optim.skip_nonfinite, step_loss)
             step += 1
-            tokens_seen += derived.tokens_per_step
+            steps_timed += 1
+            if applied:
+                window_steps.append(step)
+                window_losses.append(step_loss)
+                window_norms.append(grad_norm)
+                tokens_seen += derived.tokens_per_step
+            else:
+                logger.log({"event": "skipped_step", "step": step, "loss": step_loss.item(),
+                            "grad_norm": grad_norm.item()})
             logger.advance()
             profiler.after_step(step)
 
             if step % cfg.intervals.log == 0 or step == derived.steps:
-                losses = torch.stack(window_losses)  # the one host sync of the log interval
-                if d.enabled:
-                    dist.all_reduce(losses)
-                    losses /= d.world_size
-                losses = losses.tolist()
-                if not all(math.isfinite(v) for v in losses):
-                    first = next(i for i, v in enumerate(losses) if not math.isfinite(v))
-                    raise FloatingPointError(
-                        f"loss is {losses[first]} at step {step - len(losses) + first + 1} of "
-                        f"{derived.steps}. HINT: lower optim.lr, check the data, or set "
-                        f"optim.skip_nonfinite: true to skip such steps"
-                    )
-                now = time.perf_counter()
-                elapsed, t_last = now - t_last, now
-                tok_s = len(losses) * derived.tokens_per_step / elapsed
-                mfu, _ = model.estimate_mfu(tok_s / d.world_size, d.device)
-                record = {"event": "train", "step": step, "tokens": tokens_seen,
-                          "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / d.world_size,
-                          "mfu": mfu, "step_time_s": elapsed / len(losses)}
-                if d.device.type == "cuda":
-                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-                logger.log(record)
-                window_losses = []
+                if window_steps:  # empty when every step of the window was skipped
+                    losses, norms = sync_window()  # the one host sync of the log interval
+                    now = time.perf_counter()
+                    elapsed, t_last = now - t_last, now
+                    tok_s = steps_timed * derived.tokens_per_step / elapsed
+                    mfu, _ = model.estimate_mfu(tok_s / d.world_size, d.device)
+                    record = {"event": "train", "step": step, "tokens": tokens_seen,
+                              "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": norms[-1],
+                              "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / d.world_size,
+                              "mfu": mfu, "step_time_s": elapsed / steps_timed}
+                    if d.device.type == "cuda":
+                        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+                    logger.log(record)
+                    window_steps, window_losses, window_norms, steps_timed = [], [], [], 0
                 if stop.agreed(d):
                     stopped_early = True
                     break
             if cfg.intervals.eval and step % cfg.intervals.eval == 0 and step != derived.steps:
                 run_eval(step)
-                t_last = time.perf_counter()  # throughput counts training time only
+                t_last, steps_timed = time.perf_counter(), 0  # throughput counts training time only
             if cfg.intervals.checkpoint and step % cfg.intervals.checkpoint == 0 and step != derived.steps:
+                if window_steps:  # between two logs: no checkpoint of a state a non-finite step made
+                    sync_window()
                 save(step)
-                t_last = time.perf_counter()
+                t_last, steps_timed = time.perf_counter(), 0
         # ---- the end ----------------------------------------------------------------------------------
         if stopped_early:
             save(step)

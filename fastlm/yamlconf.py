@@ -2,7 +2,9 @@
 
 Supported inside string values: `${node_env:num_cpus}` (usable CPUs of this process) and `${env:VAR}`
 (an environment variable; `${env:VAR,default}` gives a default). A value that is exactly one
-interpolation takes the interpolated type (an int for num_cpus); anything else is substituted as text.
+interpolation takes the interpolated type: an int for num_cpus; for `${env:...}` the type of the key it
+sets (`steps: ${env:STEPS}` is an int, `fsdp: ${env:FSDP}` a bool, `name: ${env:RUN}` stays text even
+when RUN is 007). Anything else is substituted as text.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ _INTERP = re.compile(r"\$\{([a-z_]+):([^}]*)\}")
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the key."""
+
+
+class Interpolated(str):
+    """The text of a value that was exactly one `${env:...}`. An environment variable is text, so the
+    key it sets decides what it is: `coerce_value` reads it as a YAML scalar (`50`, `true`, `3e-4`,
+    `null`) for a number, bool or list key, and keeps the text for a str key (a path, a run name)."""
 
 
 def _interpolate_one(kind: str, arg: str, where: str) -> Any:
@@ -47,7 +55,8 @@ def interpolate(obj: Any, where: str = "config") -> Any:
     if isinstance(obj, str):
         whole = _INTERP.fullmatch(obj)
         if whole:
-            return _interpolate_one(whole.group(1), whole.group(2), where)
+            value = _interpolate_one(whole.group(1), whole.group(2), where)
+            return Interpolated(value) if isinstance(value, str) else value
         return _INTERP.sub(lambda m: str(_interpolate_one(m.group(1), m.group(2), where)), obj)
     return obj
 
@@ -74,7 +83,8 @@ def check_keys(
     section: Any, allowed: Iterable[str], prefix: str, source: str, required: Iterable[str] = ()
 ) -> None:
     """Raise ConfigError for a section that is not a mapping, an unknown key (with "did you mean") or a
-    missing required key. `prefix` is the section's dotted name, `source` the file."""
+    missing required key. `prefix` is the section's dotted name ("" for the top level), `source` the
+    file."""
     allowed = list(allowed)
     if not isinstance(section, dict):
         raise ConfigError(f'{source}: "{prefix}" must be a mapping, found {type(section).__name__}')
@@ -82,11 +92,13 @@ def check_keys(
         if key not in allowed:
             import difflib
 
+            def dotted(name):  # prefix "": the top level of the file
+                return f"{prefix}.{name}" if prefix else str(name)
+
             close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f' (did you mean "{prefix}.{close[0]}"?)' if close else ""
-            raise ConfigError(
-                f'{source}: unknown key "{prefix}.{key}"{hint}; valid keys of {prefix}: {", ".join(allowed)}'
-            )
+            hint = f' (did you mean "{dotted(close[0])}"?)' if close else ""
+            raise ConfigError(f'{source}: unknown key "{dotted(key)}"{hint}; valid keys of '
+                              f'{prefix or "the top level"}: {", ".join(allowed)}')
     for key in required:
         if key not in section:
             raise ConfigError(f'{source}: missing key "{prefix}.{key}"')
@@ -94,11 +106,16 @@ def check_keys(
 
 def coerce_value(value: Any, typ: Any, where: str) -> Any:
     """Check `value` against a field type: int takes ints; float takes ints, floats and numeric strings
-    (YAML 1.1 reads `3e-4` as a string); bool only true/false; `X | None` also None."""
+    (YAML 1.1 reads `3e-4` as a string); bool only true/false; `X | None` also None. An `Interpolated`
+    value is text read as a YAML scalar unless the key takes text."""
     if isinstance(typ, str):  # postponed annotations
         typ = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(typ, typ)
-    origin = typing.get_origin(typ)
-    if origin is typing.Union or type(typ).__name__ == "UnionType":
+    union = typing.get_origin(typ) is typing.Union or type(typ).__name__ == "UnionType"
+    if isinstance(value, Interpolated):
+        kinds = typing.get_args(typ) if union else (typ,)
+        typed = str not in kinds and any(k in kinds for k in (int, float, bool, list))
+        value = _yaml_scalar(value, kinds) if typed else str(value)
+    if union:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         return None if value is None else coerce_value(value, args[0], where)
     if typ is float:
@@ -117,7 +134,7 @@ def coerce_value(value: Any, typ: Any, where: str) -> Any:
             return value
     elif typ is str:
         if isinstance(value, str):
-            return value
+            return str(value)
     elif typ is list:
         if isinstance(value, list):
             return value
@@ -125,3 +142,17 @@ def coerce_value(value: Any, typ: Any, where: str) -> Any:
         return value
     name = getattr(typ, "__name__", str(typ))
     raise ConfigError(f"{where} must be {name}, found {value!r} ({type(value).__name__})")
+
+
+def _yaml_scalar(text: str, kinds: tuple) -> Any:
+    """`text` as YAML reads it, when that is a value of one of the types `kinds` (None for `X | None`);
+    else the text itself, for the caller's type error to show."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return str(text)
+    if value is None:
+        return None if type(None) in kinds else str(text)
+    return value if isinstance(value, (bool, int, float, list)) else str(text)

@@ -1,5 +1,5 @@
 """Training end to end on CPU: one process and torchrun with 2 gloo ranks, exact resume, checkpoints,
-config errors, NaN detection, preemption, wandb offline."""
+config errors, NaN detection, preemption, wandb offline, throughput records and plots."""
 
 import json
 import os
@@ -40,13 +40,12 @@ def train(tmp_path, *overrides, ranks=1, check=True, name="run", torchrun=False)
     return r
 
 
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["event"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
+    return {rec["step"]: rec["loss"] for rec in records(run_dir) if rec["event"] == "train"}
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -76,11 +75,78 @@ def test_trains_checkpoints_and_resumes_exactly(tmp_path, ranks):
 
 
 def test_two_rank_checkpoint_loads_into_one_rank(tmp_path):
+    # The data position counts samples of the one global stream: a step of 2 ranks x micro batch 4 takes
+    # 8 samples, so the checkpoint of step 2 is at sample 16, whatever the run that resumes it takes a step.
     train(tmp_path, "target.steps=4", "intervals.checkpoint=2", ranks=2, name="two")
-    r = train(tmp_path, "target.steps=6", f"run.resume={tmp_path / 'two' / 'checkpoints' / 'step_00000004'}",
-              name="one")
-    assert "resuming from" in r.stdout
-    assert sorted(losses(tmp_path / "one")) == [5, 6]
+    two = losses(tmp_path / "two")
+    step2 = tmp_path / "two" / "checkpoints" / "step_00000002"
+    assert json.loads((step2 / "train_state.json").read_text())["data_position"] == 16
+    # one rank, 4 samples a step: it goes on at sample 16 (not at its own 2 steps x 4 = 8), and 2 steps
+    # later its checkpoint is at sample 24
+    r = train(tmp_path, "target.steps=4", f"run.resume={step2}", name="one")
+    assert sorted(losses(tmp_path / "one")) == [3, 4]
+    end = tmp_path / "one" / "checkpoints" / "step_00000004" / "train_state.json"
+    assert json.loads(end.read_text())["data_position"] == 24
+    assert f"resuming from {step2} at step 2, data position 16" in r.stdout, r.stdout[-2000:]
+    # one rank accumulating 2 micro batches of 4 takes the same 8 samples a step: the losses go on as
+    # with 2 ranks (not bit for bit: the gradients are summed in another order)
+    train(tmp_path, "target.steps=4", "batch.grad_accum_steps=2", f"run.resume={step2}", name="same")
+    same = losses(tmp_path / "same")
+    assert sorted(same) == [3, 4] and all(abs(same[s] - two[s]) < 1e-4 for s in same), (same, two)
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    train(tmp_path, "target.steps=2", name="run")
+    step2 = tmp_path / "run" / "checkpoints" / "step_00000002"
+
+    def fails(*overrides):
+        r = train(tmp_path, *overrides, check=False, name="again")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        return r.stderr
+
+    # another model: the keys that differ, saved and now, before any tensor is loaded
+    err = fails("target.steps=4", "model.n_embd=128", "model.n_kv_head=2", f"run.resume={step2}")
+    assert (f"the model section differs from the one {step2} was trained with: model.n_kv_head: 1 in the "
+            f"checkpoint, 2 now; model.n_embd: 64 in the checkpoint, 128 now" in err), err
+    err = fails("target.steps=1", f"run.resume={step2}")
+    assert f"{step2} is at step 2, beyond the run's target (target.steps 1)" in err, err
+    err = fails("target.steps=4", f"run.resume={tmp_path / 'nope'}")
+    assert f"run.resume names {tmp_path / 'nope'}, which does not exist" in err, err
+    err = fails("target.steps=4", f"run.resume={tmp_path / 'run'}")
+    assert (f"run.resume names the run folder {tmp_path / 'run'}, not a checkpoint; resume its newest "
+            f"checkpoint with run.resume=auto" in err and f"or run.resume={step2}" in err), err
+    # a broken train_state.json is named (it is read before the tensors)
+    broken = tmp_path / "broken" / "step_00000002"
+    shutil.copytree(step2, broken)
+    (broken / "train_state.json").write_text('{"step": 2, "tok')
+    err = fails("target.steps=4", f"run.resume={broken}")
+    assert f"{broken / 'train_state.json'}: expected the checkpoint's training state as JSON" in err, err
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
+    train(tmp_path, "target.steps=8", "intervals.checkpoint=4", name="run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    # resumed from step 4 into the same folder, which holds step 8 of the first run: keep_last counts the
+    # checkpoints up to the one just written (5, then 6) and leaves the newer step 8 alone
+    train(tmp_path, "target.steps=6", "intervals.checkpoint=5", "checkpoint.keep_last=1",
+          f"run.resume={ckpts / 'step_00000004'}", name="run")
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == [
+        "step_00000006", "step_00000008"]
+    assert json.loads((ckpts / "latest").read_text()) == {"checkpoint": "step_00000006"}
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    train(tmp_path, "target.steps=6", "intervals.checkpoint=3", "intervals.eval=3", name="run")
+    first = losses(tmp_path / "run")
+    # the first run logged steps 4-6 after its checkpoint at step 3; the resumed run logs them again, and
+    # drops the first run's records of them
+    train(tmp_path, "target.steps=6", "intervals.eval=3",
+          f"run.resume={tmp_path / 'run' / 'checkpoints' / 'step_00000003'}", name="run")
+    recs = records(tmp_path / "run")
+    assert [r["step"] for r in recs if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in recs if r["event"] == "eval"] == [3, 6]
+    assert losses(tmp_path / "run") == first
+    assert not list((tmp_path / "run").glob(".*tmp*")), "a temporary file was left behind"
 
 
 def test_torchrun_with_one_process_runs_the_single_device_path(tmp_path):
@@ -107,6 +173,11 @@ def test_resume_auto_ignores_an_interrupted_checkpoint(tmp_path):
 
 def test_config_errors_are_clear(tmp_path):
     cfg = ROOT / "configs" / "tiny.yaml"
+    top = tmp_path / "top.yaml"
+    top.write_text(cfg.read_text().replace("optim:", "optm:"))
+    with pytest.raises(ConfigError, match=r'unknown key "optm" \(did you mean "optim"\?\); valid keys of the '
+                                          r"top level: run, data"):
+        load_config(top)
     with pytest.raises(ConfigError, match=r'unknown key "optim.lrr" \(did you mean "optim.lr"\?\)'):
         load_config(cfg, ["optim.lrr=1e-3"])
     with pytest.raises(ConfigError, match=r'unknown section "optm" \(did you mean "optim"\?\)'):
@@ -130,6 +201,77 @@ def test_config_errors_are_clear(tmp_path):
     for bad in ("[5, 2]", "[0, 3]", "[1, 2, 3]", "[a, 3]"):
         with pytest.raises(ConfigError, match=r"logging.profile_steps must be \[FIRST, LAST\] .* found \["):
             load_config(cfg, [f"logging.profile_steps={bad}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.grad_clip=-1", "optim.grad_clip must be a number >= 0, found -1.0"),
+    ("optim.eps=-1e-8", "optim.eps must be a finite number >= 0, found -1e-08"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number >= 0, found -0.1"),
+    ("optim.weight_decay=.nan", "optim.weight_decay must be a finite number >= 0, found nan"),
+    ("optim.lr=0", "optim.lr must be a finite number above 0, found 0.0"),
+    ("optim.lr=-1e-3", "optim.lr must be a finite number above 0, found -0.001"),
+    ("optim.lr=.inf", "optim.lr must be a finite number above 0, found inf"),
+    ("intervals.eval_batches=-2", "intervals.eval_batches must not be negative, found -2"),
+    ("data.num_workers=-1", "data.num_workers must not be negative, found -1"),
+    ("optim.betas=[1.0, 0.95]", "optim.betas[0] must be in [0, 1), found 1.0"),
+    ("optim.betas=[0.9, -0.5]", "optim.betas[1] must be in [0, 1), found -0.5"),
+    ("optim.betas=[0.9, fast]", "optim.betas[1] must be float, found 'fast' (str)"),
+])
+def test_config_rejects_values_out_of_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+    assert str(err.value) == f"{ROOT / 'configs' / 'tiny.yaml'}: {message}"
+
+
+def test_config_reads_betas_yaml_takes_for_strings():
+    # YAML 1.1 reads 9e-1 (no dot) as a string
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["optim.betas=[9e-1, 9.5e-1]"])
+    assert cfg.optim.betas == [0.9, 0.95] and all(type(b) is float for b in cfg.optim.betas)
+
+
+def test_env_interpolation_takes_the_type_of_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLM_T_STEPS", "50")
+    monkeypatch.setenv("FASTLM_T_FSDP", "false")
+    monkeypatch.setenv("FASTLM_T_NAME", "007")  # text for a str key, though YAML alone reads an int
+    monkeypatch.setenv("FASTLM_T_DATA", str(TRAIN))
+    monkeypatch.delenv("FASTLM_T_UNSET", raising=False)
+    path = tmp_path / "env.yaml"
+    path.write_text("data:\n  train_path: ${env:FASTLM_T_DATA}\nrun:\n  name: ${env:FASTLM_T_NAME}\n"
+                    "target:\n  steps: ${env:FASTLM_T_STEPS}\nparallel:\n  fsdp: ${env:FASTLM_T_FSDP}\n"
+                    "intervals:\n  log: ${env:FASTLM_T_UNSET,5}\n"
+                    "checkpoint:\n  consolidated: ${env:FASTLM_T_UNSET,false}\n")
+    cfg = load_config(path)
+    assert (cfg.target.steps, cfg.parallel.fsdp, cfg.intervals.log, cfg.checkpoint.consolidated) == (
+        50, False, 5, False)
+    assert (cfg.run.name, cfg.data.train_path) == ("007", str(TRAIN))
+    # the same on the command line
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        "target.steps=${env:FASTLM_T_STEPS}", "parallel.fsdp=${env:FASTLM_T_FSDP}",
+        "intervals.log=${env:FASTLM_T_UNSET,5}", "checkpoint.consolidated=${env:FASTLM_T_UNSET,false}",
+        "run.name=${env:FASTLM_T_NAME}", "model.n_kv_head=${env:FASTLM_T_UNSET,null}"])
+    assert (cfg.target.steps, cfg.parallel.fsdp, cfg.intervals.log, cfg.checkpoint.consolidated) == (
+        50, False, 5, False)
+    assert cfg.run.name == "007" and cfg.model.n_kv_head == cfg.model.n_head
+    # a value that is not of the key's type is still an error naming the key
+    with pytest.raises(ConfigError, match=r"target.steps must be int, found False \(bool\)"):
+        load_config(path, ["target.steps=${env:FASTLM_T_FSDP}"])
+
+
+def test_an_empty_section_takes_overrides(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text(f"data:\n  train_path: {TRAIN}\ntarget:\n  steps: 3\nlogging:\n")
+    cfg = load_config(path, ["logging.console=false"])
+    assert cfg.logging.console is False and cfg.logging.metrics_file is True
+
+
+def test_cuda_device_without_cuda_is_a_config_error(monkeypatch):
+    import torch
+
+    from fastlm.parallel import setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^x.yaml: run.device is cuda but torch finds no CUDA device"):
+        setup_distributed("cuda", "x.yaml")
 
 
 def test_profile_steps_write_a_summary_and_a_trace(tmp_path):
@@ -187,11 +329,82 @@ def test_losses_follow_the_golden_curve(tmp_path):
             assert abs(g - w) <= 1e-4, f"{kind} loss at step {step}: {g} vs the golden {w}"
 
 
-def test_nonfinite_loss_stops_naming_the_step(tmp_path):
-    r = train(tmp_path, "target.steps=3", "model.init_std=1e30", check=False)
+def test_nonfinite_gradient_stops_naming_the_step(tmp_path):
+    # init_std 1e30: the first loss is finite (~10.8) but its gradient norm is not, and once applied the
+    # next loss is NaN too. Logged every 2 steps with a checkpoint every step, the check before the
+    # checkpoint of step 1 stops the run: no checkpoint is written from that state.
+    r = train(tmp_path, "target.steps=3", "model.init_std=1e30", "intervals.log=2", "intervals.checkpoint=1",
+              check=False)
     assert r.returncode != 0
-    assert re.search(r"error: loss is (nan|inf) at step [123] of 3\. HINT", r.stderr), r.stderr[-2000:]
+    assert re.search(r"error: gradient norm is (nan|inf) at step 1 of 3 \(the loss, 10\.[0-9]+, is "
+                     r"finite\)\. HINT", r.stderr), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_first_nonfinite_value_of_a_log_window_is_named():
+    from fastlm.train import first_nonfinite
+
+    nan, inf = float("nan"), float("inf")
+    steps = [11, 12, 13, 14]
+    assert first_nonfinite(steps, [2.0, 2.0, nan, nan], [1.0, inf, nan, nan], 20) == (
+        "gradient norm is inf at step 12 of 20 (the loss, 2.0000, is finite)")
+    assert first_nonfinite(steps, [2.0, inf, nan, nan], [1.0, nan, nan, nan], 20) == (
+        "loss is inf at step 12 of 20")
+    # under fp16 the grad scaler deals with non-finite gradients: only losses are checked
+    assert first_nonfinite(steps, [2.0, 2.0, nan, 2.0], None, 20) == "loss is nan at step 13 of 20"
+    assert first_nonfinite(steps, [2.0] * 4, [1.0] * 4, 20) is None
+
+
+def test_skipped_steps_are_numbered_and_counted_like_the_others(tmp_path):
+    # every step is skipped (see test_nonfinite_gradient_stops_naming_the_step); a skipped step is still a
+    # step: numbered from 1 like the train records, and the checkpoint of step 2 is written
+    train(tmp_path, "target.steps=3", "model.init_std=1e30", "optim.skip_nonfinite=true",
+          "intervals.checkpoint=2", name="skip")
+    recs = records(tmp_path / "skip")
+    assert [r["step"] for r in recs if r["event"] == "skipped_step"] == [1, 2, 3]
+    assert [r["step"] for r in recs if r["event"] == "checkpoint"] == [2, 3]
+    state = json.loads((tmp_path / "skip" / "checkpoints" / "step_00000002" / "train_state.json").read_text())
+    assert state["tokens"] == 0 and state["data_position"] == 8  # skipped steps train nothing, take data
+
+
+def test_fp16_skipped_step_updates_the_grad_scaler():
+    """The fp16 path of the loop (optimizer_step with a GradScaler and skip_nonfinite) with torch's CPU
+    GradScaler, which has the same unscale_/step/update contract as the CUDA one training uses: a skipped
+    overflow must still update the scaler, or the next unscale_() raises."""
+    import torch
+
+    from fastlm.train import optimizer_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before = [p.detach().clone() for p in params]
+    for step in range(3):
+        loss = model(torch.randn(2, 4)).sum()
+        if step == 0:
+            loss = loss * float("inf")  # an overflowing step, routine for fp16 in the first steps
+        scaler.scale(loss).backward()
+        _, applied = optimizer_step(optimizer, scaler, params, 1.0, True, loss.detach())
+        assert applied == (step > 0)
+        if step == 0:
+            assert all(torch.equal(p, b) for p, b in zip(params, before))
+            assert scaler.get_scale() == 2.0**15  # lowered after the inf
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_throughput_counts_only_the_steps_timed(tmp_path):
+    # logged every 8 steps with a checkpoint at step 15: the clock restarts after the checkpoint, so the
+    # record of step 16 times that one step (it was divided by all 8 steps of the window: ~8x too fast)
+    train(tmp_path, "target.steps=16", "intervals.log=8", "intervals.checkpoint=15", name="tp")
+    rec = {r["step"]: r for r in records(tmp_path / "tp") if r["event"] == "train"}
+    assert sorted(rec) == [8, 16]
+    # the first window holds step 1, slower than the others (lazy set-up); 3x leaves room for a noisy CPU
+    assert rec[16]["step_time_s"] > rec[8]["step_time_s"] / 3, rec
+    assert rec[16]["tokens_per_s"] < rec[8]["tokens_per_s"] * 3, rec
+    assert rec[16]["tokens_per_s"] * rec[16]["step_time_s"] == pytest.approx(4 * 32)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -230,6 +443,43 @@ def test_fastlm_run_and_plot_commands(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     png = (tmp_path / "cli" / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_plot_keeps_the_last_record_of_a_step_and_writes_the_format_asked(tmp_path):
+    from fastlm.plot import plot_run, read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def write(*recs):
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    def step(n, loss):
+        return {"event": "train", "step": n, "loss": loss, "tokens_per_s": 1000.0 + n}
+
+    def circles(svg):  # the markers "o" that matplotlib defines once per line in an SVG
+        return len(re.findall(r'<path id="m[0-9a-f]+" d="M 0 3 \s*C ', svg))
+
+    # a resumed run logged steps 2 and 3 twice: the last records count
+    write(step(1, 9.0), step(2, 8.0), step(3, 7.0), {"event": "eval", "step": 3, "val_loss": 7.5},
+          step(2, 8.5), step(3, 7.2), {"event": "eval", "step": 3, "val_loss": 7.4})
+    train_recs, evals = read_metrics(run)
+    assert [(r["step"], r["loss"]) for r in train_recs] == [(1, 9.0), (2, 8.5), (3, 7.2)]
+    assert [(r["step"], r["val_loss"]) for r in evals] == [(3, 7.4)]
+    svg = plot_run(run, tmp_path / "out" / "loss.svg").read_text()
+    assert svg.startswith("<?xml") and "<svg" in svg
+    assert (tmp_path / "out" / "loss.pdf") == plot_run(run, tmp_path / "out" / "loss.pdf")
+    assert (tmp_path / "out" / "loss.pdf").read_bytes().startswith(b"%PDF")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["loss.pdf", "loss.svg"]
+    # one training record: a visible point in each panel
+    write(step(1, 9.0))
+    assert circles(plot_run(run, tmp_path / "one.svg").read_text()) == 2
+    # evaluation records alone are plotted too
+    write({"event": "eval", "step": 5, "val_loss": 7.5}, {"event": "eval", "step": 10, "val_loss": 7.0})
+    assert circles(plot_run(run, tmp_path / "eval.svg").read_text()) == 1
+    write({"event": "checkpoint", "step": 5, "path": "x"})
+    with pytest.raises(ValueError, match="no training or evaluation records to plot"):
+        plot_run(run)
 
 
 def test_cpu_training_keeps_freed_memory_for_the_next_step():
