@@ -180,7 +180,8 @@ def _args_generate_text(p: argparse.ArgumentParser) -> None:
 
 def _args_plot(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="the run folder (holds metrics.jsonl)")
-    p.add_argument("--out", help="the PNG to write (default RUN_DIR/loss.png)")
+    p.add_argument("--out", help="the image to write: PNG, SVG or PDF by its suffix "
+                                 "(default RUN_DIR/loss.png)")
 
 
 _GROUPS = {"data": "index, pack, inspect and merge datasets"}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastlm.atomic import FILE_EXISTENCE_POLICIES, atomic_output, should_write
 from fastlm.progress import progress_bar
-from fastlm.yamlconf import ConfigError, check_keys, load_yaml, usable_cpus
+from fastlm.yamlconf import ConfigError, check_keys, coerce_value, load_yaml, usable_cpus
 
 SETTINGS_KEYS = {
     "src_path": "the JSONL file to pack",
@@ -79,8 +79,9 @@ def load_pack_config(path: str | os.PathLike) -> PackJob:
                 f"{source}: tokenizer.config.{key} must be false for packing (documents are stored whole), "
                 f"found {tcfg[key]!r}"
             )
-    num_cpus = settings.get("num_cpus", usable_cpus())
-    if not isinstance(num_cpus, int) or isinstance(num_cpus, bool) or num_cpus < 1:
+    # (coerce_value types a value that is one ${env:VAR}: the environment gives text)
+    num_cpus = coerce_value(settings.get("num_cpus", usable_cpus()), int, f"{source}: settings.num_cpus")
+    if num_cpus < 1:
         raise ConfigError(f"{source}: settings.num_cpus must be a positive integer, found {num_cpus!r}")
     policy = settings.get("file_existence_policy", "error")
     if policy not in FILE_EXISTENCE_POLICIES:
@@ -88,9 +89,7 @@ def load_pack_config(path: str | os.PathLike) -> PackJob:
             f"{source}: settings.file_existence_policy must be one of {', '.join(FILE_EXISTENCE_POLICIES)}, "
             f"found {policy!r}"
         )
-    skip_invalid = settings.get("skip_invalid", False)
-    if not isinstance(skip_invalid, bool):
-        raise ConfigError(f"{source}: settings.skip_invalid must be true or false, found {skip_invalid!r}")
+    skip_invalid = coerce_value(settings.get("skip_invalid", False), bool, f"{source}: settings.skip_invalid")
     return PackJob(
         src_path=Path(settings["src_path"]),
         dst_path=Path(settings["dst_path"]),

@@ -232,6 +232,19 @@ def test_config_errors_are_clear(tmp_path):
         load_pack_config(_config(tmp_path, settings="  src_path: x\n  eod_token: z\n"))
 
 
+def test_settings_from_the_environment_take_their_types(tmp_path, monkeypatch):
+    monkeypatch.setenv("PACK_CPUS", "3")
+    monkeypatch.setenv("PACK_SKIP", "true")
+    job = load_pack_config(_config(tmp_path,
+                                   "  num_cpus: ${env:PACK_CPUS}\n  skip_invalid: ${env:PACK_SKIP}\n"))
+    assert (job.num_cpus, job.skip_invalid) == (3, True)
+    monkeypatch.setenv("PACK_CPUS", "many")
+    with pytest.raises(ConfigError, match=r"settings.num_cpus must be int, found 'many'"):
+        load_pack_config(_config(tmp_path, "  num_cpus: ${env:PACK_CPUS}\n"))
+    with pytest.raises(ConfigError, match=r"settings.num_cpus must be a positive integer, found 0"):
+        load_pack_config(_config(tmp_path, "  num_cpus: 0\n"))
+
+
 def test_eod_token_not_in_vocabulary(tmp_path):
     job = load_pack_config(_config(tmp_path, eod_token="</s>"))
     with pytest.raises(ConfigError, match=r"eod_token '</s>' is not in the vocabulary"):
