@@ -23,13 +23,25 @@ from collections.abc import Callable
 from fastlm.atomic import FILE_EXISTENCE_POLICIES
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a thread count: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+    return value
+
+
 def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a verb; bad input and I/O problems print one clear line (no traceback) and exit 1.
     Set FASTLM_TRACEBACK=1 to see the traceback too."""
     try:
         return fn(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: nothing was written", file=sys.stderr)
+        print("\ninterrupted: no partial file was left (outputs are renamed into place only when complete)",
+              file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
         if os.environ.get("FASTLM_TRACEBACK"):
@@ -100,7 +112,7 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jq-pattern", "--jq_pattern", default=".text",
                    help="field holding the text (default .text)")
     p.add_argument("--eod-token", "--eod_token", default="<|endoftext|>")
-    p.add_argument("--num-cpus", "--num_cpus", type=int, default=None,
+    p.add_argument("--num-cpus", "--num_cpus", type=positive_int, default=None,
                    help="threads (default: all usable CPUs)")
     p.add_argument("--skip-invalid", "--skip_invalid", action="store_true", default=None,
                    help="skip invalid lines instead of stopping at the first")
@@ -153,7 +165,8 @@ def _args_create_raw_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
                    default="error", help="when the index exists: error (default), skip or override")
     p.add_argument("--skip-invalid", "--skip_invalid", action="store_true", help="skip invalid lines")
-    p.add_argument("--num-cpus", "--num_cpus", type=int, default=None, help="threads (default: all usable)")
+    p.add_argument("--num-cpus", "--num_cpus", type=positive_int, default=None,
+                   help="threads (default: all usable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

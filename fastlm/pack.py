@@ -52,6 +52,7 @@ class PackJob:
     num_cpus: int = 1
     skip_invalid: bool = False
     file_existence_policy: str = "error"
+    special_tokens: tuple[str, ...] = ()  # tokenizer.config.special_tokens: must be special already
 
 
 def load_pack_config(path: str | os.PathLike) -> PackJob:
@@ -80,6 +81,17 @@ def load_pack_config(path: str | os.PathLike) -> PackJob:
                 f"found {tcfg[key]!r}"
             )
     # (coerce_value types a value that is one ${env:VAR}: the environment gives text)
+    special = tcfg.get("special_tokens") or {}
+    if not isinstance(special, dict):
+        raise ConfigError(f"{source}: tokenizer.config.special_tokens must be a mapping (e.g. "
+                          f"additional_special_tokens: [...]), found {special!r}")
+    special_tokens = []
+    for name, value in special.items():
+        for token in value if isinstance(value, list) else [value]:
+            if not isinstance(token, str):
+                raise ConfigError(f"{source}: tokenizer.config.special_tokens.{name} must be a token string "
+                                  f"or a list of them, found {token!r}")
+            special_tokens.append(token)
     num_cpus = coerce_value(settings.get("num_cpus", usable_cpus()), int, f"{source}: settings.num_cpus")
     if num_cpus < 1:
         raise ConfigError(f"{source}: settings.num_cpus must be a positive integer, found {num_cpus!r}")
@@ -100,6 +112,7 @@ def load_pack_config(path: str | os.PathLike) -> PackJob:
         num_cpus=num_cpus,
         skip_invalid=skip_invalid,
         file_existence_policy=policy,
+        special_tokens=tuple(special_tokens),
     )
 
 
@@ -127,7 +140,7 @@ def load_or_build_index(src: Path, index_path: Path | None, num_cpus: int, skip_
     from fastlm.index import build_index
 
     if index_path is not None and index_path.exists():
-        return (*read_raw_index(index_path), 0, [])
+        return (*read_raw_index(index_path, src), 0, [])
     result = build_index(src, index_path, num_cpus, skip_invalid, show_progress, return_arrays=True)
     return result["offsets"], result["lengths"], result["skipped_lines"], result["first_skipped"]
 
@@ -184,6 +197,15 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
             f"eod_token {job.eod_token!r} is not in the vocabulary of {tokenizer.path} "
             f"(it has {tokenizer.max_id + 1:,} ids)"
         )
+    special = {t["content"] for t in tokenizer.added_tokens if t.get("special")}
+    for token in job.special_tokens:
+        if token not in special:
+            # Modalities adds it to the tokenizer, which then matches it whole before splitting the text
+            raise ConfigError(
+                f"tokenizer.config.special_tokens lists {token!r}, which is not a special token of "
+                f"{tokenizer.path}; adding it would change how texts are split. fastlm packs with the "
+                f"tokenizer.json as it is: add {token!r} to its added_tokens (special: true), or drop it "
+                f"from the config")
     index_from_disk = job.index_path is not None and job.index_path.exists()
     offsets, lengths, index_skipped, index_first_skipped = load_or_build_index(
         job.src_path, job.index_path, job.num_cpus, job.skip_invalid, show_progress

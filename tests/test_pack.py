@@ -245,6 +245,44 @@ def test_settings_from_the_environment_take_their_types(tmp_path, monkeypatch):
         load_pack_config(_config(tmp_path, "  num_cpus: 0\n"))
 
 
+def test_special_tokens_must_already_be_special(tmp_path):
+    tok = "    special_tokens:\n      pad_token: <|endoftext|>\n"
+    ok = _config(tmp_path, eod_token="<|endoftext|>")
+    ok.write_text(ok.read_text() + tok)
+    job = load_pack_config(ok)
+    assert job.special_tokens == ("<|endoftext|>",)
+    pack(job, show_progress=False)  # already special: packs as without the key
+    assert (tmp_path / "o.pbin").read_bytes() == (MODALITIES / "lorem_ipsum.pbin").read_bytes()
+    (tmp_path / "o.pbin").unlink()
+    bad = _config(tmp_path)
+    bad.write_text(bad.read_text() + "    special_tokens:\n      additional_special_tokens: [hello]\n")
+    with pytest.raises(ConfigError, match=r"special_tokens lists 'hello', which is not a special token of "
+                                          r".*tokenizer.json; adding it would change how texts are split"):
+        pack(load_pack_config(bad), show_progress=False)
+    assert not (tmp_path / "o.pbin").exists()
+    bad.write_text(_config(tmp_path).read_text() + "    special_tokens: [hello]\n")
+    with pytest.raises(ConfigError, match=r"tokenizer.config.special_tokens must be a mapping"):
+        load_pack_config(bad)
+
+
+def test_a_bad_raw_index_hints_at_its_real_source(tmp_path):
+    index = tmp_path / "elsewhere.idx"
+    index.write_bytes(b"not a pickle")
+    cfg = _config(tmp_path, f"  index_path: {index}\n")
+    with pytest.raises(ValueError, match=rf"create_raw_index --index_path {index} "
+                                         rf"{MODALITIES / 'lorem_ipsum.jsonl'}`"):
+        pack(load_pack_config(cfg), show_progress=False)
+
+
+def test_thread_counts_below_one_are_refused_on_the_command_line(tmp_path, capsys):
+    for argv in (["data", "create_raw_index", str(tmp_path / "x.jsonl"), "--num-cpus", "0"],
+                 ["data", "pack_encoded_data", "--src", "x", "--dst", "y", "--num_cpus", "-3"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli(argv)
+        assert exit_.value.code == 2
+        assert "expected a positive integer, found" in capsys.readouterr().err
+
+
 def test_eod_token_not_in_vocabulary(tmp_path):
     job = load_pack_config(_config(tmp_path, eod_token="</s>"))
     with pytest.raises(ConfigError, match=r"eod_token '</s>' is not in the vocabulary"):

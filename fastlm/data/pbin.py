@@ -38,13 +38,18 @@ HEADER_RELATIVE = "header-relative"  # older Modalities: offsets include the 12-
 # ------------------------------------------------------------------------------------------ raw index
 
 
-def read_raw_index(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def read_raw_index(path: str | os.PathLike, jsonl: str | os.PathLike | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """(byte offsets, byte lengths without the newline) of every line of a JSONL file, from its .idx file.
 
-    Both arrays are uint64. Raises FileNotFoundError / ValueError naming the file and how to regenerate it.
+    Both arrays are uint64. Raises FileNotFoundError / ValueError naming the file and how to regenerate it
+    (from `jsonl`, the file the index describes, when the caller knows it).
     """
     path = Path(path)
-    hint = RAW_INDEX_HINT.format(jsonl=path.with_suffix(".jsonl"))
+    if jsonl is None:
+        hint = RAW_INDEX_HINT.format(jsonl=path.with_suffix(".jsonl"))
+    else:
+        hint = RAW_INDEX_HINT.format(jsonl=f"--index_path {path} {jsonl}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: raw index not found. {hint}")
     data = path.read_bytes()
