@@ -90,6 +90,12 @@ class ModelConfig:
                 bad(key, f"must be one of {' | '.join(allowed)}, found {getattr(self, key)!r}")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", f"must be in [0, 1), found {self.dropout!r}")
+        for key, ok, expected in (("rope_theta", self.rope_theta > 0, "> 0"),
+                                  ("norm_eps", self.norm_eps >= 0, ">= 0"),
+                                  ("init_std", self.init_std >= 0, ">= 0")):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and ok):  # (NaN logits, or a failure deep in torch, otherwise)
+                bad(key, f"must be a finite number {expected}, found {value!r}")
 
     @classmethod
     def from_dict(cls, section: dict, source: str = "config") -> "ModelConfig":
@@ -241,8 +247,11 @@ def attention(q, k, v, mask, impl: str):
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
         scores = scores.masked_fill(~mask, float("-inf"))
         return (scores.softmax(dim=-1) @ v.float()).type_as(q)
-    if mask is None:
+    if mask is None and q.shape[-2] == k.shape[-2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mask is None:  # SDPA's is_causal aligns the triangle top-left; the other paths, bottom-right
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -324,8 +333,8 @@ class GPT(nn.Module):
             else:  # norm weights
                 value = torch.ones(p.shape)
             _copy_full(p, value)
-        if self.cfg.pos_encoding == "rope":
-            cos, sin = rope_cache(self.max_seq, self.cfg.head_dim, self.cfg.rope_theta,
+        if self.cfg.pos_encoding == "rope":  # as long as the tables are (setup_caches may have grown them)
+            cos, sin = rope_cache(self.rope_cos.shape[0], self.cfg.head_dim, self.cfg.rope_theta,
                                   device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)

@@ -347,6 +347,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                          f"dimension, got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}")
     out_shape = targets.shape
     n_rows = targets.numel()  # not reshape(-1, V): ambiguous when there are no elements
-    loss = _CrossEntropyFunction.apply(logits.reshape(n_rows, logits.shape[-1]), targets.reshape(n_rows),
-                                       ignore_index, reduction, inplace)
+    logits2d, targets1d = logits.reshape(n_rows, logits.shape[-1]), targets.reshape(n_rows)
+    if torch.is_grad_enabled():
+        loss = _CrossEntropyFunction.apply(logits2d, targets1d, ignore_index, reduction, inplace)
+    else:  # (no_grad, evaluation) the loss only: no gradient, logits left as they are even with inplace
+        loss, _ = cross_entropy_forward(logits2d, targets1d, ignore_index, reduction, compute_grad=False)
     return loss.reshape(out_shape) if reduction == "none" else loss

@@ -20,7 +20,7 @@ Limits and choices:
 - reduction="none" cannot be done that way: grad_weight sums per-row terms weighted by a per-row
   grad_output that is only known in the backward. Its forward computes the losses only and its backward
   recomputes the chunks (one more logits matmul per chunk) with the kernel scaling row i by grad_output[i].
-- Nothing is computed beyond the loss when no input requires grad (evaluation).
+- Nothing is computed beyond the loss when no input requires grad or grad mode is off (evaluation).
 - The default chunk (`default_chunk_rows`) makes a chunk of logits about as large as hidden (Liger-Kernel's
   rule), but at least min(1024, 2 D fp32-accumulator-sized) rows when grad_weight is needed: with fewer
   rows the per-chunk grad_weight matmul re-reads and re-writes the (V, D) fp32 accumulator for little work
@@ -52,7 +52,7 @@ MIN_CHUNK_ROWS_WITH_WEIGHT_GRAD = 1024
 
 def default_chunk_rows(n_rows: int, vocab: int, dim: int, elem_size: int, weight_grad: bool) -> int:
     """Rows per chunk: a chunk of logits about the size of hidden, raised for the grad_weight matmul."""
-    rows = next_power_of_2(max(1, math.ceil(n_rows / max(1, math.ceil(vocab / dim)))))
+    rows = next_power_of_2(max(1, math.ceil(n_rows / max(1, math.ceil(vocab / max(1, dim))))))
     if weight_grad:
         # At most as many rows as make the chunk as large as the fp32 grad_weight accumulator (V*D*4 bytes).
         accumulator_rows = 1 << max(0, (dim * 4 // elem_size).bit_length() - 1)
@@ -216,6 +216,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     hidden2d = hidden.reshape(n_rows, hidden.shape[-1])
     targets1d = targets.reshape(n_rows)
     _validate(hidden2d, weight, targets1d, bias, reduction, chunk_rows)
+    if not torch.is_grad_enabled():
+        # (no_grad, evaluation) the loss only, whatever requires grad: inside the autograd Function grad
+        # mode is always off, and needs_input_grad would still ask for every gradient
+        loss_rows, _, _, _ = fused_linear_cross_entropy_forward(hidden2d, weight, targets1d, bias,
+                                                                ignore_index, chunk_rows=chunk_rows)
+        if reduction == "none":
+            return loss_rows.reshape(out_shape)
+        _, n_valid = grad_scale(targets1d, ignore_index, reduction)
+        return loss_rows.sum() / n_valid[0] if reduction == "mean" else loss_rows.sum()
     loss = _FusedLinearCrossEntropyFunction.apply(hidden2d, weight, bias, targets1d, ignore_index, reduction,
                                                   chunk_rows)
     return loss.reshape(out_shape) if reduction == "none" else loss

@@ -217,6 +217,42 @@ def test_cross_entropy_batched_shape_and_no_grad():
         torch.testing.assert_close(cross_entropy(logits, targets).double(), ref.mean(), rtol=1e-6, atol=0)
 
 
+def test_no_grad_computes_the_loss_only(monkeypatch):
+    """Under no_grad (evaluation) nothing beyond the loss, even for inputs that require grad: autograd's
+    needs_input_grad still says yes there. inplace must then leave the logits as they are."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 300, generator=gen).to(DEVICE).requires_grad_()
+    targets = make_targets(5, 300, gen)
+    before = logits.detach().clone()
+    with torch.no_grad():
+        loss = cross_entropy(logits, targets, inplace=True)
+    torch.testing.assert_close(logits.detach(), before, rtol=0, atol=0)
+    ref = F.cross_entropy(before.double(), targets, ignore_index=IGNORE)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+
+    flce = sys.modules["fastlm.kernels.fused_linear_cross_entropy"]  # the package exports the function
+    calls = []
+    real = flce.fused_linear_cross_entropy_forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flce, "fused_linear_cross_entropy_forward", spy)
+    hidden = torch.randn(7, 16, generator=gen).to(DEVICE).requires_grad_()
+    weight = torch.randn(300, 16, generator=gen).to(DEVICE).requires_grad_()
+    targets = make_targets(7, 300, gen)
+    for reduction in ("mean", "sum", "none"):
+        ref = F.cross_entropy(F.linear(hidden.detach().double(), weight.detach().double()), targets,
+                              ignore_index=IGNORE, reduction=reduction)
+        with torch.no_grad():
+            loss = fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE,
+                                              reduction=reduction)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
+    assert calls and all(c.get("scale") is None and not any(c.get(k) for k in
+                         ("grad_hidden", "grad_weight", "grad_bias")) for c in calls), calls
+
+
 def test_cross_entropy_empty_batch():
     logits = torch.randn(0, 50, device=DEVICE, requires_grad=True)
     targets = torch.zeros(0, dtype=torch.int64, device=DEVICE)

@@ -70,6 +70,32 @@ def test_config_errors():
         ModelConfig.from_dict({"n_head": 8, "n_kv_head": 3, "n_embd": 64}, "x.yaml")
     with pytest.raises(ConfigError, match=r"model.attention must be one of auto \| triton \| sdpa \| manual"):
         ModelConfig.from_dict({"attention": "flash"}, "x.yaml")
+    for key, value, expected in (("rope_theta", 0.0, "> 0"), ("norm_eps", -1.0, ">= 0"),
+                                 ("init_std", -0.02, ">= 0"), ("rope_theta", float("nan"), "> 0")):
+        with pytest.raises(ConfigError, match=rf"x.yaml: model.{key} must be a finite number {expected}, "
+                                              rf"found {value!r}"):
+            ModelConfig.from_dict({key: value}, "x.yaml")
+
+
+def test_sdpa_attention_aligns_the_causal_mask_bottom_right():
+    """Queries that are the last Tq of Tk positions (a chunk after a cached prefix): the manual path's
+    bottom-right triangle; SDPA's own is_causal would align it top-left."""
+    from fastlm.model import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 3, 16, generator=gen)
+    k, v = torch.randn(2, 1, 2, 7, 16, generator=gen)
+    torch.testing.assert_close(attention(q, k, v, None, "sdpa"), attention(q, k, v, None, "manual"),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_init_weights_after_short_decoding_caches():
+    model = tiny(pos_encoding="rope")
+    model.setup_caches(1, model.cfg.sequence_length // 2)
+    model.clear_caches()
+    model.init_weights(seed=1)  # rebuilds the rotary tables at their own length
+    fresh = tiny(pos_encoding="rope")
+    torch.testing.assert_close(model.rope_cos, fresh.rope_cos, rtol=0, atol=0)
 
 
 def tiny(**overrides) -> GPT:
