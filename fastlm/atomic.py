@@ -67,3 +67,11 @@ class atomic_output:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+
+def relative_note(path: str | os.PathLike) -> str:
+    """For a missing file's error: where a relative path was looked for (commands resolve relative paths
+    against the working directory, not against the config file), or "" for an absolute path."""
+    if os.path.isabs(path):
+        return ""
+    return f" (relative paths resolve against the working directory, {os.getcwd()})"

@@ -279,6 +279,9 @@ def save_consolidated(run_dir: Path, model, model_config: dict) -> Path | None:
     out = Path(run_dir) / "model.safetensors"
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     save_file(sd, str(tmp), metadata={"format": "fastlm", "config": json.dumps(model_config)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file 0600; others' files here follow the umask
     os.replace(tmp, out)
     _write_json(Path(run_dir) / "model.json", model_config)
     return out

@@ -60,7 +60,9 @@ def _create_raw_index(args: argparse.Namespace) -> int:
     src = args.src_path
     dst = args.index_path or os.path.splitext(src)[0] + ".idx"
     if not os.path.isfile(src):
-        raise FileNotFoundError(f"{src}: source JSONL file not found")
+        from fastlm.atomic import relative_note
+
+        raise FileNotFoundError(f"{src}: source JSONL file not found{relative_note(src)}")
     if not should_write(dst, args.file_existence_policy):
         print(f"{dst} exists; skipped (file_existence_policy: skip)")
         return 0

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,8 @@ class DataSection:
     val_path: str = doc("validation .pbin; empty: no evaluation", "")
     tokenizer_path: str = doc("tokenizer.json or its folder (for generation and vocab checks)", "")
     dataset: str = doc("continuous (Modalities' blocks) | document_aligned", "continuous")
-    num_workers: int = doc("background loader processes (0: load in the training process)", 1)
+    num_workers: int = doc("0: load batches in the training loop; > 0: one background thread loads the "
+                           "next 2 batches (the value is not a process count)", 1)
 
 
 @dataclass
@@ -203,7 +205,14 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
             node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = interpolate(_parse_scalar(text), f"override {key}")
+        try:
+            value = _parse_scalar(text)
+        except Exception as err:  # yaml's errors: a value cut at a space by the shell, an open bracket
+            first = str(err).splitlines()[0]
+            raise ConfigError(f"override {item!r}: expected a YAML value after '=', found {text!r} "
+                              f"({first}); quote an override that holds spaces, e.g. \"{key}=[20, 24]\", "
+                              f"or drop the spaces") from None
+        node[parts[-1]] = interpolate(value, f"override {key}")
     return raw
 
 
@@ -211,7 +220,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     source = str(path)
     raw = load_yaml(path)
     raw = apply_overrides(raw, list(overrides), source)
-    return config_from_dict(raw, source)
+    try:
+        return config_from_dict(raw, source)
+    except ConfigError as err:  # a key set on the command line: name the override, not only the file
+        text = str(err)
+        for item in overrides:
+            key = item.partition("=")[0].strip()
+            if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", text):  # optim.lr, not optim.lr_x
+                raise ConfigError(f"override {item!r} (on {source}): "
+                                  f"{text.removeprefix(source + ': ')}") from None
+        raise
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:

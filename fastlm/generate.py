@@ -253,7 +253,8 @@ class Generator:
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         if not settings.tokenizer_path:
-            raise ConfigError("settings.tokenizer_path is required (tokenizer.json or its folder)")
+            raise ConfigError("a tokenizer is required: give --tokenizer (or settings.tokenizer_path in the "
+                              "config file), tokenizer.json or its folder")
         self.tokenizer = Tokenizer(settings.tokenizer_path)
         self.model = load_model(settings.model_path, self.device, self.dtype)
         cfg = self.model.cfg

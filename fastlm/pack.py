@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastlm.atomic import FILE_EXISTENCE_POLICIES, atomic_output, should_write
+from fastlm.atomic import FILE_EXISTENCE_POLICIES, atomic_output, relative_note, should_write
 from fastlm.progress import progress_bar
 from fastlm.yamlconf import ConfigError, check_keys, coerce_value, load_yaml, usable_cpus
 
@@ -186,7 +186,7 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     from fastlm.tokenizer import Tokenizer
 
     if not job.src_path.is_file():
-        raise FileNotFoundError(f"{job.src_path}: source JSONL file not found")
+        raise FileNotFoundError(f"{job.src_path}: source JSONL file not found{relative_note(job.src_path)}")
     if not should_write(job.dst_path, job.file_existence_policy):
         return {"skipped": True, "dst_path": str(job.dst_path)}
     t0 = time.perf_counter()
@@ -221,10 +221,18 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
         bar = progress_bar(int(lengths.sum()) + len(lengths), "pack", show_progress)
         try:
             with atomic_output(job.dst_path) as tmp:
-                return _C.pack_jsonl(
+                packed = _C.pack_jsonl(
                     str(job.src_path), tmp, offsets, lengths, job.jq_pattern, eod_id, tokenizer.token_size,
                     job.num_cpus, job.skip_invalid, bpe=bpe, encoder=encoder, progress=bar,
                 )
+                if packed["documents"] == 0 and packed["skipped"] + index_skipped > 0:
+                    # (raised inside: the temporary file is removed, nothing is written)
+                    first = (packed["first_skipped"] + index_first_skipped)[:1]
+                    why = f"; line {first[0][0]}: {first[0][1]}" if first else ""
+                    raise ValueError(
+                        f"{job.src_path}: every line was skipped as invalid{why}; nothing was written. "
+                        f"HINT: check settings.jq_pattern ({job.jq_pattern}) against the file's keys")
+                return packed
         finally:
             if bar is not None:
                 bar.close()

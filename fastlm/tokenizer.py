@@ -23,9 +23,10 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise TokenizerError(
-            f"{path}: no tokenizer found (expected a tokenizer.json file or a folder that holds one)"
-        )
+        from fastlm.atomic import relative_note
+
+        raise TokenizerError(f"{path}: no tokenizer found (expected a tokenizer.json file or a folder that "
+                             f"holds one){relative_note(path)}")
     return p
 
 

@@ -296,6 +296,25 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     return path
 
 
+def check_fresh_run_dir(cfg: Config, run_dir: Path) -> None:
+    """ConfigError when a run that does not resume would write into the folder of another run: its
+    metrics.jsonl would mix the two runs and its checkpoints would sit beside the new ones."""
+    held = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        held.append("metrics.jsonl")
+    n = len(ckpt.complete_checkpoints(run_dir))
+    if n:
+        held.append(f"{n} checkpoint{'s' if n > 1 else ''}")
+    if (run_dir / "model.safetensors").is_file():
+        held.append("model.safetensors")
+    if held:
+        raise ConfigError(
+            f"{cfg.source}: the run folder {run_dir} already holds a run ({', '.join(held)}) and run.resume "
+            f"is {cfg.run.resume or 'none'!r}; continue it with run.resume=auto, start another with "
+            f"run.name=NEW_NAME, or remove the folder")
+
+
 # implementations of the same function: a GPU run may resume on CPU with another attention or loss
 _SWAPPABLE_MODEL_KEYS = ("attention", "loss")
 
@@ -432,6 +451,8 @@ def train(cfg: Config, d: Dist) -> int:
     samples_per_step = derived.grad_accum_steps * d.world_size * cfg.batch.micro_batch_size
     start_step, tokens_seen, start_position = 0, 0, 0
     resume_from = resume_path(cfg, run_dir)
+    if resume_from is None and cfg.run.resume in ("none", ""):
+        check_fresh_run_dir(cfg, run_dir)
     if resume_from is not None:
         state = ckpt.read_train_state(resume_from)
         check_resume(cfg, state, resume_from, derived.steps)
@@ -458,7 +479,10 @@ def train(cfg: Config, d: Dist) -> int:
               + (f"; resuming from {resume_from} at step {start_step}, data position {start_position:,}"
                  if resume_from else ""), flush=True)
 
-    logger = Logger(cfg, run_dir, d, derived.steps, start_step, resumed=resume_from is not None)
+    # (resume=auto without a checkpoint starts at step 0: records of a run that died before its first
+    # checkpoint are dropped too)
+    logger = Logger(cfg, run_dir, d, derived.steps, start_step,
+                    resumed=resume_from is not None or cfg.run.resume == "auto")
     stop = StopRequest()
     model_cfg = asdict(cfg.model)
 

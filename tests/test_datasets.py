@@ -152,3 +152,13 @@ def test_document_aligned_many_documents_is_fast():
     out = document_aligned_starts(starts, lengths, int(lengths.sum()), 1024)
     assert time.perf_counter() - t < 10  # ~1 s on a laptop core
     assert len(out) > 0 and np.all(np.diff(out) > 0)
+
+
+def test_readers_are_exported_by_the_package_without_importing_torch():
+    code = ("import sys; from fastlm.data import PackedFile, PackedMemMapDatasetContinuous, "
+            "PackedMemMapDatasetDocumentAligned; import fastlm.data.pbin as p; "
+            "assert PackedFile is p.PackedFile; assert 'torch' not in sys.modules")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code], check=True)

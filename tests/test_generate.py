@@ -374,3 +374,9 @@ def test_interactive_strips_crlf_line_ends():
     interactive(gen, stdin=io.StringIO("Hi\r\nBye\r\n"), stdout=out)
     assert gen.prompts == ["Hi", "Bye"]
     assert out.getvalue().splitlines() == ["enter prompt> Hi", "Hi there", "enter prompt> Bye", "Bye there"]
+
+
+def test_a_missing_tokenizer_names_the_flag_and_the_setting():
+    with pytest.raises(ConfigError, match=r"a tokenizer is required: give --tokenizer \(or "
+                                          r"settings.tokenizer_path in the config file\)"):
+        Generator(GenerationSettings(model_path="unused", tokenizer_path="", device="cpu"))

@@ -283,6 +283,15 @@ def test_thread_counts_below_one_are_refused_on_the_command_line(tmp_path, capsy
         assert "expected a positive integer, found" in capsys.readouterr().err
 
 
+def test_a_pack_that_skips_every_line_writes_nothing(tmp_path):
+    cfg = _config(tmp_path, "  skip_invalid: true\n", jq_pattern=".rawcontent")
+    with pytest.raises(ValueError, match=r"lorem_ipsum.jsonl: every line was skipped as invalid; line 1: .*"
+                                         r"missing key .rawcontent.*nothing was written. HINT: check "
+                                         r"settings.jq_pattern \(.rawcontent\)"):
+        pack(load_pack_config(cfg), show_progress=False)
+    assert list(tmp_path.iterdir()) == [cfg]
+
+
 def test_eod_token_not_in_vocabulary(tmp_path):
     job = load_pack_config(_config(tmp_path, eod_token="</s>"))
     with pytest.raises(ConfigError, match=r"eod_token '</s>' is not in the vocabulary"):

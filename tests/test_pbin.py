@@ -419,3 +419,26 @@ def test_merge_packed_rejects_mismatches_without_leaving_output(tmp_path):
     assert not dst.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pbin", "broken.pbin", "eod7.pbin", "four.pbin",
                                                          "mixed.pbin"]
+
+
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    from fastlm.data.pbin import PackedFile
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"data/x.pbin: packed file not found \(relative paths "
+                                                rf"resolve against the working directory, {tmp_path}\)"):
+        PackedFile("data/x.pbin")
+    with pytest.raises(FileNotFoundError) as err:
+        PackedFile(tmp_path / "x.pbin")  # absolute: no note
+    assert "relative paths" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, looks", [(b"\x80\x04\x95" + bytes(20), "a raw index"),
+                                            (b'{"text": "hello world, a jsonl line"}\n', "a JSONL file")])
+def test_an_index_or_jsonl_given_as_pbin_is_named_for_what_it_is(tmp_path, content, looks):
+    from fastlm.data.pbin import PackedFile
+
+    path = tmp_path / "x.idx"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"x.idx: not a packed .pbin file, this looks like {looks}"):
+        PackedFile(path)

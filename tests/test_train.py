@@ -178,8 +178,16 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match=r'unknown key "optm" \(did you mean "optim"\?\); valid keys of the '
                                           r"top level: run, data"):
         load_config(top)
-    with pytest.raises(ConfigError, match=r'unknown key "optim.lrr" \(did you mean "optim.lr"\?\)'):
+    with pytest.raises(ConfigError, match=r"^override 'optim.lrr=1e-3' \(on .*tiny.yaml\): unknown key "
+                                          r'"optim.lrr" \(did you mean "optim.lr"\?\)'):
         load_config(cfg, ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"^override 'target.steps=abc' \(on .*tiny.yaml\): target.steps "
+                                          r"must be int, found 'abc'"):
+        load_config(cfg, ["target.steps=abc"])
+    # the shell splits `logging.profile_steps=[20, 24]` at the space
+    with pytest.raises(ConfigError, match=r"^override 'logging.profile_steps=\[20,': expected a YAML value "
+                                          r"after '=', found '\[20,' .*quote an override that holds spaces"):
+        load_config(cfg, ["logging.profile_steps=[20,", "24]"])
     with pytest.raises(ConfigError, match=r'unknown section "optm" \(did you mean "optim"\?\)'):
         load_config(cfg, ["optm.lr=1e-3"])
     with pytest.raises(ConfigError, match=r"optim.lr must be float, found 'fast'"):
@@ -220,7 +228,7 @@ def test_config_errors_are_clear(tmp_path):
 def test_config_rejects_values_out_of_range(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs" / "tiny.yaml", [override])
-    assert str(err.value) == f"{ROOT / 'configs' / 'tiny.yaml'}: {message}"
+    assert str(err.value) == f"override {override!r} (on {ROOT / 'configs' / 'tiny.yaml'}): {message}"
 
 
 def test_config_reads_betas_yaml_takes_for_strings():
@@ -541,3 +549,22 @@ def test_gpu_deterministic_run_resumes_bit_for_bit(tmp_path):
     train(tmp_path, *gpu, f"run.resume={tmp_path / 'full' / 'checkpoints' / 'step_00000004'}", name="resumed")
     again = losses(tmp_path / "resumed")
     assert sorted(again) == [5, 6, 7, 8] and all(again[s] == first[s] for s in again), (again, first)
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_another_run(tmp_path):
+    train(tmp_path, "target.steps=2")
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    r = train(tmp_path, "target.steps=2", check=False)
+    assert r.returncode == 1, r.stdout
+    assert "already holds a run (metrics.jsonl, 1 checkpoint, model.safetensors)" in r.stderr, r.stderr
+    assert "continue it with run.resume=auto, start another with run.name=NEW_NAME" in r.stderr, r.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "run" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    # resume=auto in a folder whose run died before its first checkpoint: its records go, the run starts over
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 7, "loss": 1.0}) + "\n")
+    train(tmp_path, "target.steps=2", "run.resume=auto", name="stale")
+    assert 7 not in losses(stale) and sorted(losses(stale)) == [1, 2]

@@ -89,7 +89,10 @@ class PackedFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: packed file not found. {PACK_HINT}")
+            from fastlm.atomic import relative_note
+
+            raise FileNotFoundError(
+                f"{self.path}: packed file not found{relative_note(self.path)}. {PACK_HINT}")
         file_size = self.path.stat().st_size
         if file_size < HEADER_SIZE:
             self._fail(f"expected at least a {HEADER_SIZE}-byte header, found a {file_size}-byte file")
@@ -97,6 +100,11 @@ class PackedFile:
         data_len = int(raw[:8].view("<u8")[0])
         token_size = int(raw[8:12].view("<u4")[0])
         if token_size not in TOKEN_DTYPES:
+            head = bytes(raw[:2])
+            if head in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:1] == b"{":
+                looks = "a raw index (.idx)" if head[:1] == b"\x80" else "a JSONL file"
+                raise ValueError(f"{self.path}: not a packed .pbin file, this looks like {looks}; expected "
+                                 f"the .pbin that the pack step writes")
             self._fail(f"expected a token size of 1, 2 or 4 bytes in the header, found {token_size}")
         if data_len % token_size:
             self._fail(f"data segment says {data_len:,} bytes, not a multiple of the token size {token_size}")
