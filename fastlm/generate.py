@@ -305,7 +305,8 @@ class Generator:
         Rows share one cache position, the widest row's. When it reaches the context: with context_full
         stop, the rows whose own history fills the context are done and the others are prefilled again
         from their own histories (a done row by a 1-token placeholder), so a row of a batch gets what it
-        would get alone; with slide, every row keeps the newest half of its history."""
+        would get alone; with slide, the full rows keep the newest half of their windows and the others
+        all of theirs, which is also what each would do alone."""
         s, model = self.s, self.model
         rows = [list(self._fit(p)) for p in prompts]  # each row's tokens so far (copies: they grow)
         B = len(rows)
@@ -315,6 +316,7 @@ class Generator:
         gen = torch.Generator(device=self.device).manual_seed(s.seed)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
+        start = [0] * B  # where each row's window begins in its history (context_full: slide moves it)
         logits, pad_lens, pos = self._prefill(rows)
         input_pos = torch.zeros(1, dtype=torch.long, device=self.device)
         for _ in range(s.max_new_tokens):
@@ -330,23 +332,26 @@ class Generator:
             if all(done):
                 break
             if pos >= self.context:
+                # each row's window is rows[b][start[b]:]: it is full when its newest token would go past
+                # the context (its own position is the batch's position less its padding)
+                full = [not done[b] and len(rows[b]) - start[b] - 1 >= self.context for b in range(B)]
                 if s.context_full == "stop":
-                    # a row is full when its newest token would go past the context (its own position,
-                    # len - 1, is the batch's position less its padding)
                     for b in range(B):
-                        if not done[b] and len(rows[b]) - 1 >= self.context:
+                        if full[b]:
                             done[b] = True
                             which = f"row {b} " if B > 1 else ""
                             print(f"fastlm: {which}reached the context of {self.context} tokens; stopping "
                                   f"(settings.context_full: slide keeps going)", file=sys.stderr)
                     if all(done):
                         break
-                    # the rest have room: prefill them again from their own histories
-                    logits, pad_lens, pos = self._prefill([[self.eod_id] if done[b] else rows[b]
-                                                           for b in range(B)])
-                    continue
-                keep = self.context // 2  # slide: recompute the caches over the newest half
-                logits, pad_lens, pos = self._prefill([row[-keep:] for row in rows])
+                else:  # slide: a full row keeps the newest half of its window, the others all of theirs
+                    for b in range(B):
+                        if full[b]:
+                            start[b] = len(rows[b]) - self.context // 2
+                # every row as it would be alone, the caches recomputed over the windows (a done row: a
+                # 1-token placeholder)
+                logits, pad_lens, pos = self._prefill([[self.eod_id] if done[b] else rows[b][start[b]:]
+                                                       for b in range(B)])
                 continue
             input_pos.fill_(pos)  # on the device: no host-to-device copy (a stream sync) per token
             logits = self._decode_step(nxt, input_pos, pad_lens)

@@ -328,6 +328,22 @@ def test_a_row_of_a_batch_stops_only_when_its_own_context_is_full(tiny_run, caps
     assert gen.generate([long_prompt, short_prompt]) == [long_out[:1], alone]
 
 
+def test_a_row_of_a_batch_slides_only_when_its_own_context_is_full(tiny_run):
+    # context 64, slide: the 60-token row fills first and keeps its newest half; the 40-token row keeps
+    # its whole history until it fills itself, as it would alone
+    long_prompt, middle_prompt = list(range(1000, 1060)), list(range(3000, 3040))
+    gen = make_generator(tiny_run, temperature=0.0, max_new_tokens=30, stop_at_eod=False,
+                         context_full="slide")
+    alone = [gen.generate([p])[0] for p in (long_prompt, middle_prompt)]
+    widths = []  # the rows' lengths at each prefill
+    prefill = gen._prefill
+    gen._prefill = lambda rows: widths.append([len(r) for r in rows]) or prefill(rows)
+    assert gen.generate([long_prompt, middle_prompt]) == alone
+    # the prompts; the long row full at 65 tokens slides to 32 while the middle row keeps its 45; 19 steps
+    # later the middle row fills and slides, while the long row keeps its window (32 + 19 + 1)
+    assert widths == [[60, 40], [32, 45], [52, 32]], widths
+
+
 def test_interactive_prints_the_held_back_tail():
     tok = Tokenizer(GPT2)
     for text in (" ok \U0001F389", " caf\u00e9 \ufffd"):
