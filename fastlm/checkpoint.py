@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from fastlm.atomic import atomic_output
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -76,6 +77,14 @@ class SafeReader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs):
         rank = kwargs.get("rank")
+        cache = self.__dict__.setdefault("_read", {})  # DCP asks again for what a caller already read
+        if rank not in cache:
+            cache[rank] = self._read_metadata(rank)
+        metadata = cache[rank]
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+    def _read_metadata(self, rank):
         name = ".metadata" if rank is None else f"__{rank}.metadata"
         path = Path(self.path) / name
         with open(path, "rb") as f:
@@ -92,23 +101,23 @@ class SafeReader(FileSystemReader):
             from torch.distributed.checkpoint.metadata import StorageMeta
 
             metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = getattr(self, "load_id", None)
         return metadata
 
 
-def dcp_io(fn, state: dict, path) -> None:
+def dcp_io(fn, state: dict, path, reader: SafeReader | None = None) -> None:
     """dcp.save or dcp.load of `state` at `path`, across the process group or, without one, by this process
     alone (DCP then warns that it runs alone: that is the intent, so the warning is dropped).
 
-    Loads read the metadata through `SafeReader`, once before DCP does, so that a bad file is one clear
-    ValueError. DCP reports any other failure as a CheckpointException (a BaseException, which
-    `except Exception` misses): it is raised again as a ValueError that names the checkpoint and the
-    first failure, e.g. a tensor whose shape does not fit."""
+    Loads read the metadata through `SafeReader` (`reader`, when the caller has read it already), before
+    DCP asks for it, so that a bad file is one clear ValueError. DCP reports any other failure as a
+    CheckpointException (a BaseException, which `except Exception` misses): it is raised again as a
+    ValueError that names the checkpoint and the first failure, e.g. a tensor whose shape does not fit."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     if fn is dcp.load:
-        SafeReader(str(path)).read_metadata()
-        kwargs = {"storage_reader": SafeReader(str(path))}
+        reader = reader or SafeReader(str(path))
+        reader.read_metadata()
+        kwargs = {"storage_reader": reader}
     else:
         kwargs = {"checkpoint_id": str(path)}
     with warnings.catch_warnings():
@@ -277,11 +286,10 @@ def save_consolidated(run_dir: Path, model, model_config: dict) -> Path | None:
         sd.pop("lm_head.weight", None)
     sd = {k: v.contiguous().float() for k, v in sd.items()}
     out = Path(run_dir) / "model.safetensors"
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    save_file(sd, str(tmp), metadata={"format": "fastlm", "config": json.dumps(model_config)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file 0600; others' files here follow the umask
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        save_file(sd, tmp, metadata={"format": "fastlm", "config": json.dumps(model_config)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it 0600; the other outputs follow the umask
     _write_json(Path(run_dir) / "model.json", model_config)
     return out

@@ -165,13 +165,14 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> GP
         sd = model.state_dict()
         # DCP loads the keys it is asked for and ignores the rest: a checkpoint with more (e.g. more
         # layers than the config says) would load without a word
-        saved = ckpt.SafeReader(str(path)).read_metadata().state_dict_metadata
+        reader = ckpt.SafeReader(str(path))
+        saved = reader.read_metadata().state_dict_metadata
         extra = sorted(k.removeprefix("model.") for k in saved
                        if k.startswith("model.") and k.removeprefix("model.") not in sd)
         if extra:
             raise ValueError(f"{path}: tensors the model config does not have: {', '.join(extra[:5])}")
         try:
-            ckpt.dcp_io(dcp.load, {"model": sd}, path)
+            ckpt.dcp_io(dcp.load, {"model": sd}, path, reader)
         except ValueError as err:  # missing keys and shape conflicts, named by DCP
             raise ValueError(f"checkpoint does not fit the model config: {err}") from None
         model.load_state_dict(sd)
@@ -377,22 +378,24 @@ class Generator:
                          f"settings.prompt_too_long: truncate_left")
 
 
-def continuation_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+def continuation_text(tokenizer, prompt_ids: list[int], ids: list[int], head: str | None = None) -> str:
     """The text that ids add after the prompt. Decoded together with the prompt: a tokenizer that marks
     word starts (SentencePiece's Metaspace) drops the space of a leading word when it is decoded alone.
-    When the prompt's own text is not a prefix of the whole, the continuation is decoded alone."""
+    When the prompt's own text (`head`, decoded here when not given) is not a prefix of the whole, the
+    continuation is decoded alone."""
     if not prompt_ids:
         return tokenizer.decode(ids)
-    head = tokenizer.decode(prompt_ids)
+    head = tokenizer.decode(prompt_ids) if head is None else head
     text = tokenizer.decode(list(prompt_ids) + list(ids))
     return text[len(head):] if text.startswith(head) else tokenizer.decode(ids)
 
 
 def stream_text(tokenizer, ids: list[int], printed: int, prompt_ids: list[int] | tuple = (),
-                final: bool = False) -> tuple[str, int]:
+                final: bool = False, head: str | None = None) -> tuple[str, int]:
     """The new text of a growing id list after its prompt, holding back an incomplete UTF-8 character
-    until the end (final: whatever is left, so that the streamed text is the whole continuation)."""
-    text = continuation_text(tokenizer, list(prompt_ids), ids)
+    until the end (final: whatever is left, so that the streamed text is the whole continuation). head:
+    the prompt's decoded text, when the caller keeps it across tokens."""
+    text = continuation_text(tokenizer, list(prompt_ids), ids, head)
     if text.endswith("\ufffd") and not final:
         return "", printed
     return text[printed:], len(text)
@@ -417,6 +420,7 @@ def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout, stderr=None)
         if not tty:
             stdout.write(f"enter prompt> {prompt}\n")
         prompt_ids: list[int] = []
+        head = ""  # the prompt's decoded text: decoded once, not at every token
         ids: list[int] = []
         printed = 0
         stdout.write(prompt)
@@ -426,12 +430,13 @@ def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout, stderr=None)
             if token == gen.eod_id:
                 return
             ids.append(token)
-            new, printed = stream_text(gen.tokenizer, ids, printed, prompt_ids)
+            new, printed = stream_text(gen.tokenizer, ids, printed, prompt_ids, head=head)
             stdout.write(new)
             stdout.flush()
 
         try:
             prompt_ids = gen.encode(prompt)
+            head = gen.tokenizer.decode(prompt_ids)
             gen.generate([prompt_ids], on_token=on_token)
         except ValueError as err:  # this prompt only (e.g. longer than the context)
             stdout.write("\n")
@@ -439,7 +444,7 @@ def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout, stderr=None)
             print(f"error: {err}", file=stderr)
             failed = True
             continue
-        stdout.write(stream_text(gen.tokenizer, ids, printed, prompt_ids, final=True)[0] + "\n")
+        stdout.write(stream_text(gen.tokenizer, ids, printed, prompt_ids, final=True, head=head)[0] + "\n")
         stdout.flush()
     return 1 if failed else 0
 

@@ -4,8 +4,9 @@ default; `--out` picks the format by its suffix: .png, .svg, .pdf)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from fastlm.atomic import atomic_output
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -62,13 +63,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_speed.grid(alpha=0.3)
     fig.suptitle(f"fastlm run {run_dir.name}")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # matplotlib takes the format from the suffix, so the temporary name keeps it (x.svg -> .x.tmp-PID.svg)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix or '.png'}")
     try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(out)
+        with atomic_output(out) as tmp:
+            # the format from out's suffix: the temporary name does not end in it
+            fig.savefig(tmp, dpi=110, format=out.suffix[1:] or "png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return out

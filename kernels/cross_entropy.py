@@ -304,8 +304,9 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
 
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, inplace):
-        compute_grad = ctx.needs_input_grad[0]
+    def forward(ctx, logits, targets, ignore_index, reduction, inplace, grad_enabled):
+        # needs_input_grad says yes under no_grad too (evaluation): then the loss only, logits untouched
+        compute_grad = ctx.needs_input_grad[0] and grad_enabled
         loss, grad = cross_entropy_forward(logits, targets, ignore_index, reduction,
                                            compute_grad=compute_grad, inplace=inplace and compute_grad)
         if inplace and compute_grad:
@@ -329,7 +330,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             grad.mul_(grad_output.unsqueeze(1))
         else:
             grad.mul_(grad_output)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -347,9 +348,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                          f"dimension, got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}")
     out_shape = targets.shape
     n_rows = targets.numel()  # not reshape(-1, V): ambiguous when there are no elements
-    logits2d, targets1d = logits.reshape(n_rows, logits.shape[-1]), targets.reshape(n_rows)
-    if torch.is_grad_enabled():
-        loss = _CrossEntropyFunction.apply(logits2d, targets1d, ignore_index, reduction, inplace)
-    else:  # (no_grad, evaluation) the loss only: no gradient, logits left as they are even with inplace
-        loss, _ = cross_entropy_forward(logits2d, targets1d, ignore_index, reduction, compute_grad=False)
+    loss = _CrossEntropyFunction.apply(logits.reshape(n_rows, logits.shape[-1]), targets.reshape(n_rows),
+                                       ignore_index, reduction, inplace, torch.is_grad_enabled())
     return loss.reshape(out_shape) if reduction == "none" else loss

@@ -149,8 +149,9 @@ def fused_linear_cross_entropy_forward(
 
 class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, chunk_rows):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, chunk_rows, grad_enabled):
+        # needs_input_grad says yes under no_grad too (evaluation): then the loss only
+        need_h, need_w, need_b = (need and grad_enabled for need in ctx.needs_input_grad[:3])
         ctx.reduction = reduction
         ctx.ignore_index = ignore_index
         ctx.chunk_rows = chunk_rows
@@ -163,7 +164,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, targets)
             return loss_rows
         loss_rows, d_hidden, d_weight, d_bias = fused_linear_cross_entropy_forward(
-            hidden, weight, targets, bias, ignore_index, scale=scale,
+            hidden, weight, targets, bias, ignore_index, scale=scale if need_h or need_w or need_b else None,
             grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b, chunk_rows=chunk_rows)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         loss = loss_rows.sum()
@@ -178,7 +179,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 hidden, weight, targets, bias, ctx.ignore_index,
                 scale=grad_output.detach().to(torch.float32).contiguous(), scale_per_row=True,
                 grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b, chunk_rows=ctx.chunk_rows)
-            return d_hidden, d_weight, d_bias, None, None, None, None
+            return d_hidden, d_weight, d_bias, None, None, None, None, None
         if ctx.used:
             raise RuntimeError(f"{OP}: backward ran twice through the same graph; the stored gradients are "
                                "scaled in place to save memory. HINT: recompute the loss instead of "
@@ -188,7 +189,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         for g in grads:
             if g is not None:
                 g.mul_(grad_output)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -216,15 +217,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     hidden2d = hidden.reshape(n_rows, hidden.shape[-1])
     targets1d = targets.reshape(n_rows)
     _validate(hidden2d, weight, targets1d, bias, reduction, chunk_rows)
-    if not torch.is_grad_enabled():
-        # (no_grad, evaluation) the loss only, whatever requires grad: inside the autograd Function grad
-        # mode is always off, and needs_input_grad would still ask for every gradient
-        loss_rows, _, _, _ = fused_linear_cross_entropy_forward(hidden2d, weight, targets1d, bias,
-                                                                ignore_index, chunk_rows=chunk_rows)
-        if reduction == "none":
-            return loss_rows.reshape(out_shape)
-        _, n_valid = grad_scale(targets1d, ignore_index, reduction)
-        return loss_rows.sum() / n_valid[0] if reduction == "mean" else loss_rows.sum()
     loss = _FusedLinearCrossEntropyFunction.apply(hidden2d, weight, bias, targets1d, ignore_index, reduction,
-                                                  chunk_rows)
+                                                  chunk_rows, torch.is_grad_enabled())
     return loss.reshape(out_shape) if reduction == "none" else loss
