@@ -16,10 +16,10 @@ Numerics: scores, the online softmax and all accumulators are fp32; the probabil
 score gradients) are rounded to the input dtype before they meet v (q, k) in a matmul, as FlashAttention does.
 fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match an fp32 reference closely.
 
-Limits: head_dim in {16, 32, 64, 128}; causal needs seq_q <= seq_k (a query with no visible key has no
-softmax); no dropout, no attention bias, no variable-length (packed) batches. On CPU the kernels run only
-under Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported), which is for tests: it is
-slow, and its bf16 matmuls are wrong, so bf16 is checked on GPU only.
+Limits: head_dim in {16, 32, 64, 128}; softmax_scale > 0; causal needs seq_q <= seq_k (a query with no
+visible key has no softmax); no dropout, no attention bias, no variable-length (packed) batches. On CPU the
+kernels run only under Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported), which is
+for tests: it is slow, and its bf16 matmuls are wrong, so bf16 is checked on GPU only.
 """
 
 from __future__ import annotations
@@ -75,21 +75,30 @@ def _prune_fp32(configs, named_args, **kwargs):
 
 
 _PRUNE = {"early_config_prune": _prune_fp32}
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the forward keeps a BLOCK_M x HEAD_DIM fp32 accumulator.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). `python tools/kernel_report.py` compiles each for an H100
+# without a GPU and shows its registers and spills: at head_dim 64 (bf16, causal) none of these spills,
+# except the two dk/dv tilings marked below.
+# The forward keeps a BLOCK_M x HEAD_DIM fp32 accumulator.
 _FWD_CONFIGS = _configs(
     (32, 16),
     [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3)],
 )
-# dk/dv: a program owns BLOCK_N keys (two BLOCK_N x HEAD_DIM fp32 accumulators) and streams BLOCK_M queries.
+# dk/dv: a program owns BLOCK_N keys (two BLOCK_N x HEAD_DIM fp32 accumulators, k and v in registers) and
+# streams BLOCK_M queries: with 4 warps that needs more than 255 registers a thread. The 8-warp tilings
+# share the accumulators among twice the threads and do not spill; (32, 128, 4, 3) and (64, 64, 4, 3)
+# spill (272 and 200 bytes a thread, mostly outside the inner loop) but were the fastest of an earlier list
+# on an H200 (at T=2048 and T=512), so they stay until a run says otherwise.
 _BWD_KV_CONFIGS = _configs(
     (16, 32),
-    [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 128, 4, 5), (32, 64, 4, 5)],
+    [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
 )
 # dq: a program owns BLOCK_M queries and streams BLOCK_N keys through them.
 _BWD_Q_CONFIGS = _configs(
     (32, 16),
-    [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 5), (64, 32, 4, 5)],
+    [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 32, 4, 5), (64, 32, 4, 5)],
 )
+# the tilings allowed to spill registers at head_dim 64 (tests/test_kernel_attention.py holds the rest to 0)
+SPILLING_CONFIGS = {"bwd_kv": ((32, 128, 4, 3), (64, 64, 4, 3))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,14 +138,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, o
         else:
             kT = tl.load(kT_ptrs)
             v = tl.load(v_ptrs)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.dot(q, kT, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             keep = cols[None, :] < seq_k
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        # The scale (> 0, so it commutes with max, exactly even after rounding) goes on the row max, and
+        # scaling and shifting the scores is one fused multiply-add each: one multiply per score fewer, in
+        # the loop where the non-matmul work per score is what limits head_dim 64.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -627,6 +639,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _check_inputs(q, k, v, causal)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf):
+        # the forward scales each row's max instead of every score, which needs a positive scale
+        raise ValueError(f"flash_attention: softmax_scale must be a positive finite number (or None for "
+                         f"1/sqrt(head_dim)), got {softmax_scale!r}")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if torch.compiler.is_compiling():
         return _forward_op(q, k, v, bool(causal), float(softmax_scale))[0]

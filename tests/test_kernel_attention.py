@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastlm.kernels import attention_reference, flash_attention  # noqa: E402
-from conftest import assert_lowers_to_sm90  # noqa: E402
+from conftest import ROOT, assert_lowers_to_sm90  # noqa: E402
 
 # The tests below that are not marked gpu run on CUDA when there is a GPU (compiled Triton) and on CPU under
 # Triton's interpreter otherwise.
@@ -253,6 +253,12 @@ def test_invalid_inputs(kwargs, error, match):
         flash_attention(*_qkv(**kwargs))
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf"), "0.125"])
+def test_softmax_scale_must_be_positive(scale):
+    with pytest.raises(ValueError, match=r"softmax_scale must be a positive finite number.* got "):
+        flash_attention(*_qkv(), softmax_scale=scale)
+
+
 def test_invalid_rank_and_batch():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"q must be 4-D .* got shape \(2, 8, 32\)"):
@@ -303,6 +309,31 @@ def test_kernels_lower_to_h100_code():
                                                    "num_stages": fixed["num_stages"]})
                 assert compiled.asm["cubin"], (jit.__name__, dtype)
                 assert compiled.metadata.shared <= 163 * 1024, (jit.__name__, dtype, compiled.metadata.shared)
+        print("LOWERED")
+    """)
+    assert_lowers_to_sm90(code)
+
+
+def test_gpu_configs_do_not_spill_registers_on_h100():
+    # Every GPU tiling of the three kernels, compiled for sm_90 as a launch specializes it (bf16, head_dim
+    # 64, causal; tools/kernel_report.py): registers spilled to local memory cost every tile, so a kernel
+    # change or a new tiling that spills fails here, except the tilings the kernel module lists as allowed
+    # to (measured fastest anyway); those must still spill, or the list is stale. All must fit the H100's
+    # 227 KiB of shared memory per block. (The autotuner would drop a tiling that does not fit; the list
+    # should hold none.)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "tools")!r})
+        import kernel_report
+        fa = kernel_report._module()
+        for kernel in kernel_report.KERNELS:
+            for config in kernel_report.configs(kernel):
+                r = kernel_report.compile_report(kernel, config)
+                allowed = config in fa.SPILLING_CONFIGS.get(kernel, ())
+                assert (r.spill_bytes > 0) == allowed, r.line()
+                assert r.shared_bytes <= 227 * 1024, r.line()
+                assert r.ops["HGMMA"] > 0, r.line()  # Hopper's tensor-core path, not the older mma.sync
+                print(r.line())
         print("LOWERED")
     """)
     assert_lowers_to_sm90(code)

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""What the attention kernels compile to on an H100 (sm_90), without a GPU: per autotuning config, the
+registers per thread, spilled bytes, shared memory, and the instruction mix of the SASS.
+
+    python tools/kernel_report.py                  # every GPU config of the three kernels, bf16, head_dim 64
+    python tools/kernel_report.py bwd_kv --head-dim 128
+    python tools/kernel_report.py fwd --config 64,128,8,3 --sass /tmp/fwd.sass   # one tiling, keep its SASS
+
+Why: a config whose registers spill to local memory (STACK > 0) pays for it in every tile, and the
+instruction mix shows what the inner loops do besides the tensor-core matmuls (HGMMA): exp2 (MUFU),
+scaling, max, sums, conversions. Both can be read on a laptop, before a GPU run measures the time.
+
+The kernels are compiled as a real launch specializes them: pointers 16-byte aligned and integer
+arguments (strides, sequence lengths) divisible by 16, except those the kernels exclude from
+specialization. Without that hint Triton cannot vectorize or pipeline the loads, and the SASS would be
+another program. Needs Triton's NVIDIA backend and the nvdisasm / cuobjdump it ships; run it without
+TRITON_INTERPRET (the interpreter lists one config per kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+KERNELS = ("fwd", "bwd_q", "bwd_kv")
+
+
+@dataclass
+class Report:
+    kernel: str
+    config: tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+    registers: int
+    spill_bytes: int  # per-thread stack: registers spilled to local memory
+    shared_bytes: int
+    ops: collections.Counter  # SASS opcode (without modifiers) -> count
+    sass: str
+
+    def line(self) -> str:
+        m, n, w, s = self.config
+        mix = " ".join(f"{op} {self.ops[op]}" for op in ("HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX"))
+        return (f"{self.kernel:6s} M{m:<3d} N{n:<3d} w{w} s{s}  regs {self.registers:3d}  spill "
+                f"{self.spill_bytes:4d} B  smem {self.shared_bytes // 1024:3d} KiB  | {mix}  "
+                f"LDL/STL {self.ops['LDL'] + self.ops['STL']}")
+
+
+def _signatures(fa, dtype: str) -> dict:
+    ptr = "*" + dtype
+    strides = lambda *names: {f"stride_{n}{d}": "i32" for n in names for d in "bht"}  # noqa: E731
+    common = {"n_head": "i32", "group": "i32", "seq_q": "i32", "seq_k": "i32"}
+    return {
+        "fwd": (fa._fwd_kernel, {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "qk_scale": "fp32",
+                                 **strides("q", "k", "v", "o"), **common}),
+        "bwd_q": (fa._bwd_q_kernel, {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32",
+                                     "DELTA": "*fp32", "DQ": ptr, "qk_scale": "fp32", "sm_scale": "fp32",
+                                     **strides("q", "k", "v", "do", "o"), **common}),
+        "bwd_kv": (fa._bwd_kv_kernel, {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32",
+                                       "DELTA": "*fp32", "DK": ptr, "DV": ptr, "qk_scale": "fp32",
+                                       "sm_scale": "fp32", **strides("q", "k", "v", "do"),
+                                       "n_kv_head": "i32", **common}),
+    }
+
+
+def configs(kernel: str) -> list[tuple[int, int, int, int]]:
+    """The GPU autotuning list of a kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    fa = _module()
+    lists = {"fwd": fa._FWD_CONFIGS, "bwd_q": fa._BWD_Q_CONFIGS, "bwd_kv": fa._BWD_KV_CONFIGS}
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in lists[kernel]]
+
+
+def _module():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernel_report: unset TRITON_INTERPRET (under the interpreter the kernels list one "
+                         "config each and nothing is compiled)")
+    import fastlm.kernels  # noqa: F401  (the package exports the function under the module's name)
+
+    return sys.modules["fastlm.kernels.flash_attention"]
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.is_file():
+        raise SystemExit(f"kernel_report: {path} not found: this Triton build ships no NVIDIA tools")
+    return str(path)
+
+
+def compile_report(kernel: str, config, head_dim: int = 64, dtype: str = "bf16",
+                   causal: bool = True) -> Report:
+    """Compile one kernel with one tiling for sm_90 and read its resources and SASS."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fa = _module()
+    fn, signature = _signatures(fa, dtype)[kernel]
+    jit = fn.fn  # under the autotuner
+    block_m, block_n, warps, stages = config
+    constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": "tf32", "BLOCK_M": block_m,
+                  "BLOCK_N": block_n}
+    signature = {name: signature.get(name, "constexpr") for name in jit.arg_names}
+    # what a launch specializes: every pointer and integer divisible by 16 unless excluded
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names)
+             if signature[name][0] in "*i" and name not in jit.do_not_specialize}
+    src = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], check=True, capture_output=True,
+                              text=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], check=True,
+                               capture_output=True, text=True).stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    # an instruction line: /*0130*/  [@P0 ]OPCODE.MODIFIERS operands ;
+    opcodes = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+    return Report(kernel, tuple(config), registers, stack, compiled.metadata.shared,
+                  collections.Counter(opcodes), sass)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("kernels", nargs="*", metavar="KERNEL",
+                    help=f"any of {', '.join(KERNELS)} (default: all)")
+    ap.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES",
+                    help="a tiling instead of the autotuning list (repeatable)")
+    ap.add_argument("--head-dim", type=int, default=64, choices=(16, 32, 64, 128))
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    ap.add_argument("--non-causal", action="store_true")
+    ap.add_argument("--sass", metavar="FILE", help="write the SASS of the (last) config to FILE")
+    args = ap.parse_args(argv)
+    unknown = [k for k in args.kernels if k not in KERNELS]
+    if unknown:
+        ap.error(f"unknown kernel {unknown[0]!r}: expected one of {', '.join(KERNELS)}")
+    for kernel in args.kernels or KERNELS:
+        tilings = [tuple(int(x) for x in c.split(",")) for c in args.config] or configs(kernel)
+        for tiling in tilings:
+            if len(tiling) != 4:
+                ap.error(f"--config takes BLOCK_M,BLOCK_N,WARPS,STAGES, got {tiling}")
+            try:
+                report = compile_report(kernel, tiling, args.head_dim, args.dtype, not args.non_causal)
+            except Exception as e:  # e.g. shared memory beyond the H100's: the autotuner drops such configs
+                print(f"{kernel:6s} {tiling}: does not compile: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            print(report.line(), flush=True)
+            if args.sass:
+                Path(args.sass).write_text(report.sass)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
