@@ -125,8 +125,9 @@ def test_fused_linear_cross_entropy_speed(inputs):
 
     compare("fused_linear_cross_entropy", ours, baseline, "F.cross_entropy(F.linear(h, w).float())",
             [hidden, weight])
-    # A diagnostic, printed only (not a result): larger chunks than the default (1024 rows here) re-read and
-    # re-write the (V, D) fp32 grad_weight accumulator fewer times, for more memory. Data for the default.
+    # A diagnostic, printed only (not a result): the time and memory of other chunk sizes than the default
+    # (4096 rows here; larger chunks re-read and re-write the (V, D) fp32 grad_weight accumulator fewer
+    # times, for more memory). Data for the default.
     grads = [hidden, weight]
     for rows in (1024, 2048, 4096):
         def step(rows=rows):

@@ -22,9 +22,10 @@ Limits and choices:
   recomputes the chunks (one more logits matmul per chunk) with the kernel scaling row i by grad_output[i].
 - Nothing is computed beyond the loss when no input requires grad or grad mode is off (evaluation).
 - The default chunk (`default_chunk_rows`) makes a chunk of logits about as large as hidden (Liger-Kernel's
-  rule), but at least min(1024, 2 D fp32-accumulator-sized) rows when grad_weight is needed: with fewer
-  rows the per-chunk grad_weight matmul re-reads and re-writes the (V, D) fp32 accumulator for little work
-  and becomes memory bound. A chunk then holds no more memory than that accumulator, which exists anyway.
+  rule), but at least min(4096, 8 D) rows (bf16; 4 D fp32) when grad_weight is needed: with fewer rows the
+  per-chunk grad_weight matmul re-reads and re-writes the (V, D) fp32 accumulator for little work and
+  becomes memory bound. A chunk's logits then take at most 4x that accumulator's memory (GPT-2's head at
+  4096 rows: 412 MB of bf16 logits; torch's loss holds all of them, and their fp32 copy).
 - The stored grad_weight is cast to the weight's dtype at the end of the forward (the fp32 accumulator
   is freed there): it is held across the rest of the model's backward.
 - Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first, as F.linear would be.
@@ -45,17 +46,19 @@ from .cross_entropy import (LOGIT_DTYPES, check_device, check_reduction, check_t
                             next_power_of_2)
 
 OP = "fused_linear_cross_entropy"
-# Below this many rows a chunk's grad_weight matmul (K = rows) is bound by reading and writing the (V, D)
-# fp32 accumulator: its arithmetic intensity is about rows / 4 flop per byte, and an H100 needs ~300.
-MIN_CHUNK_ROWS_WITH_WEIGHT_GRAD = 1024
+# A chunk's grad_weight update (K = rows) makes 2 * rows flops per (V, D) element and moves ~12 bytes for it
+# (the fp32 accumulator read and written, the chunk's bf16 product written and read): ~rows / 6 flop per
+# byte, where an H100 needs ~300 to be compute bound. 1024 rows (16 chunks for 16K tokens) is memory bound;
+# 4096 rows is not, and re-reads the accumulator 4 times per step instead of 16.
+MIN_CHUNK_ROWS_WITH_WEIGHT_GRAD = 4096
 
 
 def default_chunk_rows(n_rows: int, vocab: int, dim: int, elem_size: int, weight_grad: bool) -> int:
     """Rows per chunk: a chunk of logits about the size of hidden, raised for the grad_weight matmul."""
     rows = next_power_of_2(max(1, math.ceil(n_rows / max(1, math.ceil(vocab / max(1, dim))))))
     if weight_grad:
-        # At most as many rows as make the chunk as large as the fp32 grad_weight accumulator (V*D*4 bytes).
-        accumulator_rows = 1 << max(0, (dim * 4 // elem_size).bit_length() - 1)
+        # At most as many rows as make the chunk 4x the size of the fp32 grad_weight accumulator (V*D*4 B).
+        accumulator_rows = 1 << max(0, (dim * 4 * 4 // elem_size).bit_length() - 1)
         rows = max(rows, min(MIN_CHUNK_ROWS_WITH_WEIGHT_GRAD, accumulator_rows))
     return max(1, min(rows, n_rows))
 

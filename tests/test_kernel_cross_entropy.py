@@ -467,10 +467,12 @@ def test_fused_linear_cross_entropy_autocast():
 
 def test_default_chunk_rows():
     # The benchmark's shape, GPT-2 124M at 8 x 1024 tokens in bf16: a chunk about the size of hidden would
-    # be 128 rows; with a weight gradient it is raised to 1024 rows (the grad_weight matmul's efficiency).
+    # be 128 rows; with a weight gradient it is raised to 4096 rows (the grad_weight matmul's efficiency).
     assert default_chunk_rows(8192, 50304, 768, 2, weight_grad=False) == 128
-    assert default_chunk_rows(8192, 50304, 768, 2, weight_grad=True) == 1024
-    assert default_chunk_rows(8192, 50304, 128, 4, weight_grad=True) == 128  # 4 D accumulator bytes / 4
+    assert default_chunk_rows(8192, 50304, 768, 2, weight_grad=True) == 4096
+    assert default_chunk_rows(16384, 50304, 512, 2, weight_grad=True) == 4096  # gpt60m's step: 4 chunks
+    # capped at 4x the accumulator's bytes: 4 x 4 D bytes / 4 bytes a logit = 512 rows for D = 128 in fp32
+    assert default_chunk_rows(8192, 50304, 128, 4, weight_grad=True) == 512
     assert default_chunk_rows(10, 50304, 768, 2, weight_grad=True) == 10  # never more than the rows
     assert default_chunk_rows(1, 7, 4096, 2, weight_grad=False) == 1
 
