@@ -143,11 +143,14 @@ def main(argv=None) -> int:
     unknown = [k for k in args.kernels if k not in KERNELS]
     if unknown:
         ap.error(f"unknown kernel {unknown[0]!r}: expected one of {', '.join(KERNELS)}")
+    given = []
+    for c in args.config:
+        parts = c.split(",")
+        if len(parts) != 4 or not all(x.strip().isdigit() for x in parts):
+            ap.error(f"--config takes four whole numbers BLOCK_M,BLOCK_N,WARPS,STAGES, got {c!r}")
+        given.append(tuple(int(x) for x in parts))
     for kernel in args.kernels or KERNELS:
-        tilings = [tuple(int(x) for x in c.split(",")) for c in args.config] or configs(kernel)
-        for tiling in tilings:
-            if len(tiling) != 4:
-                ap.error(f"--config takes BLOCK_M,BLOCK_N,WARPS,STAGES, got {tiling}")
+        for tiling in given or configs(kernel):
             try:
                 report = compile_report(kernel, tiling, args.head_dim, args.dtype, not args.non_causal)
             except Exception as e:  # e.g. shared memory beyond the H100's: the autotuner drops such configs
