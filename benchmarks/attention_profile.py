@@ -4,8 +4,9 @@
     python benchmarks/attention_profile.py --compiled-block # the kernels inside a compiled block
 
 For the benchmark's shapes (bf16, causal, B8 H16 hd64) it prints the autotuner's choices, the GPU time of each
-kernel (torch.profiler) next to SDPA's kernels, forward-only TFLOP/s of both, and the host (Python) cost of
-one forward + backward measured on a shape too small to keep the GPU busy, with the functions that spend it.
+kernel (torch.profiler) next to SDPA's kernels and next to fastlm's own in the program order it used before
+(HEAVY_FIRST off), forward-only TFLOP/s of both, and the host (Python) cost of one forward + backward
+measured on a shape too small to keep the GPU busy, with the functions that spend it.
 
 --compiled-block: gpt124m's transformer block compiled as training compiles it (per block, bf16 autocast),
 with fastlm's attention as the model calls it (a custom op under torch.compile, the block one graph), behind
@@ -54,14 +55,16 @@ def _step(fn, q, k, v, do):
     fn(q, k, v).backward(do)
 
 
-def kernel_table(fn, seq):
+def kernel_table(fn, seq, rows=8):
+    """Print (and return) the GPU time per fwd+bwd, with its `rows` most expensive kernels."""
     q, k, v, do = _inputs(B, H, seq)
     for _ in range(5):
         _step(fn, q, k, v, do)
     times = gpu_kernel_times(lambda: _step(fn, q, k, v, do))
     print(f"  GPU time per fwd+bwd: {sum(times.values()):.0f} us")
-    for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:8]:
+    for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:rows]:
         print(f"    {t:8.1f} us  {name[:90]}")
+    return sum(times.values())
 
 
 def forward_tflops(fn, seq, reps=30):
@@ -116,10 +119,20 @@ def main():
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
     print("host profile of 200 fastlm fwd+bwd (tottime):")
     print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000])
-    for seq in (512, 2048):
+    for seq in (512, 1024, 2048):
         print(f"T={seq}:")
         print(" fastlm kernels:")
-        kernel_table(_ours, seq)
+        heavy_first = kernel_table(_ours, seq)
+        # the same kernels with the programs in the grid order used before 2026-11-26 (each head's blocks
+        # in turn, the causal mask's heaviest blocks of the last heads last; see HEAVY_FIRST)
+        fa.HEAVY_FIRST = False
+        try:
+            print(" fastlm kernels, programs in (blocks, heads) order:")
+            blocks_first = kernel_table(_ours, seq, rows=3)
+        finally:
+            fa.HEAVY_FIRST = True
+        print(f" program order: heaviest blocks first {heavy_first:.0f} us vs (blocks, heads) "
+              f"{blocks_first:.0f} us -> {blocks_first / heavy_first:.2f}x")
         for name in ("_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"):
             kern = getattr(fa, name)
             print(f"  {name} best config: {getattr(kern, 'best_config', None)}")

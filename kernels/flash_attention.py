@@ -56,16 +56,29 @@ def _configs(interpret_blocks, gpu_blocks):
             for m, n, w, s in gpu_blocks]
 
 
-# Autotuning keys: seq lengths and head_dim decide the tile shape; CAUSAL changes the work per tile. The
-# autotuner adds the tensors' dtypes to the key by itself. Configs that do not fit in shared memory (e.g.
-# 128x128 tiles, head_dim 128) are dropped by the autotuner (OutOfResources), not errors. Every config is
+# Autotuning keys: seq lengths and head_dim decide the tile shape; CAUSAL changes the work per tile, and
+# HEAVY_FIRST (below) the order the tiles run in. The autotuner adds the tensors' dtypes to the key by
+# itself. Configs that do not fit in shared memory (e.g. 128x128 tiles, head_dim 128) are dropped by the
+# autotuner (OutOfResources), not errors. Every config is
 # compiled (~1-2 s each) for every new dtype / head_dim / causal combination, so the lists hold only shapes
 # known to do well on Hopper (FlashAttention-2's and Triton's tutorial tilings); the GPU tests run in
 # parallel processes (benchmarks/device_check.sh) to keep those compilations in its time budget.
-_TUNE_KEY = ["seq_q", "seq_k", "HEAD_DIM", "CAUSAL"]
+_TUNE_KEY = ["seq_q", "seq_k", "HEAD_DIM", "CAUSAL", "HEAVY_FIRST"]
 # Head counts and the GQA group only enter index arithmetic: specializing on their values (==1, %16) would
 # only multiply compilations.
 _NO_SPECIALIZE = ["n_head", "group"]
+
+# Program order. Under a causal mask a block's work grows with its position: query block m of the forward
+# and dq kernels visits m + 1 key blocks, key block n of the dk/dv kernel visits the query blocks from n
+# on. The GPU starts programs in grid order, so with the blocks of one head after another (the grid
+# (blocks, heads)) the heaviest blocks of the last heads start last and finish alone. HEAVY_FIRST launches
+# the grid (heads, blocks) with the blocks in decreasing work: the heaviest of every head first, the
+# lightest last (longest processing time first, as FlashAttention-3 schedules causal tiles). In a model of
+# the schedule (tools/causal_schedule.py: B8 H16 on 132 SMs) the forward goes from 63% / 77% / 86% of
+# ideal at T = 512 / 1024 / 2048 to 97-99%; a real SM runs a lone program faster, so the real gain is
+# smaller. It also lifts the grid's 65,535 limit on its second axis off batch x heads. Read at every
+# launch: benchmarks/attention_profile.py times both orders on a GPU.
+HEAVY_FIRST = True
 
 
 def _prune_fp32(configs, named_args, **kwargs):
@@ -104,6 +117,21 @@ SPILLING_CONFIGS = {"bwd_kv": ((32, 128, 4, 3), (64, 64, 4, 3))}
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_and_head(HEAVY_FIRST: tl.constexpr, LAST_IS_HEAVIEST: tl.constexpr):
+    """This program's (block, batch * head) index: the grid is (heads, blocks) in HEAVY_FIRST order, the
+    blocks counted from the heaviest (the last one when LAST_IS_HEAVIEST), else (blocks, heads)."""
+    if HEAVY_FIRST:
+        block = tl.program_id(1)
+        if LAST_IS_HEAVIEST:
+            block = tl.num_programs(1) - 1 - block
+        head = tl.program_id(0)
+    else:
+        block = tl.program_id(0)
+        head = tl.program_id(1)
+    return block, head
 
 
 @triton.jit
@@ -165,9 +193,8 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
                 stride_ob, stride_oh, stride_ot,
                 n_head, group, seq_q, seq_k,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+                HEAVY_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_bh = _block_and_head(HEAVY_FIRST, True)
     off_b = (pid_bh // n_head).to(tl.int64)
     off_h = (pid_bh % n_head).to(tl.int64)
     off_kvh = off_h // group
@@ -241,12 +268,11 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
                    stride_dob, stride_doh, stride_dot,
                    n_head, n_kv_head, group, seq_q, seq_k,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAVY_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # GQA: one program owns a key block of one kv head and loops over every query head of its group, so
     # dk/dv sum the group's contributions in fp32 registers: no atomics, no (batch, n_head, seq_k, head_dim)
     # temporaries to reduce with torch afterwards, and the fp32 sum is rounded to the input dtype only once.
-    pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
+    pid_n, pid_bkv = _block_and_head(HEAVY_FIRST, False)  # the first key blocks see the most queries
     off_b = (pid_bkv // n_kv_head).to(tl.int64)
     off_kvh = (pid_bkv % n_kv_head).to(tl.int64)
 
@@ -333,9 +359,8 @@ def _bwd_q_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
                   stride_ob, stride_oh, stride_ot,
                   n_head, group, seq_q, seq_k,
                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+                  HEAVY_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_bh = _block_and_head(HEAVY_FIRST, True)
     off_b = (pid_bh // n_head).to(tl.int64)
     off_h = (pid_bh % n_head).to(tl.int64)
     off_kvh = off_h // group
@@ -445,8 +470,8 @@ class _Tuned:
     chosen config directly. Triton's Autotuner.run re-derives its key from every argument on every call
     (~35 us of Python per launch under cProfile on an H200 host); here a lookup in a dict replaces it, and
     the launch itself skips Triton's per-call path once the kernel is compiled (see kernels/launch.py).
-    The key holds everything the autotuner's key holds for these kernels: seq lengths, head_dim, causal and
-    the dtype (all tensors share q's; LSE and DELTA are fp32).
+    The key holds everything the autotuner's key holds for these kernels: seq lengths, head_dim, causal,
+    the program order and the dtype (all tensors share q's; LSE and DELTA are fp32).
 
     Deterministic runs (torch.use_deterministic_algorithms(True), which fastlm's run.deterministic sets) do
     not autotune: the fastest config of a run depends on timing, and another tiling sums in another order,
@@ -490,6 +515,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # triton.cdiv is a constexpr_function: ~3 us per host call
 
 
+def _grid(blocks: int, heads: int, heavy_first: bool) -> tuple[int, int]:
+    # see HEAVY_FIRST; the kernels map program ids back with _block_and_head
+    return (heads, blocks) if heavy_first else (blocks, heads)
+
+
 _FWD = _Tuned(_fwd_kernel)
 _BWD_Q = _Tuned(_bwd_q_kernel)
 _BWD_KV = _Tuned(_bwd_kv_kernel)
@@ -514,15 +544,16 @@ def _forward(q, k, v, causal: bool, sm_scale: float):
     batch, n_head, seq_q, head_dim = q.shape
     n_kv_head, seq_k = k.shape[1], k.shape[2]
     o, lse = _new_outputs(q)
+    heavy_first = HEAVY_FIRST
 
     def grid(meta):
-        return (_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
+        return _grid(_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head, heavy_first)
 
-    _FWD((seq_q, seq_k, head_dim, causal, q.dtype), grid,
+    _FWD((seq_q, seq_k, head_dim, causal, q.dtype, heavy_first), grid,
          q, k, v, o, lse, sm_scale * _LOG2E,
          *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(o),
          n_head, n_head // n_kv_head, seq_q, seq_k,
-         HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=_precision(q.dtype))
+         HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=_precision(q.dtype), HEAVY_FIRST=heavy_first)
     return o, lse
 
 
@@ -531,28 +562,29 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     n_kv_head, seq_k = k.shape[1], k.shape[2]
     group = n_head // n_kv_head
     precision = _precision(q.dtype)
-    key = (seq_q, seq_k, head_dim, causal, q.dtype)
+    heavy_first = HEAVY_FIRST
+    key = (seq_q, seq_k, head_dim, causal, q.dtype, heavy_first)
 
     delta = torch.empty_like(lse)
     dq, dk, dv = _new_grads(q, k, v)
 
     def q_grid(meta):
-        return (_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head)
+        return _grid(_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head, heavy_first)
 
     strides = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do))  # both kernels'
     # dq first: it also computes delta, which the dk/dv kernel reads
     _BWD_Q(key, q_grid,
            q, k, v, o, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale, *strides, *_bhs_strides(o),
            n_head, group, seq_q, seq_k,
-           HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision)
+           HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first)
 
     def kv_grid(meta):
-        return (_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head)
+        return _grid(_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head, heavy_first)
 
     _BWD_KV(key, kv_grid,
             q, k, v, do, lse, delta, dk, dv, sm_scale * _LOG2E, sm_scale, *strides,
             n_head, n_kv_head, group, seq_q, seq_k,
-            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision)
+            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first)
     return dq, dk, dv
 
 

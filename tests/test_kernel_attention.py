@@ -24,6 +24,8 @@ if not torch.cuda.is_available():
 from fastlm.kernels import attention_reference, flash_attention  # noqa: E402
 from conftest import ROOT, assert_lowers_to_sm90  # noqa: E402
 
+FA = sys.modules["fastlm.kernels.flash_attention"]  # the package exports the function under its name
+
 # The tests below that are not marked gpu run on CUDA when there is a GPU (compiled Triton) and on CPU under
 # Triton's interpreter otherwise.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,6 +137,24 @@ def test_fp32_matches_reference(case):
     _check(q, k, v, do, causal)
 
 
+@pytest.mark.parametrize("case", ["gqa4to2_seq129", "cached_gqa_q52_k98", "noncausal_q100_k37"])
+def test_program_order_changes_nothing(case):
+    # HEAVY_FIRST only reorders the programs (the grid is (heads, blocks), blocks from the heaviest): each
+    # program computes the same tile either way and no two write the same place, so the two orders agree
+    # bit for bit, outputs and every gradient; a block or head mapped wrongly in either order would not.
+    *shape, causal = CPU_CASES[case]
+    q, k, v, do = _inputs(*shape, dtype=CASE_DTYPE)
+    results = {}
+    for heavy_first in (True, False):
+        FA.HEAVY_FIRST = heavy_first
+        try:
+            results[heavy_first] = _out_and_grads(flash_attention, q, k, v, do, causal)
+        finally:
+            FA.HEAVY_FIRST = True
+    for name, a, b in zip(("out", "dq", "dk", "dv"), results[True], results[False]):
+        assert torch.equal(a, b), name
+
+
 FP16_CASES = {
     "gqa4to2_seq100_hd64": (2, 4, 2, 100, 100, 64, True),
     "gqa4to1_cached_q77_k129": (1, 4, 1, 77, 129, 32, True),
@@ -185,7 +205,7 @@ def test_deterministic_and_tuned_once():
     fa = sys.modules["fastlm.kernels.flash_attention"]
     q, k, v, do = _inputs(2, 4, 2, 70, 70, 32, CASE_DTYPE, seed=5)
     first = _out_and_grads(flash_attention, q, k, v, do, True)
-    key = (70, 70, 32, True, CASE_DTYPE)
+    key = (70, 70, 32, True, CASE_DTYPE, True)  # seq lengths, head_dim, causal, dtype, heavy-first order
     assert key in fa._FWD.chosen and key in fa._BWD_Q.chosen and key in fa._BWD_KV.chosen
     second = _out_and_grads(flash_attention, q, k, v, do, True)
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
@@ -281,9 +301,9 @@ def test_kernels_lower_to_h100_code():
         fa = sys.modules["fastlm.kernels.flash_attention"]
         strides = lambda *names: {f"stride_{n}{d}": "i32" for n in names for d in "bht"}
         common = {"n_head": "i32", "group": "i32", "seq_q": "i32", "seq_k": "i32", "HEAD_DIM": "constexpr",
-                  "CAUSAL": "constexpr", "PRECISION": "constexpr", "BLOCK_M": "constexpr",
-                  "BLOCK_N": "constexpr"}
-        for dtype, head_dim, causal, precision in (("bf16", 64, True, "tf32"), ("fp16", 128, False, "tf32")):
+                  "CAUSAL": "constexpr", "PRECISION": "constexpr", "HEAVY_FIRST": "constexpr",
+                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+        for dtype, head_dim, causal, heavy_first in (("bf16", 64, True, True), ("fp16", 128, False, False)):
             t = "*" + dtype
             kernels = {
                 fa._fwd_kernel: {"Q": t, "K": t, "V": t, "O": t, "LSE": "*fp32", "qk_scale": "fp32",
@@ -301,8 +321,9 @@ def test_kernels_lower_to_h100_code():
                 signature = {name: signature[name] for name in jit.arg_names}
                 # the configuration deterministic runs use, which must fit an A100 (163 KB of shared memory)
                 fixed = tuned.fixed
-                constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": precision,
-                              "BLOCK_M": fixed["BLOCK_M"], "BLOCK_N": fixed["BLOCK_N"]}
+                constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": "tf32",
+                              "HEAVY_FIRST": heavy_first, "BLOCK_M": fixed["BLOCK_M"],
+                              "BLOCK_N": fixed["BLOCK_N"]}
                 src = ASTSource(fn=jit, signature=signature, constexprs=constexprs)
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                           options={"num_warps": fixed["num_warps"],
