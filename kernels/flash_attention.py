@@ -76,8 +76,9 @@ _NO_SPECIALIZE = ["n_head", "group"]
 # lightest last (longest processing time first, as FlashAttention-3 schedules causal tiles). In a model of
 # the schedule (tools/causal_schedule.py: B8 H16 on 132 SMs) the forward goes from 63% / 77% / 86% of
 # ideal at T = 512 / 1024 / 2048 to 97-99%; a real SM runs a lone program faster, so the real gain is
-# smaller. It also lifts the grid's 65,535 limit on its second axis off batch x heads. Read at every
-# launch: benchmarks/attention_profile.py times both orders on a GPU.
+# smaller. It also lifts the grid's 65,535 limit on its second axis off batch x heads. Causal calls only
+# (without the mask every block does the same work); read at every launch: benchmarks/attention_profile.py
+# times both orders on a GPU.
 HEAVY_FIRST = True
 
 
@@ -544,7 +545,7 @@ def _forward(q, k, v, causal: bool, sm_scale: float):
     batch, n_head, seq_q, head_dim = q.shape
     n_kv_head, seq_k = k.shape[1], k.shape[2]
     o, lse = _new_outputs(q)
-    heavy_first = HEAVY_FIRST
+    heavy_first = HEAVY_FIRST and causal  # without a causal mask every block does the same work
 
     def grid(meta):
         return _grid(_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head, heavy_first)
@@ -562,7 +563,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     n_kv_head, seq_k = k.shape[1], k.shape[2]
     group = n_head // n_kv_head
     precision = _precision(q.dtype)
-    heavy_first = HEAVY_FIRST
+    heavy_first = HEAVY_FIRST and causal  # without a causal mask every block does the same work
     key = (seq_q, seq_k, head_dim, causal, q.dtype, heavy_first)
 
     delta = torch.empty_like(lse)

@@ -105,8 +105,8 @@ def compile_report(kernel: str, config, head_dim: int = 64, dtype: str = "bf16",
     fn, signature = _signatures(fa, dtype)[kernel]
     jit = fn.fn  # under the autotuner
     block_m, block_n, warps, stages = config
-    constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": "tf32", "HEAVY_FIRST": fa.HEAVY_FIRST,
-                  "BLOCK_M": block_m, "BLOCK_N": block_n}
+    constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": "tf32",
+                  "HEAVY_FIRST": fa.HEAVY_FIRST and causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
     signature = {name: signature.get(name, "constexpr") for name in jit.arg_names}
     # what a launch specializes: every pointer and integer divisible by 16 unless excluded
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names)
