@@ -95,8 +95,8 @@ def _tool(name: str) -> str:
 
 
 def compile_report(kernel: str, config, head_dim: int = 64, dtype: str = "bf16",
-                   causal: bool = True) -> Report:
-    """Compile one kernel with one tiling for sm_90 and read its resources and SASS."""
+                   causal: bool = True, arch: int = 90) -> Report:
+    """Compile one kernel with one tiling for sm_<arch> (90: H100/H200) and read its resources and SASS."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -112,7 +112,7 @@ def compile_report(kernel: str, config, head_dim: int = 64, dtype: str = "bf16",
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names)
              if signature[name][0] in "*i" and name not in jit.do_not_specialize}
     src = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=64, choices=(16, 32, 64, 128))
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--non-causal", action="store_true")
+    ap.add_argument("--arch", type=int, default=90,
+                    help="compute capability x 10: 90 H100/H200 (default), 80 A100, 86 RTX 30xx, 89 RTX 40xx")
     ap.add_argument("--sass", metavar="FILE", help="write the SASS of the (last) config to FILE")
     args = ap.parse_args(argv)
     unknown = [k for k in args.kernels if k not in KERNELS]
@@ -152,7 +154,8 @@ def main(argv=None) -> int:
     for kernel in args.kernels or KERNELS:
         for tiling in given or configs(kernel):
             try:
-                report = compile_report(kernel, tiling, args.head_dim, args.dtype, not args.non_causal)
+                report = compile_report(kernel, tiling, args.head_dim, args.dtype, not args.non_causal,
+                                        args.arch)
             except Exception as e:  # e.g. shared memory beyond the H100's: the autotuner drops such configs
                 print(f"{kernel:6s} {tiling}: does not compile: {type(e).__name__}: {str(e)[:200]}")
                 continue
