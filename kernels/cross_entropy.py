@@ -45,9 +45,13 @@ REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_DTYPES = (torch.int64, torch.int32)
 
-# Widest vocabulary chunk one program handles per loop step. 32K fp32 values over 32 warps is 32 registers
-# a thread: big enough that a 50K-128K vocabulary takes 2-4 steps, small enough not to spill.
-MAX_BLOCK_V = 32768
+# Widest vocabulary chunk the rule (`block_v`) gives one program per loop step: 16K values over 16 warps,
+# 32 a thread, so a 50K-128K vocabulary takes 4-8 steps. 32K over 32 warps would halve the steps, but 1,024
+# threads leave 64 registers a thread and that kernel spills (40 bytes a thread inside its first loop on an
+# H100: `python tools/kernel_report.py ce`); 16K over 16 warps takes 90 and does not. The rule decides
+# where nothing is timed (deterministic runs, torch.compile, the interpreter); on a GPU the candidates
+# below, the 32K one included, are timed.
+MAX_BLOCK_V = 16384
 # (BLOCK_V, num_warps) timed for a vocabulary on its first use on a GPU (`_Configs`), the rule's own choice
 # (`block_v`, `num_warps`) among them. One wide block per row leaves room for one program per SM, whose
 # loads then wait on its own block-wide reductions; narrower blocks with fewer warps let several programs
@@ -55,6 +59,8 @@ MAX_BLOCK_V = 32768
 # logits that an earlier run overwrote with the gradient (in place), and its `restore_value` would copy the
 # whole (N, V) tensor, which is what this kernel exists to avoid. Scratch rows are timed instead.
 CANDIDATES = ((32768, 32), (16384, 16), (8192, 8), (8192, 16), (4096, 4), (4096, 8), (2048, 4))
+# the candidates allowed to spill registers (timed like the others; a test holds the rest to none)
+SPILLING_CANDIDATES = ((32768, 32),)
 TUNE_ROWS = 512  # scratch rows timed per candidate: several waves of programs over the SMs
 
 
@@ -207,7 +213,7 @@ class _Configs:
         key = (n_cols, dtype, compute_grad, device.index)
         found = self.chosen.get(key)
         if found is None:
-            fitting = [c for c in CANDIDATES if c[0] <= block]
+            fitting = [c for c in CANDIDATES if c[0] <= next_power_of_2(n_cols)]  # no wider than the row
             options = fitting if rule in fitting else [rule, *fitting]
             if len(options) > 1:
                 found = min(options, key=lambda c: self.time(n_cols, dtype, compute_grad, device, *c))

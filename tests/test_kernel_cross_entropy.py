@@ -543,11 +543,11 @@ def test_block_configs_are_timed_once_per_vocabulary(monkeypatch):
     assert sorted(t[2:] for t in timed) == [(2048, 4), (4096, 4), (4096, 8)]
     timed.clear()
     assert configs(1000, torch.float16, True, cuda) == (1024, 1) and timed == []  # only the rule fits
-    assert configs(50257, torch.bfloat16, True, SimpleNamespace(type="cpu", index=None)) == (32768, 32)
+    assert configs(50257, torch.bfloat16, True, SimpleNamespace(type="cpu", index=None)) == (16384, 16)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert configs(65600, torch.bfloat16, True, cuda) == (32768, 32) and timed == []  # the rule
+        assert configs(65600, torch.bfloat16, True, cuda) == (16384, 16) and timed == []  # the rule
     finally:
         torch.use_deterministic_algorithms(was)
 

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""What the attention kernels compile to on an H100 (sm_90), without a GPU: per autotuning config, the
+"""What fastlm's Triton kernels compile to on an H100 (sm_90), without a GPU: per autotuning config, the
 registers per thread, spilled bytes, shared memory, and the instruction mix of the SASS.
 
-    python tools/kernel_report.py                  # every GPU config of the three kernels, bf16, head_dim 64
+    python tools/kernel_report.py                  # every GPU config of every kernel, bf16, head_dim 64
     python tools/kernel_report.py bwd_kv --head-dim 128
     python tools/kernel_report.py fwd --config 64,128,8,3 --sass /tmp/fwd.sass   # one tiling, keep its SASS
+    python tools/kernel_report.py ce --config 16384,16   # the cross-entropy kernel: BLOCK_V,WARPS
+
+Kernels: fwd, bwd_q, bwd_kv (flash attention; configs BLOCK_M,BLOCK_N,WARPS,STAGES) and ce (the
+cross-entropy kernel that the fused linear cross-entropy runs per chunk; configs BLOCK_V,WARPS).
 
 Why: a config whose registers spill to local memory (STACK > 0) pays for it in every tile, and the
 instruction mix shows what the inner loops do besides the tensor-core matmuls (HGMMA): exp2 (MUFU),
@@ -31,13 +35,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-KERNELS = ("fwd", "bwd_q", "bwd_kv")
+KERNELS = ("fwd", "bwd_q", "bwd_kv", "ce")  # flash attention's three, the cross-entropy kernel
 
 
 @dataclass
 class Report:
     kernel: str
-    config: tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+    config: tuple  # attention: (BLOCK_M, BLOCK_N, num_warps, num_stages); ce: (BLOCK_V, num_warps)
     registers: int
     spill_bytes: int  # per-thread stack: registers spilled to local memory
     shared_bytes: int
@@ -45,9 +49,14 @@ class Report:
     sass: str
 
     def line(self) -> str:
-        m, n, w, s = self.config
+        if self.kernel == "ce":
+            block, w = self.config
+            tiling = f"V{block:<6d}  w{w:<2d}  "
+        else:
+            m, n, w, s = self.config
+            tiling = f"M{m:<3d} N{n:<3d} w{w} s{s}"
         mix = " ".join(f"{op} {self.ops[op]}" for op in ("HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX"))
-        return (f"{self.kernel:6s} M{m:<3d} N{n:<3d} w{w} s{s}  regs {self.registers:3d}  spill "
+        return (f"{self.kernel:6s} {tiling}  regs {self.registers:3d}  spill "
                 f"{self.spill_bytes:4d} B  smem {self.shared_bytes // 1024:3d} KiB  | {mix}  "
                 f"LDL/STL {self.ops['LDL'] + self.ops['STL']}")
 
@@ -69,9 +78,12 @@ def _signatures(fa, dtype: str) -> dict:
     }
 
 
-def configs(kernel: str) -> list[tuple[int, int, int, int]]:
-    """The GPU autotuning list of a kernel, as (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def configs(kernel: str) -> list[tuple]:
+    """The GPU autotuning list of a kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) for attention's,
+    the timed candidates (BLOCK_V, num_warps) for the cross-entropy kernel."""
     fa = _module()
+    if kernel == "ce":
+        return list(sys.modules["fastlm.kernels.cross_entropy"].CANDIDATES)
     lists = {"fwd": fa._FWD_CONFIGS, "bwd_q": fa._BWD_Q_CONFIGS, "bwd_kv": fa._BWD_KV_CONFIGS}
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in lists[kernel]]
 
@@ -102,15 +114,25 @@ def compile_report(kernel: str, config, head_dim: int = 64, dtype: str = "bf16",
     from triton.compiler import ASTSource
 
     fa = _module()
-    fn, signature = _signatures(fa, dtype)[kernel]
-    jit = fn.fn  # under the autotuner
-    block_m, block_n, warps, stages = config
-    constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": "tf32",
-                  "HEAVY_FIRST": fa.HEAVY_FIRST and causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    if kernel == "ce":  # the launch names no num_stages: Triton's default
+        jit = sys.modules["fastlm.kernels.cross_entropy"]._cross_entropy_kernel
+        (block_v, warps), stages = config, 3
+        signature = {"logits_ptr": "*" + dtype, "logits_row_stride": "i32", "grad_ptr": "*" + dtype,
+                     "grad_row_stride": "i32", "targets_ptr": "*i64", "loss_ptr": "*fp32",
+                     "scale_ptr": "*fp32", "n_cols": "i32", "ignore_index": "i32"}
+        constexprs = {"BLOCK_V": block_v, "COMPUTE_GRAD": True, "SCALE_PER_ROW": False}
+    else:
+        fn, signature = _signatures(fa, dtype)[kernel]
+        jit = fn.fn  # under the autotuner
+        block_m, block_n, warps, stages = config
+        constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": "tf32",
+                      "HEAVY_FIRST": fa.HEAVY_FIRST and causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
     signature = {name: signature.get(name, "constexpr") for name in jit.arg_names}
-    # what a launch specializes: every pointer and integer divisible by 16 unless excluded
+    # what a launch specializes: every pointer and integer divisible by 16 unless excluded (the loss's
+    # ignore_index is -100, not a multiple of 16)
+    unhinted = {*jit.do_not_specialize, "ignore_index"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names)
-             if signature[name][0] in "*i" and name not in jit.do_not_specialize}
+             if signature[name][0] in "*i" and name not in unhinted}
     src = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
@@ -134,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("kernels", nargs="*", metavar="KERNEL",
                     help=f"any of {', '.join(KERNELS)} (default: all)")
     ap.add_argument("--config", action="append", default=[], metavar="M,N,WARPS,STAGES",
-                    help="a tiling instead of the autotuning list (repeatable)")
+                    help="a tiling instead of the autotuning list (repeatable; BLOCK_V,WARPS for ce)")
     ap.add_argument("--head-dim", type=int, default=64, choices=(16, 32, 64, 128))
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--non-causal", action="store_true")
@@ -148,11 +170,15 @@ def main(argv=None) -> int:
     given = []
     for c in args.config:
         parts = c.split(",")
-        if len(parts) != 4 or not all(x.strip().isdigit() for x in parts):
-            ap.error(f"--config takes four whole numbers BLOCK_M,BLOCK_N,WARPS,STAGES, got {c!r}")
+        if len(parts) not in (2, 4) or not all(x.strip().isdigit() for x in parts):
+            ap.error(f"--config takes whole numbers BLOCK_M,BLOCK_N,WARPS,STAGES (attention) or "
+                     f"BLOCK_V,WARPS (ce), got {c!r}")
         given.append(tuple(int(x) for x in parts))
     for kernel in args.kernels or KERNELS:
         for tiling in given or configs(kernel):
+            if len(tiling) != (2 if kernel == "ce" else 4):
+                ap.error(f"{kernel} takes --config " + ("BLOCK_V,WARPS" if kernel == "ce" else
+                                                        "BLOCK_M,BLOCK_N,WARPS,STAGES") + f", got {tiling}")
             try:
                 report = compile_report(kernel, tiling, args.head_dim, args.dtype, not args.non_causal,
                                         args.arch)
