@@ -25,6 +25,7 @@ for tests: it is slow, and its bf16 matmuls are wrong, so bf16 is checked on GPU
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -59,10 +60,10 @@ def _configs(interpret_blocks, gpu_blocks):
 # Autotuning keys: seq lengths and head_dim decide the tile shape; CAUSAL changes the work per tile, and
 # HEAVY_FIRST (below) the order the tiles run in. The autotuner adds the tensors' dtypes to the key by
 # itself. Configs that do not fit in shared memory (e.g. 128x128 tiles, head_dim 128) are dropped by the
-# autotuner (OutOfResources), not errors. Every config is
-# compiled (~1-2 s each) for every new dtype / head_dim / causal combination, so the lists hold only shapes
-# known to do well on Hopper (FlashAttention-2's and Triton's tutorial tilings); the GPU tests run in
-# parallel processes (benchmarks/device_check.sh) to keep those compilations in its time budget.
+# autotuner (OutOfResources), not errors. Every config is compiled (~1-2 s each) for every new dtype /
+# head_dim / causal combination, so the lists hold only shapes known to do well on Hopper (FlashAttention-2's
+# and Triton's tutorial tilings); the GPU tests run in parallel processes (benchmarks/device_check.sh) to
+# keep those compilations in its time budget.
 _TUNE_KEY = ["seq_q", "seq_k", "HEAD_DIM", "CAUSAL", "HEAVY_FIRST"]
 # Head counts and the GQA group only enter index arithmetic: specializing on their values (==1, %16) would
 # only multiply compilations.
@@ -672,7 +673,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _check_inputs(q, k, v, causal)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf):
+    elif not (isinstance(softmax_scale, numbers.Real) and 0 < softmax_scale < math.inf):
         # the forward scales each row's max instead of every score, which needs a positive scale
         raise ValueError(f"flash_attention: softmax_scale must be a positive finite number (or None for "
                          f"1/sqrt(head_dim)), got {softmax_scale!r}")

@@ -200,9 +200,7 @@ def test_grad_output_non_contiguous():
 def test_deterministic_and_tuned_once():
     # Bit-identical outputs and gradients on a second call (no atomics: a resumed run must repeat itself),
     # and the second call takes the launch path that reuses the config chosen by the first.
-    import sys
-
-    fa = sys.modules["fastlm.kernels.flash_attention"]
+    fa = FA
     q, k, v, do = _inputs(2, 4, 2, 70, 70, 32, CASE_DTYPE, seed=5)
     first = _out_and_grads(flash_attention, q, k, v, do, True)
     key = (70, 70, 32, True, CASE_DTYPE, True)  # seq lengths, head_dim, causal, dtype, heavy-first order
@@ -216,11 +214,9 @@ def test_deterministic_and_tuned_once():
 def test_deterministic_mode_takes_the_smallest_tiles_without_autotuning():
     """Under torch.use_deterministic_algorithms(True) (run.deterministic) the launcher never times configs:
     it launches the plain kernel with the config of smallest tiles, the same in every process."""
-    import sys
-
     import triton
 
-    fa = sys.modules["fastlm.kernels.flash_attention"]
+    fa = FA
     launches = []
 
     class Launcher:  # kernel.fn[grid](...): the plain launch
@@ -292,44 +288,20 @@ def test_kernels_lower_to_h100_code():
     # catches what only the compiler sees (loop-carried types, constexpr branches, tuple returns of helper
     # functions) before a GPU run does. bf16 and fp16 only: an fp32 (IEEE-matmul) variant takes ~80 s to
     # lower on 2 cores; the GPU run compiles those.
-    code = textwrap.dedent("""
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+    code = textwrap.dedent(f"""
         import sys
-        import fastlm.kernels  # the package exports the function under the module's name
-        fa = sys.modules["fastlm.kernels.flash_attention"]
-        strides = lambda *names: {f"stride_{n}{d}": "i32" for n in names for d in "bht"}
-        common = {"n_head": "i32", "group": "i32", "seq_q": "i32", "seq_k": "i32", "HEAD_DIM": "constexpr",
-                  "CAUSAL": "constexpr", "PRECISION": "constexpr", "HEAVY_FIRST": "constexpr",
-                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-        for dtype, head_dim, causal, heavy_first in (("bf16", 64, True, True), ("fp16", 128, False, False)):
-            t = "*" + dtype
-            kernels = {
-                fa._fwd_kernel: {"Q": t, "K": t, "V": t, "O": t, "LSE": "*fp32", "qk_scale": "fp32",
-                                 **strides("q", "k", "v", "o"), **common},
-                fa._bwd_q_kernel: {"Q": t, "K": t, "V": t, "O": t, "DO": t, "LSE": "*fp32", "DELTA": "*fp32",
-                                   "DQ": t, "qk_scale": "fp32", "sm_scale": "fp32",
-                                   **strides("q", "k", "v", "do", "o"), **common},
-                fa._bwd_kv_kernel: {"Q": t, "K": t, "V": t, "DO": t, "LSE": "*fp32", "DELTA": "*fp32",
-                                    "DK": t, "DV": t, "qk_scale": "fp32", "sm_scale": "fp32",
-                                    **strides("q", "k", "v", "do"), "n_head": "i32", "n_kv_head": "i32",
-                                    **{k: v for k, v in common.items() if k != "n_head"}},
-            }
-            for tuned, (kernel, signature) in zip((fa._FWD, fa._BWD_Q, fa._BWD_KV), kernels.items()):
-                jit = kernel.fn  # the autotuner's kernel
-                signature = {name: signature[name] for name in jit.arg_names}
-                # the configuration deterministic runs use, which must fit an A100 (163 KB of shared memory)
-                fixed = tuned.fixed
-                constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": "tf32",
-                              "HEAVY_FIRST": heavy_first, "BLOCK_M": fixed["BLOCK_M"],
-                              "BLOCK_N": fixed["BLOCK_N"]}
-                src = ASTSource(fn=jit, signature=signature, constexprs=constexprs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                          options={"num_warps": fixed["num_warps"],
-                                                   "num_stages": fixed["num_stages"]})
-                assert compiled.asm["cubin"], (jit.__name__, dtype)
-                assert compiled.metadata.shared <= 163 * 1024, (jit.__name__, dtype, compiled.metadata.shared)
+        sys.path.insert(0, {str(ROOT / "tools")!r})
+        import kernel_report
+        fa = kernel_report._module()
+        for dtype, head_dim, causal in (("bf16", 64, True), ("fp16", 128, False)):
+            for kernel, tuned in zip(("fwd", "bwd_q", "bwd_kv"), (fa._FWD, fa._BWD_Q, fa._BWD_KV)):
+                # the configuration deterministic runs use, which must fit an A100 (163 KB of shared memory),
+                # compiled without the alignment hints (the code odd strides or lengths get)
+                f = tuned.fixed
+                config = (f["BLOCK_M"], f["BLOCK_N"], f["num_warps"], f["num_stages"])
+                r = kernel_report.compile_report(kernel, config, head_dim, dtype, causal, aligned=False)
+                assert r.sass.strip(), (kernel, dtype)
+                assert r.shared_bytes <= 163 * 1024, (kernel, dtype, r.shared_bytes)
         print("LOWERED")
     """)
     assert_lowers_to_sm90(code)

@@ -107,8 +107,10 @@ def _tool(name: str) -> str:
 
 
 def compile_report(kernel: str, config, head_dim: int = 64, dtype: str = "bf16",
-                   causal: bool = True, arch: int = 90) -> Report:
-    """Compile one kernel with one tiling for sm_<arch> (90: H100/H200) and read its resources and SASS."""
+                   causal: bool = True, arch: int = 90, aligned: bool = True) -> Report:
+    """Compile one kernel with one tiling for sm_<arch> (90: H100/H200) and read its resources and SASS.
+    aligned: as a launch with aligned pointers and strides specializes it (else without those hints, the
+    code a launch with odd strides or sequence lengths gets)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -132,7 +134,7 @@ def compile_report(kernel: str, config, head_dim: int = 64, dtype: str = "bf16",
     # ignore_index is -100, not a multiple of 16)
     unhinted = {*jit.do_not_specialize, "ignore_index"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names)
-             if signature[name][0] in "*i" and name not in unhinted}
+             if aligned and signature[name][0] in "*i" and name not in unhinted}
     src = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
