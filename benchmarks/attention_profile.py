@@ -4,8 +4,9 @@
     python benchmarks/attention_profile.py --compiled-block # the kernels inside a compiled block
 
 For the benchmark's shapes (bf16, causal, B8 H16 hd64) it prints the autotuner's choices, the GPU time of each
-kernel (torch.profiler) next to SDPA's kernels and next to fastlm's own in the program order it used before
-(HEAVY_FIRST off), forward-only TFLOP/s of both, and the host (Python) cost of one forward + backward
+kernel (torch.profiler) next to SDPA's kernels, next to fastlm's own with dq computed the other way (BWD_DQ:
+its own kernel, or atomic adds in the dk/dv kernel) and in the program order used before (HEAVY_FIRST off),
+forward-only TFLOP/s of both, and the host (Python) cost of one forward + backward
 measured on a shape too small to keep the GPU busy, with the functions that spend it.
 
 --compiled-block: gpt124m's transformer block compiled as training compiles it (per block, bf16 autocast),
@@ -123,18 +124,30 @@ def main():
         print(f"T={seq}:")
         print(" fastlm kernels:")
         heavy_first = kernel_table(_ours, seq)
-        # the same kernels with the programs in the grid order used before 2026-11-26 (each head's blocks
-        # in turn, the causal mask's heaviest blocks of the last heads last; see HEAVY_FIRST)
-        fa.HEAVY_FIRST = False
+        # how dq was computed: BWD_DQ "auto" timed both ways on the first backward of this shape
+        key = (seq, seq, D, True, torch.bfloat16, fa.HEAVY_FIRST)
+        chosen = fa.DQ_CHOSEN.get(key, "separate")
+        timed = {m: round(ms * 1e3) for m, ms in fa.DQ_TIMES.get(key, {}).items()}
+        print(f"  dq mode: {chosen} (us per backward as timed on first use: {timed})")
+        other = "atomic" if chosen == "separate" else "separate"
         try:
+            fa.BWD_DQ = other
+            print(f" fastlm kernels, dq {other}:")
+            other_time = kernel_table(_ours, seq, rows=5)
+            # the same kernels with the programs in the grid order used before 2026-11-26 (each head's
+            # blocks in turn, the causal mask's heaviest blocks of the last heads last; see HEAVY_FIRST)
+            fa.BWD_DQ, fa.HEAVY_FIRST = chosen, False
             print(" fastlm kernels, programs in (blocks, heads) order:")
             blocks_first = kernel_table(_ours, seq, rows=3)
         finally:
-            fa.HEAVY_FIRST = True
+            fa.BWD_DQ, fa.HEAVY_FIRST = "auto", True
+        print(f" dq: {chosen} {heavy_first:.0f} us vs {other} {other_time:.0f} us per fwd+bwd -> "
+              f"{other_time / heavy_first:.2f}x")
         print(f" program order: heaviest blocks first {heavy_first:.0f} us vs (blocks, heads) "
               f"{blocks_first:.0f} us -> {blocks_first / heavy_first:.2f}x")
-        for name in ("_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"):
-            kern = getattr(fa, name)
+        for name, kern in (("_fwd_kernel", fa._fwd_kernel), ("_bwd_kv_kernel", fa._bwd_kv_kernel),
+                           ("_bwd_q_kernel", fa._bwd_q_kernel),
+                           ("_bwd_kv_kernel, atomic dq", fa._BWD_KV_ATOMIC.kernel)):
             print(f"  {name} best config: {getattr(kern, 'best_config', None)}")
         print(" SDPA kernels:")
         kernel_table(_sdpa, seq)

@@ -38,8 +38,8 @@ class RunSection:
     device: str = doc("auto (cuda when available, else cpu) | cpu | cuda", "auto")
     deterministic: bool = doc("repeat a GPU run bit for bit, resumes included: deterministic torch "
                               "algorithms and cuBLAS workspace, compiled kernels and Triton kernels "
-                              "configured without timing-based autotuning (slower); CPU runs repeat anyway",
-                              False)
+                              "configured without timing-based autotuning and without atomic adds "
+                              "(slower); CPU runs repeat anyway", False)
 
 
 @dataclass

@@ -14,7 +14,9 @@ mask when seq_q < seq_k.
 
 Numerics: scores, the online softmax and all accumulators are fp32; the probabilities (and in the backward the
 score gradients) are rounded to the input dtype before they meet v (q, k) in a matmul, as FlashAttention does.
-fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match an fp32 reference closely.
+fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match an fp32 reference closely. dq is summed
+either by a kernel of its own or with fp32 atomic adds (BWD_DQ, timed per shape on a GPU); deterministic
+runs take the former, which repeats bit for bit.
 
 Limits: head_dim in {16, 32, 64, 128}; softmax_scale > 0; causal needs seq_q <= seq_k (a query with no
 visible key has no softmax); no dropout, no attention bias, no variable-length (packed) batches. On CPU the
@@ -82,6 +84,17 @@ _NO_SPECIALIZE = ["n_head", "group"]
 # times both orders on a GPU.
 HEAVY_FIRST = True
 
+# How the backward computes dq. "separate": its own kernel, which walks a query block's keys again and
+# recomputes P and dP there (3 matmuls on top of the dk/dv kernel's 4), deterministic. "atomic": the dk/dv
+# kernel adds each key block's dS K to an fp32 dq with atomic adds (5 matmuls in all, as FlashAttention-2/3
+# and cuDNN do), then one pass scales and rounds it; the order of the adds varies from run to run, so dq
+# varies in its last bits. "auto": on CUDA, the first backward of each shape (the tuning key) times both
+# and keeps the faster; deterministic runs (torch.use_deterministic_algorithms) always take "separate",
+# and so does "auto" where nothing is timed (the interpreter, CUDA graph capture).
+BWD_DQ = "auto"
+_DQ_MODES = ("separate", "atomic")
+DQ_TIMING_REPS = 3  # timed backwards of each mode, after one that tunes and compiles its kernels
+
 
 def _prune_fp32(configs, named_args, **kwargs):
     # fp32 (IEEE matmuls) is for checks, not training speed, and each of its configs takes ~10-30 s to
@@ -112,8 +125,17 @@ _BWD_Q_CONFIGS = _configs(
     (32, 16),
     [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 32, 4, 5), (64, 32, 4, 5)],
 )
+# dk/dv adding dq atomically (BWD_DQ): a fifth matmul, dq = dS K (BLOCK_M x HEAD_DIM), per step. Triton
+# gathers its tile through shared memory into 16-byte reductions (REDG.E.ADD.F32x4: one per 4 values).
+# With BLOCK_M = 32 that matmul runs on mma.sync (a wgmma needs 64 rows), with 64 on wgmma. 4 warps with
+# BLOCK_M = 64 spill 320 bytes a thread; (64, 128, 8, 2) and (64, 64, 8, 3) spill 16 and 32.
+_BWD_KV_ATOMIC_CONFIGS = _configs(
+    (16, 32),
+    [(64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
+)
 # the tilings allowed to spill registers at head_dim 64 (tests/test_kernel_attention.py holds the rest to 0)
-SPILLING_CONFIGS = {"bwd_kv": ((32, 128, 4, 3), (64, 64, 4, 3))}
+SPILLING_CONFIGS = {"bwd_kv": ((32, 128, 4, 3), (64, 64, 4, 3)),
+                    "bwd_kv_atomic": ((64, 128, 8, 2), (64, 64, 8, 3))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,10 +257,12 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, hi,
+def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, lo, hi,
                   offs_n, offs_m0, offs_d, seq_q, causal_shift, qk_scale,
-                  MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                  MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dk, dv of one key block over query blocks [lo, hi); MASKED applies the causal mask.
+    ATOMIC_DQ: also add this key block's share of dq, dS K (unscaled), to the fp32 rows at dq_base.
 
     Works on transposed scores (keys x queries) so that dv += P^T dO and dk += dS^T Q need no transposes of
     the accumulators. Query rows past seq_q load q = dO = 0, lse = delta = 0, so they add exactly zero.
@@ -256,24 +280,32 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt
             pT = tl.where(offs_n[:, None] <= rows[None, :] + causal_shift, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            # relaxed: the adds only need to be atomic, not ordered against other memory operations
+            dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)  # (BLOCK_M, HEAD_DIM)
+            tl.atomic_add(dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=row_ok[:, None],
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.autotune(configs=_BWD_KV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE + ["n_kv_head"])
-def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
+def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qt,
                    stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot,
                    n_head, n_kv_head, group, seq_q, seq_k,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   HEAVY_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAVY_FIRST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # GQA: one program owns a key block of one kv head and loops over every query head of its group, so
     # dk/dv sum the group's contributions in fp32 registers: no atomics, no (batch, n_head, seq_k, head_dim)
     # temporaries to reduce with torch afterwards, and the fp32 sum is rounded to the input dtype only once.
+    # ATOMIC_DQ (see BWD_DQ): DQ is a zeroed fp32 (batch, n_head, seq_q, HEAD_DIM) accumulator that every
+    # key block adds its share of dq to; else DQ is not read (the dq kernel computes dq).
     pid_n, pid_bkv = _block_and_head(HEAVY_FIRST, False)  # the first key blocks see the most queries
     off_b = (pid_bkv // n_kv_head).to(tl.int64)
     off_kvh = (pid_bkv % n_kv_head).to(tl.int64)
@@ -309,18 +341,50 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_base = LSE + bh * seq_q
         delta_base = DELTA + bh * seq_q
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                               m_lo, m_full, offs_n, offs_m0, offs_d, seq_q, causal_shift, qk_scale,
-                               True, PRECISION, BLOCK_M)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                               m_full, seq_q, offs_n, offs_m0, offs_d, seq_q, causal_shift, qk_scale,
-                               False, PRECISION, BLOCK_M)
+        dq_base = DQ + bh * seq_q * HEAD_DIM
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
+                               stride_dot, m_lo, m_full, offs_n, offs_m0, offs_d, seq_q, causal_shift,
+                               qk_scale, True, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
+        dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
+                               stride_dot, m_full, seq_q, offs_n, offs_m0, offs_d, seq_q, causal_shift,
+                               qk_scale, False, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
 
     dk = dk * sm_scale  # scores are sm_scale * q k^T
     # DK and DV are the launcher's own contiguous (batch, n_kv_head, seq_k, HEAD_DIM) tensors
     kv_offs = pid_bkv.to(tl.int64) * seq_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["n_head"])
+def _bwd_prep_kernel(O, DO, DELTA, DQ,
+                     stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+                     n_head, seq_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Atomic dq's first pass, grid (batch * n_head, query blocks): delta_i = sum_d dO_id * O_id for the
+    dk/dv kernel (the separate dq kernel computes it itself), and the fp32 dq accumulator's rows zeroed."""
+    pid_bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+    off_b = (pid_bh // n_head).to(tl.int64)
+    off_h = (pid_bh % n_head).to(tl.int64)
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+    o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
+    dq_ptrs = DQ + pid_bh.to(tl.int64) * seq_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=row_ok[:, None])
+
+
+@triton.jit
+def _scale_cast_kernel(X, Y, n, scale, BLOCK: tl.constexpr):
+    """Y = (X * scale) in Y's dtype, elementwise over n contiguous values (X and Y may be one tensor)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(X + offs, mask=ok)
+    tl.store(Y + offs, (x * scale).to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -525,6 +589,17 @@ def _grid(blocks: int, heads: int, heavy_first: bool) -> tuple[int, int]:
 _FWD = _Tuned(_fwd_kernel)
 _BWD_Q = _Tuned(_bwd_q_kernel)
 _BWD_KV = _Tuned(_bwd_kv_kernel)
+# the same kernel with ATOMIC_DQ, tuned over its own list (the fifth matmul changes what fits)
+_BWD_KV_ATOMIC = _Tuned(triton.autotune(configs=_BWD_KV_ATOMIC_CONFIGS, key=_TUNE_KEY,
+                                        prune_configs_by=_PRUNE)(_bwd_kv_kernel.fn))
+# memory-bound passes of atomic dq: fixed tilings
+_PREP = CachedLauncher(_bwd_prep_kernel, direct=not _INTERPRET)
+_PREP_BLOCK_M = 64
+_SCALE_CAST = CachedLauncher(_scale_cast_kernel, direct=not _INTERPRET)
+_SCALE_CAST_BLOCK = 2048
+# "auto": the mode chosen per tuning key, and the milliseconds per backward each mode took there
+DQ_CHOSEN: dict[tuple, str] = {}
+DQ_TIMES: dict[tuple, dict[str, float]] = {}
 
 
 def _new_outputs(q):
@@ -559,34 +634,85 @@ def _forward(q, k, v, causal: bool, sm_scale: float):
     return o, lse
 
 
+def _dq_mode(key: tuple, device: torch.device) -> str | None:
+    """The BWD_DQ mode of this backward, or None when "auto" has yet to time the two on this key."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "separate"
+    if BWD_DQ != "auto":
+        if BWD_DQ not in _DQ_MODES:
+            raise ValueError(f"flash_attention: BWD_DQ must be 'auto' or one of {_DQ_MODES}, got {BWD_DQ!r}")
+        return BWD_DQ
+    chosen = DQ_CHOSEN.get(key)
+    if chosen is None and (device.type != "cuda" or torch.compiler.is_compiling()
+                           or torch.cuda.is_current_stream_capturing()):
+        return "separate"
+    return chosen
+
+
 def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
+    heavy_first = HEAVY_FIRST and causal  # without a causal mask every block does the same work
+    key = (q.shape[2], k.shape[2], q.shape[3], causal, q.dtype, heavy_first)
+    args = (do, q, k, v, o, lse, causal, sm_scale, key)
+    mode = _dq_mode(key, q.device)
+    if mode is not None:
+        return _backward_with(mode, *args)
+    times = {}
+    for mode in _DQ_MODES:
+        grads = _backward_with(mode, *args)  # tunes and compiles this mode's kernels
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(DQ_TIMING_REPS):
+            _backward_with(mode, *args)
+        end.record()
+        end.synchronize()
+        times[mode] = start.elapsed_time(end) / DQ_TIMING_REPS
+    DQ_TIMES[key] = times
+    DQ_CHOSEN[key] = min(times, key=times.get)
+    return grads
+
+
+def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float, key: tuple):
     batch, n_head, seq_q, head_dim = q.shape
     n_kv_head, seq_k = k.shape[1], k.shape[2]
     group = n_head // n_kv_head
     precision = _precision(q.dtype)
-    heavy_first = HEAVY_FIRST and causal  # without a causal mask every block does the same work
-    key = (seq_q, seq_k, head_dim, causal, q.dtype, heavy_first)
-
+    heavy_first = key[-1]
     delta = torch.empty_like(lse)
     dq, dk, dv = _new_grads(q, k, v)
+    strides = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do))  # both kernels'
+
+    def kv_grid(meta):
+        return _grid(_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head, heavy_first)
+
+    if mode == "atomic":
+        # fp32 inputs accumulate in dq itself; else in an fp32 buffer that the last pass rounds into dq
+        acc = dq if q.dtype == torch.float32 else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        _PREP((batch * n_head, _cdiv(seq_q, _PREP_BLOCK_M)),
+              (o, do, delta, acc, *_bhs_strides(o), *_bhs_strides(do), n_head, seq_q),
+              {"HEAD_DIM": head_dim, "BLOCK_M": _PREP_BLOCK_M, "num_warps": 4})
+        _BWD_KV_ATOMIC(key, kv_grid,
+                       q, k, v, do, lse, delta, dk, dv, acc, sm_scale * _LOG2E, sm_scale, *strides,
+                       n_head, n_kv_head, group, seq_q, seq_k,
+                       HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
+                       ATOMIC_DQ=True)
+        n = acc.numel()
+        _SCALE_CAST((_cdiv(n, _SCALE_CAST_BLOCK),), (acc, dq, n, sm_scale),
+                    {"BLOCK": _SCALE_CAST_BLOCK, "num_warps": 4})
+        return dq, dk, dv
 
     def q_grid(meta):
         return _grid(_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head, heavy_first)
 
-    strides = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do))  # both kernels'
     # dq first: it also computes delta, which the dk/dv kernel reads
     _BWD_Q(key, q_grid,
            q, k, v, o, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale, *strides, *_bhs_strides(o),
            n_head, group, seq_q, seq_k,
            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first)
-
-    def kv_grid(meta):
-        return _grid(_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head, heavy_first)
-
     _BWD_KV(key, kv_grid,
-            q, k, v, do, lse, delta, dk, dv, sm_scale * _LOG2E, sm_scale, *strides,
+            q, k, v, do, lse, delta, dk, dv, dq, sm_scale * _LOG2E, sm_scale, *strides,
             n_head, n_kv_head, group, seq_q, seq_k,
-            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first)
+            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
+            ATOMIC_DQ=False)
     return dq, dk, dv
 
 

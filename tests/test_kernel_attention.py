@@ -155,6 +155,116 @@ def test_program_order_changes_nothing(case):
         assert torch.equal(a, b), name
 
 
+@pytest.fixture
+def dq_mode(monkeypatch):
+    """Sets the backward's dq mode (FA.BWD_DQ) for one test; returns the modes the backwards then ran."""
+    ran = []
+    run = FA._backward_with
+
+    def spy(mode, *args):
+        ran.append(mode)
+        return run(mode, *args)
+
+    monkeypatch.setattr(FA, "_backward_with", spy)
+
+    def set_mode(mode):
+        monkeypatch.setattr(FA, "BWD_DQ", mode)
+        return ran
+
+    return set_mode
+
+
+@pytest.mark.parametrize("case", ["seq1", "batch2_seq100_hd64", "gqa4to2_seq129", "gqa4to1_seq200_noncausal",
+                                  "cached_gqa_q52_k98", "noncausal_q100_k37", "decode_q1_k100"])
+def test_atomic_dq_matches_reference(case, dq_mode):
+    # dq added atomically by the dk/dv kernel (in fp32 inputs, into dq itself): partial blocks, GQA (each
+    # kv program adds to its group's query heads), seq_q < seq_k, non-causal, a single query row
+    ran = dq_mode("atomic")
+    *shape, causal = CPU_CASES[case]
+    q, k, v, do = _inputs(*shape, dtype=CASE_DTYPE)
+    _check(q, k, v, do, causal)
+    assert ran == ["atomic"]
+
+
+@pytest.mark.parametrize("case", ["gqa4to2_seq100_hd64", "noncausal_seq129_hd64"])
+def test_atomic_dq_fp16_within_2x_of_torch(case, dq_mode):
+    # fp16: dq is summed in a separate fp32 buffer, then scaled and rounded into dq
+    ran = dq_mode("atomic")
+    *shape, causal = FP16_CASES[case]
+    q, k, v, do = _inputs(*shape, dtype=torch.float16, seed=1)
+    _check(q, k, v, do, causal)
+    assert ran == ["atomic"]
+
+
+def test_dq_mode_rules(dq_mode):
+    q, k, v, do = _inputs(1, 2, 1, 40, 40, 32, CASE_DTYPE)
+    ran = dq_mode("atomic")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _out_and_grads(flash_attention, q, k, v, do, True)  # deterministic runs never add atomically
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert ran == ["separate"]
+    dq_mode("sometimes")
+    with pytest.raises(ValueError, match="BWD_DQ must be 'auto' or one of"):
+        _out_and_grads(flash_attention, q, k, v, do, True)
+    if DEVICE == "cpu":  # "auto" times nothing off CUDA: the deterministic kernel
+        ran = dq_mode("auto")
+        ran.clear()
+        _out_and_grads(flash_attention, q, k, v, do, True)
+        assert ran == ["separate"] and not FA.DQ_CHOSEN
+
+
+def test_auto_times_both_modes_once_and_keeps_the_faster(dq_mode, monkeypatch):
+    # On CUDA, "auto" runs each mode once (it tunes and compiles), then DQ_TIMING_REPS times between two
+    # CUDA events, and keeps the faster for the key. Simulated: a clock that each mode's backward advances
+    # by its own cost, read by the events.
+    clock, cost = [0.0], {"separate": 2.0, "atomic": 0.5}
+    ran = dq_mode("auto")
+    spy = FA._backward_with
+
+    def costed(mode, *args):
+        clock[0] += cost[mode]
+        return spy(mode, *args)
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.t = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(FA, "_backward_with", costed)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(FA, "_dq_mode", lambda key, device: FA.DQ_CHOSEN.get(key))  # as on CUDA
+    monkeypatch.setattr(FA, "DQ_CHOSEN", {})
+    monkeypatch.setattr(FA, "DQ_TIMES", {})
+    q, k, v, do = _inputs(1, 4, 2, 45, 45, 32, CASE_DTYPE, seed=4)
+    first = _out_and_grads(flash_attention, q, k, v, do, True)
+    reps = FA.DQ_TIMING_REPS
+    assert ran == ["separate"] * (1 + reps) + ["atomic"] * (1 + reps)
+    key = (45, 45, 32, True, CASE_DTYPE, True)
+    assert FA.DQ_TIMES == {key: cost} and FA.DQ_CHOSEN == {key: "atomic"}
+    ran.clear()
+    second = _out_and_grads(flash_attention, q, k, v, do, True)
+    assert ran == ["atomic"]  # chosen once: no more timing
+    # the timing call's own gradients are right too (dq from either mode: equal up to the order of sums)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"{n}: {m}")
+    if DEVICE == "cpu":
+        ref = _out_and_grads(attention_reference, q, k, v, do, True)
+        for name, a, r in zip(("out", "dq", "dk", "dv"), first, ref):
+            torch.testing.assert_close(a, r, atol=FP32_ATOL, rtol=FP32_RTOL,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+
+
 FP16_CASES = {
     "gqa4to2_seq100_hd64": (2, 4, 2, 100, 100, 64, True),
     "gqa4to1_cached_q77_k129": (1, 4, 1, 77, 129, 32, True),
@@ -197,10 +307,12 @@ def test_grad_output_non_contiguous():
     _check(q, k, v, do, causal=True)
 
 
-def test_deterministic_and_tuned_once():
-    # Bit-identical outputs and gradients on a second call (no atomics: a resumed run must repeat itself),
-    # and the second call takes the launch path that reuses the config chosen by the first.
+def test_deterministic_and_tuned_once(dq_mode):
+    # Bit-identical outputs and gradients on a second call (dq from its own kernel, no atomics: a resumed
+    # run must repeat itself), and the second call takes the launch path that reuses the config chosen by
+    # the first.
     fa = FA
+    dq_mode("separate")
     q, k, v, do = _inputs(2, 4, 2, 70, 70, 32, CASE_DTYPE, seed=5)
     first = _out_and_grads(flash_attention, q, k, v, do, True)
     key = (70, 70, 32, True, CASE_DTYPE, True)  # seq lengths, head_dim, causal, dtype, heavy-first order
@@ -294,7 +406,8 @@ def test_kernels_lower_to_h100_code():
         import kernel_report
         fa = kernel_report._module()
         for dtype, head_dim, causal in (("bf16", 64, True), ("fp16", 128, False)):
-            for kernel, tuned in zip(("fwd", "bwd_q", "bwd_kv"), (fa._FWD, fa._BWD_Q, fa._BWD_KV)):
+            for kernel, tuned in zip(("fwd", "bwd_q", "bwd_kv", "bwd_kv_atomic"),
+                                     (fa._FWD, fa._BWD_Q, fa._BWD_KV, fa._BWD_KV_ATOMIC)):
                 # the configuration deterministic runs use, which must fit an A100 (163 KB of shared memory),
                 # compiled without the alignment hints (the code odd strides or lengths get)
                 f = tuned.fixed
@@ -383,9 +496,10 @@ def test_gpu_within_2x_of_torch(case, dtype):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("case", ["gqa_T300_hd64", "mha_T1024_hd64"])
-def test_gpu_compiled_fullgraph_matches_eager(case):
+def test_gpu_compiled_fullgraph_matches_eager(case, dq_mode):
     """Under torch.compile the attention is a custom op (no graph break: fullgraph=True) and gives what the
-    eager call gives, forward and backward."""
+    eager call gives, forward and backward (dq from its own kernel: atomic adds would vary its last bits)."""
+    dq_mode("separate")
     *shape, causal = {"gqa_T300_hd64": (2, 8, 2, 300, 300, 64, True),
                       "mha_T1024_hd64": (2, 8, 8, 1024, 1024, 64, True)}[case]
     q, k, v, do = _inputs(*shape, dtype=torch.bfloat16, device="cuda", seed=5)
@@ -396,3 +510,31 @@ def test_gpu_compiled_fullgraph_matches_eager(case):
     # Same kernels, same autotuned config (chosen once per shape), same inputs: the same bits.
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, eager):
         assert torch.equal(g, e), name
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("case", ["mha_T1024_hd64", "gqa8to2_T1024_hd64", "noncausal_T1000_hd64"])
+def test_gpu_atomic_dq_within_2x_of_torch(case, dq_mode):
+    ran = dq_mode("atomic")
+    *shape, causal = GPU_CASES[case]
+    q, k, v, do = _inputs(*shape, dtype=torch.bfloat16, device="cuda", seed=3)
+    _check(q, k, v, do, causal)
+    assert ran == ["atomic"]
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_auto_dq_mode_times_both(dq_mode):
+    ran = dq_mode("auto")
+    q, k, v, do = _inputs(2, 8, 8, 768, 768, 64, torch.bfloat16, device="cuda", seed=6)
+    key = (768, 768, 64, True, torch.bfloat16, FA.HEAVY_FIRST)
+    FA.DQ_CHOSEN.pop(key, None)
+    _check(q, k, v, do, True)  # the gradients of the call that timed the two modes
+    times = FA.DQ_TIMES[key]
+    assert set(times) == {"separate", "atomic"} and all(t > 0 for t in times.values())
+    assert FA.DQ_CHOSEN[key] == min(times, key=times.get)
+    print(f"backward at B2 H8 T768 hd64 bf16: {times} ms -> {FA.DQ_CHOSEN[key]}")
+    ran.clear()
+    _out_and_grads(flash_attention, q, k, v, do, True)
+    assert ran == [FA.DQ_CHOSEN[key]]

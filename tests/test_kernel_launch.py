@@ -195,27 +195,34 @@ def test_direct_launch_passes_what_tritons_binder_binds():
                     return Compiled(self.fn.__name__)
                 return launch
 
-        for launcher in (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch, ce._LAUNCH):
+        for launcher in (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch, fa._BWD_KV_ATOMIC.launch,
+                         fa._PREP, fa._SCALE_CAST, ce._LAUNCH):
             launcher.fn, launcher.direct = Jit(launcher.fn), True
             launcher.current_device, launcher.current_stream = (lambda: 0), (lambda device: 0)
         fa._INTERPRET = True  # CPU tensors past the device check
-        torch.use_deterministic_algorithms(True)  # the fixed config: no autotuning runs
+        torch.use_deterministic_algorithms(True)  # the fixed configs: no autotuning runs
         q = torch.randn(2, 4, 40, 64, dtype=torch.bfloat16)
         kv = torch.randn(2, 40, 2, 2, 64, dtype=torch.bfloat16)  # GQA, strided k and v as in the model
         logits, targets = torch.randn(8, 300, dtype=torch.bfloat16), torch.randint(0, 300, (8,))
-        for _ in range(2):  # through Triton's binder, then direct
-            qq = q.clone().requires_grad_()
-            k, v = (kv[:, :, i].transpose(1, 2).requires_grad_() for i in range(2))
-            fastlm.kernels.flash_attention(qq, k, v).sum().backward()
-            ce.launch(logits, targets, torch.empty(8), logits, torch.ones(1), -100)
-        assert sorted(launched) == ["_bwd_kv_kernel", "_bwd_q_kernel", "_cross_entropy_kernel", "_fwd_kernel"]
-        for name, args in launched.items():
-            want = bound[name]
-            assert len(args) == len(want), (name, len(args), len(want))
-            for i, (a, b) in enumerate(zip(args, want)):
-                same = (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-                        if isinstance(a, torch.Tensor) else a == b and type(a) is type(b))
-                assert same, (name, i, a, b)
+        kernels = {"separate": ["_bwd_kv_kernel", "_bwd_q_kernel", "_cross_entropy_kernel", "_fwd_kernel"],
+                   "atomic": ["_bwd_kv_kernel", "_bwd_prep_kernel", "_cross_entropy_kernel", "_fwd_kernel",
+                              "_scale_cast_kernel"]}
+        for mode in kernels:  # both ways of computing dq (deterministic runs only take "separate")
+            fa._dq_mode = lambda key, device: mode
+            launched.clear()  # (bound: a launcher that is direct already keeps what it bound before)
+            for _ in range(2):  # through Triton's binder, then direct
+                qq = q.clone().requires_grad_()
+                k, v = (kv[:, :, i].transpose(1, 2).requires_grad_() for i in range(2))
+                fastlm.kernels.flash_attention(qq, k, v).sum().backward()
+                ce.launch(logits, targets, torch.empty(8), logits, torch.ones(1), -100)
+            assert sorted(launched) == kernels[mode], (mode, sorted(launched))
+            for name, args in launched.items():
+                want = bound[name]
+                assert len(args) == len(want), (mode, name, len(args), len(want))
+                for i, (a, b) in enumerate(zip(args, want)):
+                    same = (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+                            if isinstance(a, torch.Tensor) else a == b and type(a) is type(b))
+                    assert same, (mode, name, i, a, b)
         print("BOUND")
     """)
     assert_lowers_to_sm90(code, done="BOUND")
@@ -240,22 +247,35 @@ def test_gpu_direct_launches_match_tritons():
 
     shape = (2, 4, 200, 64)
     q, k, v, do = (torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(4))
-    first = attention_run(q, k, v, do)  # autotunes (unless an earlier test did)
-    second = attention_run(q, k, v, do)  # Triton's launch with the chosen config, kept (or direct)
-    hits = [t.launch.hits for t in (fa._FWD, fa._BWD_Q, fa._BWD_KV)]
-    third = attention_run(q, k, v, do)  # direct
-    assert [t.launch.hits for t in (fa._FWD, fa._BWD_Q, fa._BWD_KV)] == [h + 1 for h in hits]
-    for a, b, c in zip(first, second, third):
-        assert torch.equal(a, b) and torch.equal(b, c)
-
-    # q, k, v 2 bytes into their buffers: no 16-byte alignment, so Triton compiles another specialization
-    # (a kept aligned kernel would read with vector loads that this alignment does not allow)
-    buffers = [torch.empty(q.numel() + 1, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    unaligned = [b[1:].view(shape).copy_(t) for b, t in zip(buffers, (q, k, v))]
-    assert all(t.data_ptr() % 16 for t in unaligned)
-    for _ in range(2):
-        for a, b in zip(first, attention_run(*unaligned, do)):
-            torch.testing.assert_close(a, b)
+    launchers = {"separate": (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch),
+                 "atomic": (fa._FWD.launch, fa._PREP, fa._BWD_KV_ATOMIC.launch, fa._SCALE_CAST)}
+    was = fa.BWD_DQ
+    try:
+        for mode, used in launchers.items():
+            fa.BWD_DQ = mode
+            first = attention_run(q, k, v, do)  # autotunes (unless an earlier test did)
+            second = attention_run(q, k, v, do)  # Triton's launch with the chosen config, kept (or direct)
+            hits = [launcher.hits for launcher in used]
+            third = attention_run(q, k, v, do)  # direct
+            assert [launcher.hits for launcher in used] == [h + 1 for h in hits], mode
+            for name, a, b, c in zip(("out", "dq", "dk", "dv"), first, second, third):
+                if mode == "atomic" and name == "dq":  # the order of the fp32 adds varies from run to run
+                    torch.testing.assert_close(a, b)
+                    torch.testing.assert_close(b, c)
+                else:
+                    assert torch.equal(a, b) and torch.equal(b, c), (mode, name)
+        # q, k, v 2 bytes into their buffers: no 16-byte alignment, so Triton compiles another
+        # specialization (a kept aligned kernel would read with vector loads this alignment does not allow)
+        buffers = [torch.empty(q.numel() + 1, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        unaligned = [b[1:].view(shape).copy_(t) for b, t in zip(buffers, (q, k, v))]
+        assert all(t.data_ptr() % 16 for t in unaligned)
+        for mode in launchers:
+            fa.BWD_DQ = mode
+            for _ in range(2):
+                for a, b in zip(first, attention_run(*unaligned, do)):
+                    torch.testing.assert_close(a, b)
+    finally:
+        fa.BWD_DQ = was
 
     logits = torch.randn(300, 50304, device="cuda", generator=gen, dtype=torch.bfloat16)
     targets = torch.randint(0, 50304, (300,), device="cuda", generator=gen)

@@ -7,8 +7,9 @@ registers per thread, spilled bytes, shared memory, and the instruction mix of t
     python tools/kernel_report.py fwd --config 64,128,8,3 --sass /tmp/fwd.sass   # one tiling, keep its SASS
     python tools/kernel_report.py ce --config 16384,16   # the cross-entropy kernel: BLOCK_V,WARPS
 
-Kernels: fwd, bwd_q, bwd_kv (flash attention; configs BLOCK_M,BLOCK_N,WARPS,STAGES) and ce (the
-cross-entropy kernel that the fused linear cross-entropy runs per chunk; configs BLOCK_V,WARPS).
+Kernels: fwd, bwd_q, bwd_kv, bwd_kv_atomic (flash attention; configs BLOCK_M,BLOCK_N,WARPS,STAGES;
+bwd_kv_atomic is the dk/dv kernel that also adds dq atomically) and ce (the cross-entropy kernel that the
+fused linear cross-entropy runs per chunk; configs BLOCK_V,WARPS).
 
 Why: a config whose registers spill to local memory (STACK > 0) pays for it in every tile, and the
 instruction mix shows what the inner loops do besides the tensor-core matmuls (HGMMA): exp2 (MUFU),
@@ -35,7 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-KERNELS = ("fwd", "bwd_q", "bwd_kv", "ce")  # flash attention's three, the cross-entropy kernel
+# flash attention's three (bwd_kv_atomic: the dk/dv kernel adding dq atomically, BWD_DQ="atomic"), the
+# cross-entropy kernel
+KERNELS = ("fwd", "bwd_q", "bwd_kv", "bwd_kv_atomic", "ce")
 
 
 @dataclass
@@ -56,25 +59,28 @@ class Report:
             m, n, w, s = self.config
             tiling = f"M{m:<3d} N{n:<3d} w{w} s{s}"
         mix = " ".join(f"{op} {self.ops[op]}" for op in ("HGMMA", "MUFU", "FFMA", "FMUL", "FADD", "FMNMX"))
-        return (f"{self.kernel:6s} {tiling}  regs {self.registers:3d}  spill "
+        return (f"{self.kernel:13s} {tiling}  regs {self.registers:3d}  spill "
                 f"{self.spill_bytes:4d} B  smem {self.shared_bytes // 1024:3d} KiB  | {mix}  "
-                f"LDL/STL {self.ops['LDL'] + self.ops['STL']}")
+                f"LDL/STL {self.ops['LDL'] + self.ops['STL']}"
+                + (f"  RED/ATOM {self.ops['RED'] + self.ops['ATOM'] + self.ops['REDG'] + self.ops['ATOMG']}"
+                   if self.kernel.endswith("atomic") else ""))
 
 
 def _signatures(fa, dtype: str) -> dict:
     ptr = "*" + dtype
     strides = lambda *names: {f"stride_{n}{d}": "i32" for n in names for d in "bht"}  # noqa: E731
     common = {"n_head": "i32", "group": "i32", "seq_q": "i32", "seq_k": "i32"}
+    bwd_kv = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,
+              "DQ": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", **strides("q", "k", "v", "do"),
+              "n_kv_head": "i32", **common}
     return {
         "fwd": (fa._fwd_kernel, {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "qk_scale": "fp32",
                                  **strides("q", "k", "v", "o"), **common}),
         "bwd_q": (fa._bwd_q_kernel, {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32",
                                      "DELTA": "*fp32", "DQ": ptr, "qk_scale": "fp32", "sm_scale": "fp32",
                                      **strides("q", "k", "v", "do", "o"), **common}),
-        "bwd_kv": (fa._bwd_kv_kernel, {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32",
-                                       "DELTA": "*fp32", "DK": ptr, "DV": ptr, "qk_scale": "fp32",
-                                       "sm_scale": "fp32", **strides("q", "k", "v", "do"),
-                                       "n_kv_head": "i32", **common}),
+        "bwd_kv": (fa._bwd_kv_kernel, bwd_kv),
+        "bwd_kv_atomic": (fa._BWD_KV_ATOMIC.kernel, bwd_kv),
     }
 
 
@@ -84,7 +90,8 @@ def configs(kernel: str) -> list[tuple]:
     fa = _module()
     if kernel == "ce":
         return list(sys.modules["fastlm.kernels.cross_entropy"].CANDIDATES)
-    lists = {"fwd": fa._FWD_CONFIGS, "bwd_q": fa._BWD_Q_CONFIGS, "bwd_kv": fa._BWD_KV_CONFIGS}
+    lists = {"fwd": fa._FWD_CONFIGS, "bwd_q": fa._BWD_Q_CONFIGS, "bwd_kv": fa._BWD_KV_CONFIGS,
+             "bwd_kv_atomic": fa._BWD_KV_ATOMIC_CONFIGS}
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in lists[kernel]]
 
 
@@ -129,6 +136,8 @@ def compile_report(kernel: str, config, head_dim: int = 64, dtype: str = "bf16",
         block_m, block_n, warps, stages = config
         constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": "tf32",
                       "HEAVY_FIRST": fa.HEAVY_FIRST and causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        if kernel.startswith("bwd_kv"):
+            constexprs["ATOMIC_DQ"] = kernel == "bwd_kv_atomic"
     signature = {name: signature.get(name, "constexpr") for name in jit.arg_names}
     # what a launch specializes: every pointer and integer divisible by 16 unless excluded (the loss's
     # ignore_index is -100, not a multiple of 16)
@@ -185,7 +194,7 @@ def main(argv=None) -> int:
                 report = compile_report(kernel, tiling, args.head_dim, args.dtype, not args.non_causal,
                                         args.arch)
             except Exception as e:  # e.g. shared memory beyond the H100's: the autotuner drops such configs
-                print(f"{kernel:6s} {tiling}: does not compile: {type(e).__name__}: {str(e)[:200]}")
+                print(f"{kernel:13s} {tiling}: does not compile: {type(e).__name__}: {str(e)[:200]}")
                 continue
             print(report.line(), flush=True)
             if args.sass:
