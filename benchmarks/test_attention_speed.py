@@ -12,6 +12,7 @@ reference equally well. Without CUDA the file skips.
 from __future__ import annotations
 
 import statistics
+import sys
 
 import pytest
 import torch
@@ -95,8 +96,13 @@ def test_flash_attention_fwd_bwd(benchmark, seq):
     flops = attention_flops(BATCH, N_HEAD, seq, HEAD_DIM, causal=True)
     tflops, sdpa_tflops = flops / ms / 1e9, flops / sdpa_ms / 1e9
     name = f"attention fwd+bwd causal bf16 B{BATCH} H{N_HEAD} T{seq} hd{HEAD_DIM}"
+    # how the backward computed dq here (BWD_DQ "auto": the faster of two, timed on the first backward)
+    fa = sys.modules["fastlm.kernels.flash_attention"]
+    key = (seq, seq, HEAD_DIM, True, DTYPE, fa.HEAVY_FIRST)
     record(name, tflops, "TFLOP/s", "torch SDPA", sdpa_tflops, bar=1.0, ms=ms, sdpa_ms=sdpa_ms,
-           max_err=err, sdpa_max_err=torch_err, device=torch.cuda.get_device_name())
+           max_err=err, sdpa_max_err=torch_err, device=torch.cuda.get_device_name(),
+           dq_mode=fa.DQ_CHOSEN.get(key), dq_mode_ms=fa.DQ_TIMES.get(key))
+    print(f"  dq: {fa.DQ_CHOSEN.get(key)} (ms per backward as timed on first use: {fa.DQ_TIMES.get(key)})")
     record(f"{name}, GPU kernel time", gpu_us, "us", "torch SDPA kernels", sdpa_gpu_us,
            higher_is_better=False)
     if seq == 1024:
