@@ -80,8 +80,8 @@ _NO_SPECIALIZE = ["n_head", "group"]
 # the schedule (tools/causal_schedule.py: B8 H16 on 132 SMs) the forward goes from 63% / 77% / 86% of
 # ideal at T = 512 / 1024 / 2048 to 97-99%; a real SM runs a lone program faster, so the real gain is
 # smaller. It also lifts the grid's 65,535 limit on its second axis off batch x heads. Causal calls only
-# (without the mask every block does the same work); read at every launch: benchmarks/attention_profile.py
-# times both orders on a GPU.
+# (without the mask every block does the same work; `_heavy_first`); read at every launch:
+# benchmarks/attention_profile.py times both orders on a GPU.
 HEAVY_FIRST = True
 
 # How the backward computes dq. "separate": its own kernel, which walks a query block's keys again and
@@ -586,6 +586,17 @@ def _grid(blocks: int, heads: int, heavy_first: bool) -> tuple[int, int]:
     return (heads, blocks) if heavy_first else (blocks, heads)
 
 
+# A CUDA grid's second axis holds at most 65,535 programs: batch x heads beyond that go on the first axis.
+_MAX_GRID_Y = 65535
+
+
+def _heavy_first(causal: bool, batch_heads: int) -> bool:
+    """The program order of a call: HEAVY_FIRST for causal calls; without a causal mask every block does
+    the same work and the plain (blocks, heads) order keeps a head's programs together (its keys and values
+    stay hot in L2), unless batch x heads would overflow that grid's second axis."""
+    return (HEAVY_FIRST and causal) or batch_heads > _MAX_GRID_Y
+
+
 _FWD = _Tuned(_fwd_kernel)
 _BWD_Q = _Tuned(_bwd_q_kernel)
 _BWD_KV = _Tuned(_bwd_kv_kernel)
@@ -621,7 +632,7 @@ def _forward(q, k, v, causal: bool, sm_scale: float):
     batch, n_head, seq_q, head_dim = q.shape
     n_kv_head, seq_k = k.shape[1], k.shape[2]
     o, lse = _new_outputs(q)
-    heavy_first = HEAVY_FIRST and causal  # without a causal mask every block does the same work
+    heavy_first = _heavy_first(causal, batch * n_head)
 
     def grid(meta):
         return _grid(_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head, heavy_first)
@@ -650,7 +661,7 @@ def _dq_mode(key: tuple, device: torch.device) -> str | None:
 
 
 def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
-    heavy_first = HEAVY_FIRST and causal  # without a causal mask every block does the same work
+    heavy_first = _heavy_first(causal, q.shape[0] * q.shape[1])  # (k, v have as many heads or fewer)
     key = (q.shape[2], k.shape[2], q.shape[3], causal, q.dtype, heavy_first)
     args = (do, q, k, v, o, lse, causal, sm_scale, key)
     mode = _dq_mode(key, q.device)

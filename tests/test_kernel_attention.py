@@ -155,6 +155,21 @@ def test_program_order_changes_nothing(case):
         assert torch.equal(a, b), name
 
 
+def test_batch_heads_beyond_the_grids_second_axis_go_first(monkeypatch):
+    # A grid's second axis holds 65,535 programs: a non-causal call with more (batch x heads) takes the
+    # (heads, blocks) order too, with the same results. Checked with the limit lowered to 3 (B1 H4).
+    *shape, causal = CPU_CASES["gqa4to1_seq200_noncausal"]
+    q, k, v, do = _inputs(*shape, dtype=CASE_DTYPE)
+    plain = _out_and_grads(flash_attention, q, k, v, do, causal)
+    grids, grid = [], FA._grid
+    monkeypatch.setattr(FA, "_grid", lambda *args: grids.append(args) or grid(*args))
+    monkeypatch.setattr(FA, "_MAX_GRID_Y", 3)
+    many = _out_and_grads(flash_attention, q, k, v, do, causal)
+    assert len(grids) >= 2 and all(heads_first for _, _, heads_first in grids), grids
+    for name, a, b in zip(("out", "dq", "dk", "dv"), plain, many):
+        assert torch.equal(a, b), name
+
+
 @pytest.fixture
 def dq_mode(monkeypatch):
     """Sets the backward's dq mode (FA.BWD_DQ) for one test; returns the modes the backwards then ran."""
