@@ -280,6 +280,53 @@ def test_auto_times_both_modes_once_and_keeps_the_faster(dq_mode, monkeypatch):
                                        msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_auto_skips_a_mode_that_does_not_fit(dq_mode, monkeypatch):
+    # On a GPU where no tiling of the atomic kernel fits (shared memory), "auto" keeps the dq kernel
+    # instead of failing the backward; a failing dq kernel is still an error.
+    from triton.runtime.errors import OutOfResources
+
+    ran = dq_mode("auto")
+    spy = FA._backward_with
+    failing = {"atomic"}
+
+    def limited(mode, *args):
+        if mode in failing:
+            raise OutOfResources(232448, 101376, "shared memory")
+        return spy(mode, *args)
+
+    class Event:  # the timing's events; the clock does not matter here
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 1.0
+
+    monkeypatch.setattr(FA, "_backward_with", limited)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(FA, "_dq_mode", lambda key, device: FA.DQ_CHOSEN.get(key))  # as on CUDA
+    monkeypatch.setattr(FA, "DQ_CHOSEN", {})
+    monkeypatch.setattr(FA, "DQ_TIMES", {})
+    q, k, v, do = _inputs(1, 2, 2, 33, 33, 32, CASE_DTYPE, seed=7)
+    got = _out_and_grads(flash_attention, q, k, v, do, True)
+    key = (33, 33, 32, True, CASE_DTYPE, True)
+    assert FA.DQ_CHOSEN == {key: "separate"} and list(FA.DQ_TIMES[key]) == ["separate"]
+    assert set(ran) == {"separate"}
+    dq_mode("separate")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, _out_and_grads(flash_attention, q, k, v, do, True)):
+        assert torch.equal(a, b), name  # the gradients it returned are the dq kernel's
+    dq_mode("auto")
+    failing.add("separate")
+    FA.DQ_CHOSEN.clear()
+    with pytest.raises(OutOfResources):
+        _out_and_grads(flash_attention, q, k, v, do, True)
+
+
 FP16_CASES = {
     "gqa4to2_seq100_hd64": (2, 4, 2, 100, 100, 64, True),
     "gqa4to1_cached_q77_k129": (1, 4, 1, 77, 129, 32, True),
