@@ -111,6 +111,7 @@ def baseline_tokens_per_s(name, data, tmp_path) -> tuple[float, object]:
         out = tmp_path / f"baseline-{name}"
         out.mkdir(parents=True, exist_ok=True)
         profiler = StepProfiler((1, 5), out, torch.device("cuda"), active=True)
+        profiler.note_step_time(B * T / rate)
         for i in range(5):
             profiler.before_step(i + 1)
             step(STEPS + i)

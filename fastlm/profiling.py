@@ -27,6 +27,15 @@ class StepProfiler:
         self.run_dir, self.device = run_dir, device
         self._prof = None
         self._t0 = 0.0
+        # seconds per step measured without the profiler (note_step_time, e.g. from the last log window):
+        # the profiler's own host overhead makes profiled steps slower, and a GPU that looks idle in the
+        # window may be busy in a normal step
+        self.unprofiled_step_s: float | None = None
+
+    def note_step_time(self, seconds: float) -> None:
+        """A step time measured without the profiler (ignored while the window is being profiled)."""
+        if self._prof is None:
+            self.unprofiled_step_s = seconds
 
     def before_step(self, step: int) -> None:
         """step: the number of the step about to run."""
@@ -74,6 +83,10 @@ class StepProfiler:
             lines.append(f"GPU time per step (all kernels and copies): {gpu_us / n / 1e3:.2f} ms "
                          f"({gpu_us / 1e6 / wall:.0%} of wall time; "
                          f"the rest is the GPU waiting for the host)")
+        if self.unprofiled_step_s:
+            lines.append(f"unprofiled step time (before the window): {self.unprofiled_step_s * 1e3:.2f} ms"
+                         + (f"; GPU time is {gpu_us / n / 1e6 / self.unprofiled_step_s:.0%} of it" if gpu
+                            else ""))
         header = f"{'self CPU ms/step':>16} {'calls/step':>10}  name"
         lines += ["", (f"{'self GPU ms/step':>16} " if gpu else "") + header]
         key = _self_device_us if gpu else (lambda e: e.self_cpu_time_total)

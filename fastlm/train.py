@@ -578,6 +578,7 @@ def train(cfg: Config, d: Dist) -> int:
                     if d.device.type == "cuda":
                         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
                     logger.log(record)
+                    profiler.note_step_time(record["step_time_s"])
                     window_steps, window_losses, window_norms, steps_timed = [], [], [], 0
                 if stop.agreed(d):
                     stopped_early = True

@@ -288,6 +288,9 @@ def test_profile_steps_write_a_summary_and_a_trace(tmp_path):
     text = (run / "profile.txt").read_text()
     assert text.startswith("fastlm profile: steps 2-3 (2 steps) on cpu"), text[:300]
     assert re.search(r"wall time per step: [0-9.]+ ms", text)
+    # step 1's time from its log record (intervals.log=1), taken without the profiler
+    first = next(r for r in records(run) if r["event"] == "train" and r["step"] == 1)
+    assert f"unprofiled step time (before the window): {first['step_time_s'] * 1e3:.2f} ms" in text, text
     assert "aten::" in text  # the operators the steps ran, per step
     assert json.loads((run / "trace.json").read_text())["traceEvents"]
     assert sorted(losses(run)) == [1, 2, 3, 4, 5]  # profiling changes nothing else
