@@ -663,6 +663,7 @@ def _dq_mode(key: tuple, device: torch.device) -> str | None:
 
 
 def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
+    """dq, dk, dv, with dq computed as BWD_DQ says (on its first use, "auto" times both ways here)."""
     heavy_first = _heavy_first(causal, q.shape[0] * q.shape[1])  # (k, v have as many heads or fewer)
     key = (q.shape[2], k.shape[2], q.shape[3], causal, q.dtype, heavy_first)
     args = (do, q, k, v, o, lse, causal, sm_scale, key)
