@@ -145,10 +145,13 @@ def main():
               f"{other_time / heavy_first:.2f}x")
         print(f" program order: heaviest blocks first {heavy_first:.0f} us vs (blocks, heads) "
               f"{blocks_first:.0f} us -> {blocks_first / heavy_first:.2f}x")
-        for name, kern in (("_fwd_kernel", fa._fwd_kernel), ("_bwd_kv_kernel", fa._bwd_kv_kernel),
-                           ("_bwd_q_kernel", fa._bwd_q_kernel),
-                           ("_bwd_kv_kernel, atomic dq", fa._BWD_KV_ATOMIC.kernel)):
-            print(f"  {name} best config: {getattr(kern, 'best_config', None)}")
+        # the tilings chosen for this shape in the heavy-first order (an autotuner's best_config is that of
+        # its latest tuning, here the (blocks, heads) order's)
+        for name, tuned in (("_fwd_kernel", fa._FWD), ("_bwd_kv_kernel", fa._BWD_KV),
+                            ("_bwd_q_kernel", fa._BWD_Q), ("_bwd_kv_kernel, atomic dq", fa._BWD_KV_ATOMIC)):
+            chosen_config = {k: v for k, v in tuned.chosen.get(key, {}).items()
+                             if k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+            print(f"  {name} config: {chosen_config or 'not tuned'}")
         print(" SDPA kernels:")
         kernel_table(_sdpa, seq)
         ours, sd = forward_tflops(_ours, seq), forward_tflops(_sdpa, seq)
