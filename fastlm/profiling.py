@@ -84,6 +84,7 @@ class StepProfiler:
                          f"({gpu_us / 1e6 / wall:.0%} of wall time; "
                          f"the rest is the GPU waiting for the host)")
         if self.unprofiled_step_s:
+            # (the latest log window before this one: the first also holds compilation and autotuning)
             lines.append(f"unprofiled step time (before the window): {self.unprofiled_step_s * 1e3:.2f} ms"
                          + (f"; GPU time is {gpu_us / n / 1e6 / self.unprofiled_step_s:.0%} of it" if gpu
                             else ""))

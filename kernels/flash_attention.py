@@ -260,11 +260,12 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
 
 @triton.jit
 def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, lo, hi,
-                  offs_n, offs_m0, offs_d, seq_q, causal_shift, qk_scale,
+                  offs_n, offs_m0, offs_d, seq_q, seq_k, causal_shift, qk_scale,
                   MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_KEYS: tl.constexpr):
     """Accumulate dk, dv of one key block over query blocks [lo, hi); MASKED applies the causal mask.
     ATOMIC_DQ: also add this key block's share of dq, dS K (unscaled), to the fp32 rows at dq_base.
+    MASK_KEYS: zero dS at keys past seq_k (see the kernel).
 
     Works on transposed scores (keys x queries) so that dv += P^T dO and dk += dS^T Q need no transposes of
     the accumulators. Query rows past seq_q load q = dO = 0, lse = delta = 0, so they add exactly zero.
@@ -282,7 +283,10 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
             pT = tl.where(offs_n[:, None] <= rows[None, :] + causal_shift, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dsT = pT * (dpT - delta[None, :])
+        if MASK_KEYS:
+            dsT = tl.where(offs_n[:, None] < seq_k, dsT, 0.0)
+        dsT = dsT.to(q.dtype)
         dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
             # relaxed: the adds only need to be atomic, not ordered against other memory operations
@@ -308,6 +312,10 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, qk_scale, sm_scale,
     # temporaries to reduce with torch afterwards, and the fp32 sum is rounded to the input dtype only once.
     # ATOMIC_DQ (see BWD_DQ): DQ is a zeroed fp32 (batch, n_head, seq_q, HEAD_DIM) accumulator that every
     # key block adds its share of dq to; else DQ is not read (the dq kernel computes dq).
+    # Keys past seq_k load k = v = 0, so their score is 0 and P = exp2(-lse), which overflows to inf when a
+    # row's real scores are all far below 0. dk/dv never store those rows, but dS K sums over keys: inf * 0
+    # would put NaN into dq. Causal calls mask those keys already (they lie past every row's diagonal);
+    # non-causal ones zero dS there (MASK_KEYS, atomic dq only).
     pid_n, pid_bkv = _block_and_head(HEAVY_FIRST, False)  # the first key blocks see the most queries
     off_b = (pid_bkv // n_kv_head).to(tl.int64)
     off_kvh = (pid_bkv % n_kv_head).to(tl.int64)
@@ -345,11 +353,12 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, qk_scale, sm_scale,
         delta_base = DELTA + bh * seq_q
         dq_base = DQ + bh * seq_q * HEAD_DIM
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                               stride_dot, m_lo, m_full, offs_n, offs_m0, offs_d, seq_q, causal_shift,
-                               qk_scale, True, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
+                               stride_dot, m_lo, m_full, offs_n, offs_m0, offs_d, seq_q, seq_k, causal_shift,
+                               qk_scale, True, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ, False)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                               stride_dot, m_full, seq_q, offs_n, offs_m0, offs_d, seq_q, causal_shift,
-                               qk_scale, False, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ)
+                               stride_dot, m_full, seq_q, offs_n, offs_m0, offs_d, seq_q, seq_k, causal_shift,
+                               qk_scale, False, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ,
+                               ATOMIC_DQ and not CAUSAL)
 
     dk = dk * sm_scale  # scores are sm_scale * q k^T
     # DK and DV are the launcher's own contiguous (batch, n_kv_head, seq_k, HEAD_DIM) tensors
@@ -603,8 +612,11 @@ _FWD = _Tuned(_fwd_kernel)
 _BWD_Q = _Tuned(_bwd_q_kernel)
 _BWD_KV = _Tuned(_bwd_kv_kernel)
 # the same kernel with ATOMIC_DQ, tuned over its own list (the fifth matmul changes what fits)
+# reset_to_zero: the autotuner runs every config many times to time it, and each run adds its dq into the
+# accumulator; it zeroes DQ around those runs, so that the launch after them adds to zeros, as the prep
+# pass left it. (The other kernels overwrite their outputs: repeated runs leave the same values.)
 _BWD_KV_ATOMIC = _Tuned(triton.autotune(configs=_BWD_KV_ATOMIC_CONFIGS, key=_TUNE_KEY,
-                                        prune_configs_by=_PRUNE)(_bwd_kv_kernel.fn))
+                                        prune_configs_by=_PRUNE, reset_to_zero=["DQ"])(_bwd_kv_kernel.fn))
 # memory-bound passes of atomic dq: fixed tilings
 _PREP = CachedLauncher(_bwd_prep_kernel, direct=not _INTERPRET)
 _PREP_BLOCK_M = 64
@@ -662,6 +674,10 @@ def _dq_mode(key: tuple, device: torch.device) -> str | None:
     return chosen
 
 
+def _timing_event():
+    return torch.cuda.Event(enable_timing=True)
+
+
 def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     """dq, dk, dv, with dq computed as BWD_DQ says (on its first use, "auto" times both ways here)."""
     heavy_first = _heavy_first(causal, q.shape[0] * q.shape[1])  # (k, v have as many heads or fewer)
@@ -680,7 +696,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
             if mode == "separate":
                 raise
             continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = _timing_event(), _timing_event()
         start.record()
         for _ in range(DQ_TIMING_REPS):
             _backward_with(mode, *args)

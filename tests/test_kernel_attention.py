@@ -137,39 +137,6 @@ def test_fp32_matches_reference(case):
     _check(q, k, v, do, causal)
 
 
-@pytest.mark.parametrize("case", ["gqa4to2_seq129", "cached_gqa_q52_k98", "batch2_seq100_hd64"])
-def test_program_order_changes_nothing(case):
-    # HEAVY_FIRST only reorders the programs (the grid is (heads, blocks), blocks from the heaviest): each
-    # program computes the same tile either way and no two write the same place, so the two orders agree
-    # bit for bit, outputs and every gradient; a block or head mapped wrongly in either order would not.
-    *shape, causal = CPU_CASES[case]
-    q, k, v, do = _inputs(*shape, dtype=CASE_DTYPE)
-    results = {}
-    for heavy_first in (True, False):
-        FA.HEAVY_FIRST = heavy_first
-        try:
-            results[heavy_first] = _out_and_grads(flash_attention, q, k, v, do, causal)
-        finally:
-            FA.HEAVY_FIRST = True
-    for name, a, b in zip(("out", "dq", "dk", "dv"), results[True], results[False]):
-        assert torch.equal(a, b), name
-
-
-def test_batch_heads_beyond_the_grids_second_axis_go_first(monkeypatch):
-    # A grid's second axis holds 65,535 programs: a non-causal call with more (batch x heads) takes the
-    # (heads, blocks) order too, with the same results. Checked with the limit lowered to 3 (B1 H4).
-    *shape, causal = CPU_CASES["gqa4to1_seq200_noncausal"]
-    q, k, v, do = _inputs(*shape, dtype=CASE_DTYPE)
-    plain = _out_and_grads(flash_attention, q, k, v, do, causal)
-    grids, grid = [], FA._grid
-    monkeypatch.setattr(FA, "_grid", lambda *args: grids.append(args) or grid(*args))
-    monkeypatch.setattr(FA, "_MAX_GRID_Y", 3)
-    many = _out_and_grads(flash_attention, q, k, v, do, causal)
-    assert len(grids) >= 2 and all(heads_first for _, _, heads_first in grids), grids
-    for name, a, b in zip(("out", "dq", "dk", "dv"), plain, many):
-        assert torch.equal(a, b), name
-
-
 @pytest.fixture
 def dq_mode(monkeypatch):
     """Sets the backward's dq mode (FA.BWD_DQ) for one test; returns the modes the backwards then ran."""
@@ -189,6 +156,43 @@ def dq_mode(monkeypatch):
     return set_mode
 
 
+@pytest.mark.parametrize("case", ["gqa4to2_seq129", "cached_gqa_q52_k98", "batch2_seq100_hd64"])
+def test_program_order_changes_nothing(case, dq_mode):
+    # HEAVY_FIRST only reorders the programs (the grid is (heads, blocks), blocks from the heaviest): each
+    # program computes the same tile either way and no two write the same place, so the two orders agree
+    # bit for bit, outputs and every gradient (dq from its own kernel: atomic adds sum in varying order);
+    # a block or head mapped wrongly in either order would not.
+    dq_mode("separate")
+    *shape, causal = CPU_CASES[case]
+    q, k, v, do = _inputs(*shape, dtype=CASE_DTYPE)
+    results = {}
+    for heavy_first in (True, False):
+        FA.HEAVY_FIRST = heavy_first
+        try:
+            results[heavy_first] = _out_and_grads(flash_attention, q, k, v, do, causal)
+        finally:
+            FA.HEAVY_FIRST = True
+    for name, a, b in zip(("out", "dq", "dk", "dv"), results[True], results[False]):
+        assert torch.equal(a, b), name
+
+
+def test_batch_heads_beyond_the_grids_second_axis_go_first(monkeypatch, dq_mode):
+    # A grid's second axis holds 65,535 programs: a non-causal call with more (batch x heads) takes the
+    # (heads, blocks) order too, with the same results (dq from its own kernel, as above). Checked with the
+    # limit lowered to 3 (B1 H4).
+    dq_mode("separate")
+    *shape, causal = CPU_CASES["gqa4to1_seq200_noncausal"]
+    q, k, v, do = _inputs(*shape, dtype=CASE_DTYPE)
+    plain = _out_and_grads(flash_attention, q, k, v, do, causal)
+    grids, grid = [], FA._grid
+    monkeypatch.setattr(FA, "_grid", lambda *args: grids.append(args) or grid(*args))
+    monkeypatch.setattr(FA, "_MAX_GRID_Y", 3)
+    many = _out_and_grads(flash_attention, q, k, v, do, causal)
+    assert len(grids) >= 2 and all(heads_first for _, _, heads_first in grids), grids
+    for name, a, b in zip(("out", "dq", "dk", "dv"), plain, many):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("case", ["seq1", "batch2_seq100_hd64", "gqa4to2_seq129", "gqa4to1_seq200_noncausal",
                                   "cached_gqa_q52_k98", "noncausal_q100_k37", "decode_q1_k100"])
 def test_atomic_dq_matches_reference(case, dq_mode):
@@ -199,6 +203,59 @@ def test_atomic_dq_matches_reference(case, dq_mode):
     q, k, v, do = _inputs(*shape, dtype=CASE_DTYPE)
     _check(q, k, v, do, causal)
     assert ran == ["atomic"]
+
+
+def test_atomic_dq_with_padded_keys_and_far_negative_scores(dq_mode):
+    # Non-causal, seq_k not a multiple of the key block: keys past seq_k load k = 0, so their score is 0
+    # and P there is exp2(-lse), which overflows when every real score of a row is far below 0 (here about
+    # -150). dS must be zeroed at those keys, or dS K puts inf * 0 = NaN into dq.
+    # Held to the dq kernel's results (the reference's fixed fp32 tolerances assume O(1) values; here q is
+    # ~ -27 per element). The two modes differ only in the order of dq's fp32 sums. Those terms are O(1)
+    # while dq is ~0.02: the keys share one direction and dS sums to 0 over the keys, so dq is what is left
+    # after they cancel. Hence an absolute tolerance of 10 units in the last place at 1 (or at the
+    # tensor's largest value, for the larger dk).
+    ran = dq_mode("atomic")
+    gen = torch.Generator().manual_seed(8)
+    head_dim, direction = 32, torch.ones(32) / 32 ** 0.5  # queries point away from every key
+    q = torch.randn(1, 2, 20, head_dim, generator=gen) * 0.1 - 150 * direction
+    k = torch.randn(1, 2, 40, head_dim, generator=gen) * 0.1 + direction
+    v, do = torch.randn(1, 2, 40, head_dim, generator=gen), torch.randn(1, 2, 20, head_dim, generator=gen)
+    q, k, v, do = (t.to(DEVICE, CASE_DTYPE) for t in (q, k, v, do))
+    got = _out_and_grads(flash_attention, q, k, v, do, False, softmax_scale=1.0)
+    dq_mode("separate")
+    want = _out_and_grads(flash_attention, q, k, v, do, False, softmax_scale=1.0)
+    assert ran == ["atomic", "separate"]
+    eps = torch.finfo(CASE_DTYPE).eps
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(g, w, rtol=10 * eps, atol=10 * eps * max(1.0, w.abs().max().item()),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_atomic_dq_is_right_on_the_call_that_autotunes(dq_mode, monkeypatch):
+    # The autotuner times each tiling by running it many times, and each run adds its dq into the
+    # accumulator: the kernel's reset_to_zero clears it around them. Simulated with two tilings and a
+    # timing that runs the kernel three times.
+    import triton
+
+    ran = dq_mode("atomic")
+    tuner = FA._BWD_KV_ATOMIC.kernel
+
+    def bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    tilings = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1)
+               for m, n in ((16, 32), (32, 16))]
+    monkeypatch.setattr(tuner, "configs", tilings)
+    monkeypatch.setattr(tuner, "_do_bench", bench)
+    monkeypatch.delitem(tuner.__dict__, "do_bench", raising=False)  # a cached property
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(FA._BWD_KV_ATOMIC, "chosen", {})
+    q, k, v, do = _inputs(1, 2, 1, 40, 40, 32, CASE_DTYPE, seed=9)
+    _check(q, k, v, do, causal=True)
+    assert ran == ["atomic"] and FA._BWD_KV_ATOMIC.chosen  # this call tuned
 
 
 @pytest.mark.parametrize("case", ["gqa4to2_seq100_hd64", "noncausal_seq129_hd64"])
@@ -257,7 +314,7 @@ def test_auto_times_both_modes_once_and_keeps_the_faster(dq_mode, monkeypatch):
             return end.t - self.t
 
     monkeypatch.setattr(FA, "_backward_with", costed)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(FA, "_timing_event", lambda: Event(True))  # (Triton's autotuner keeps real events)
     monkeypatch.setattr(FA, "_dq_mode", lambda key, device: FA.DQ_CHOSEN.get(key))  # as on CUDA
     monkeypatch.setattr(FA, "DQ_CHOSEN", {})
     monkeypatch.setattr(FA, "DQ_TIMES", {})
@@ -308,7 +365,7 @@ def test_auto_skips_a_mode_that_does_not_fit(dq_mode, monkeypatch):
             return 1.0
 
     monkeypatch.setattr(FA, "_backward_with", limited)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(FA, "_timing_event", lambda: Event(True))
     monkeypatch.setattr(FA, "_dq_mode", lambda key, device: FA.DQ_CHOSEN.get(key))  # as on CUDA
     monkeypatch.setattr(FA, "DQ_CHOSEN", {})
     monkeypatch.setattr(FA, "DQ_TIMES", {})
@@ -341,8 +398,10 @@ def test_fp16_within_2x_of_torch(case):
     _check(q, k, v, do, causal)
 
 
-def test_model_layout_and_custom_scale():
+@pytest.mark.parametrize("mode", ["separate", "atomic"])
+def test_model_layout_and_custom_scale(mode, dq_mode):
     # The model projects to (B, T, H, D) and transposes: q, k, v arrive non-contiguous.
+    ran = dq_mode(mode)
     batch, seq, n_head, n_kv_head, head_dim = 2, 45, 4, 2, 32
     gen = torch.Generator().manual_seed(2)  # values drawn on CPU, moved before the views are taken
 
@@ -359,14 +418,18 @@ def test_model_layout_and_custom_scale():
     out = flash_attention(q, k, v, causal=True)
     merged = out.transpose(1, 2).reshape(batch, seq, n_head * head_dim)
     assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
+    assert set(ran) == {mode}
 
 
-def test_grad_output_non_contiguous():
+@pytest.mark.parametrize("mode", ["separate", "atomic"])
+def test_grad_output_non_contiguous(mode, dq_mode):
+    ran = dq_mode(mode)
     q, k, v, _ = _inputs(1, 2, 2, 40, 40, 32, CASE_DTYPE)
     do = torch.randn(1, 40, 2, 32).to(DEVICE, CASE_DTYPE).transpose(1, 2)  # non-contiguous upstream gradient
     assert not do.is_contiguous()
     # out, dq, dk, dv against the fp32 reference: fp32 tolerances on CPU, 2x torch SDPA's error in bf16 on GPU
     _check(q, k, v, do, causal=True)
+    assert set(ran) == {mode}
 
 
 def test_deterministic_and_tuned_once(dq_mode):
