@@ -39,7 +39,7 @@ fi
 since "GPU tests: kernels compiled for real (fp32, fp16, bf16), the model, a deterministic resume"
 # Each test process compiles its own kernels (every autotune config, CPU-bound): spread them over the cores.
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider $XDIST --durations=8 -rfEs \
+timeout "$(limit 180)" $PY -m pytest -q -p no:cacheprovider $XDIST --durations=8 -rfEs \
   tests/test_kernel_attention.py tests/test_kernel_cross_entropy.py tests/test_kernel_launch.py \
   tests/test_model.py \
   "tests/test_train.py::test_gpu_deterministic_run_resumes_bit_for_bit" > "$R/tests.log" 2>&1
