@@ -5,8 +5,8 @@ Causal forward + backward, bf16, head_dim 64, batch 8 x 16 heads (enough program
 T in {512, 1024, 2048}. TFLOP/s come from the explicit formula below, the same for both, and both are timed
 in the same run with CUDA events after a warm-up (the warm-up also runs the Triton autotuner): one call as a
 program sees it, host launch cost included. A second row per T gives the GPU kernel time alone
-(torch.profiler), the kernels' own efficiency. Each case also checks that the two outputs agree with the fp32
-reference equally well. Without CUDA the file skips.
+(torch.profiler), the kernels' own efficiency. Each case also checks that the two outputs, and their
+gradients, agree with the fp32 reference equally well. Without CUDA the file skips.
 """
 
 from __future__ import annotations
@@ -90,6 +90,19 @@ def test_flash_attention_fwd_bwd(benchmark, seq):
 
     ms = benchmark.pedantic(fwd_bwd_ms, args=(ours, q, k, v, do), rounds=1, iterations=1)
     sdpa_ms = fwd_bwd_ms(sdpa_causal, q, k, v, do)
+
+    # The gradients too, now that the timed steps have chosen how dq is computed (BWD_DQ), by the same rule
+    # on the same batch element.
+    def grads(fn, dtype):
+        a, b, c = (t[sl].detach().to(dtype).requires_grad_() for t in (q, k, v))
+        out = fn(a, b, c)
+        return torch.autograd.grad(out, (a, b, c), do[sl].to(out.dtype))
+
+    ref_grads = grads(lambda a, b, c: attention_reference(a, b, c, causal=True), torch.float32)
+    grad_errs = {}
+    for name, g, t, r in zip(("dq", "dk", "dv"), grads(ours, DTYPE), grads(sdpa_causal, DTYPE), ref_grads):
+        grad_errs[name] = (g.float() - r).abs().max().item(), (t.float() - r).abs().max().item()
+        assert grad_errs[name][0] <= 2 * grad_errs[name][1] + 2.0**-8, f"T={seq} {name}: {grad_errs[name]}"
     # The same work as the GPU sees it (kernel time only, no host launch cost): the kernels' own efficiency.
     gpu_us, sdpa_gpu_us = (sum(gpu_kernel_times(lambda fn=fn: fwd_bwd_step(fn, q, k, v, do)).values())
                            for fn in (ours, sdpa_causal))
@@ -100,7 +113,8 @@ def test_flash_attention_fwd_bwd(benchmark, seq):
     fa = sys.modules["fastlm.kernels.flash_attention"]
     key = (seq, seq, HEAD_DIM, True, DTYPE, fa.HEAVY_FIRST)
     record(name, tflops, "TFLOP/s", "torch SDPA", sdpa_tflops, bar=1.0, ms=ms, sdpa_ms=sdpa_ms,
-           max_err=err, sdpa_max_err=torch_err, device=torch.cuda.get_device_name(),
+           max_err=err, sdpa_max_err=torch_err, grad_max_err={n: e[0] for n, e in grad_errs.items()},
+           sdpa_grad_max_err={n: e[1] for n, e in grad_errs.items()}, device=torch.cuda.get_device_name(),
            dq_mode=fa.DQ_CHOSEN.get(key), dq_mode_ms=fa.DQ_TIMES.get(key))
     print(f"  dq: {fa.DQ_CHOSEN.get(key)} (ms per backward as timed on first use: {fa.DQ_TIMES.get(key)})")
     record(f"{name}, GPU kernel time", gpu_us, "us", "torch SDPA kernels", sdpa_gpu_us,
