@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 
 import torch
 import triton
@@ -678,6 +679,24 @@ def _timing_event():
     return torch.cuda.Event(enable_timing=True)
 
 
+# How far atomic dq may be from the dq kernel's before "auto" refuses it: the two differ in the order of
+# fp32 sums (a few units in the last place of the output dtype); this catches gross faults only (a
+# miscompiled kernel on some GPU, a lost reset of the accumulator), relative to dq's largest value.
+DQ_AGREEMENT = 0.05
+
+
+def _dq_agrees(atomic: torch.Tensor, reference: torch.Tensor, key: tuple) -> bool:
+    """Whether atomic dq matches the dq kernel's on the call that times them (warns when it does not)."""
+    diff = (atomic.float() - reference.float()).abs().max()
+    scale = reference.float().abs().max()
+    if bool(diff <= DQ_AGREEMENT * scale + torch.finfo(reference.dtype).tiny):  # NaN compares False
+        return True
+    warnings.warn(f"flash_attention: dq added atomically differs from the dq kernel's by {diff.item():.3g} "
+                  f"(largest |dq| {scale.item():.3g}) for (seq_q, seq_k, head_dim, causal, dtype, "
+                  f"heavy_first) = {key} on this GPU; the dq kernel is used", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     """dq, dk, dv, with dq computed as BWD_DQ says (on its first use, "auto" times both ways here)."""
     heavy_first = _heavy_first(causal, q.shape[0] * q.shape[1])  # (k, v have as many heads or fewer)
@@ -695,6 +714,11 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
             # head_dim 128): that mode is out for this shape; "separate" (timed first) stays
             if mode == "separate":
                 raise
+            continue
+        if mode == "separate":
+            kernel_grads = grads
+        elif not _dq_agrees(grads[0], kernel_grads[0], key):
+            grads = kernel_grads
             continue
         start, end = _timing_event(), _timing_event()
         start.record()

@@ -384,6 +384,50 @@ def test_auto_skips_a_mode_that_does_not_fit(dq_mode, monkeypatch):
         _out_and_grads(flash_attention, q, k, v, do, True)
 
 
+@pytest.mark.parametrize("fault", ["scaled", "nan"])
+def test_auto_refuses_an_atomic_dq_that_disagrees(fault, dq_mode, monkeypatch):
+    # On the call that times the two modes, "auto" also compares their dq: an atomic dq off by more than
+    # DQ_AGREEMENT of dq's size (a miscompiled kernel on some GPU, say) is refused with a warning, and
+    # the call returns the dq kernel's gradients. Simulated faults: dq scaled by 1.1, one NaN.
+    ran = dq_mode("auto")
+    spy = FA._backward_with
+
+    def faulty(mode, *args):
+        dq, dk, dv = spy(mode, *args)
+        if mode == "atomic":
+            dq = dq * 1.1 if fault == "scaled" else dq.index_put((torch.tensor([0]),) * 3,
+                                                                  torch.tensor(float("nan"), dtype=dq.dtype))
+        return dq, dk, dv
+
+    class Event:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 1.0
+
+    monkeypatch.setattr(FA, "_backward_with", faulty)
+    monkeypatch.setattr(FA, "_timing_event", lambda: Event(True))
+    monkeypatch.setattr(FA, "_dq_mode", lambda key, device: FA.DQ_CHOSEN.get(key))  # as on CUDA
+    monkeypatch.setattr(FA, "DQ_CHOSEN", {})
+    monkeypatch.setattr(FA, "DQ_TIMES", {})
+    q, k, v, do = _inputs(1, 2, 2, 33, 33, 32, CASE_DTYPE, seed=10)
+    with pytest.warns(RuntimeWarning, match="dq added atomically differs from the dq kernel's"):
+        got = _out_and_grads(flash_attention, q, k, v, do, True)
+    key = (33, 33, 32, True, CASE_DTYPE, True)
+    assert FA.DQ_CHOSEN == {key: "separate"} and list(FA.DQ_TIMES[key]) == ["separate"]
+    assert ran == ["separate"] * (1 + FA.DQ_TIMING_REPS) + ["atomic"]
+    dq_mode("separate")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, _out_and_grads(flash_attention, q, k, v, do, True)):
+        assert torch.equal(a, b), name
+
+
 FP16_CASES = {
     "gqa4to2_seq100_hd64": (2, 4, 2, 100, 100, 64, True),
     "gqa4to1_cached_q77_k129": (1, 4, 1, 77, 129, 32, True),
