@@ -288,6 +288,27 @@ def test_dq_mode_rules(dq_mode):
         assert ran == ["separate"] and not FA.DQ_CHOSEN
 
 
+def _auto_as_on_cuda(monkeypatch, clock=None):
+    """Makes "auto" time a new key on any device, as it does on CUDA, with empty DQ_CHOSEN / DQ_TIMES. The
+    timing's events read `clock` (a one-element list of milliseconds) or, without one, are 1 ms apart.
+    Only the module's own events are replaced: Triton's autotuner keeps the real ones on a GPU."""
+
+    class Event:
+        def record(self):
+            self.t = clock[0] if clock else 0.0
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t if clock else 1.0
+
+    monkeypatch.setattr(FA, "_timing_event", Event)
+    monkeypatch.setattr(FA, "_dq_mode", lambda key, device: FA.DQ_CHOSEN.get(key))
+    monkeypatch.setattr(FA, "DQ_CHOSEN", {})
+    monkeypatch.setattr(FA, "DQ_TIMES", {})
+
+
 def test_auto_times_both_modes_once_and_keeps_the_faster(dq_mode, monkeypatch):
     # On CUDA, "auto" runs each mode once (it tunes and compiles), then DQ_TIMING_REPS times between two
     # CUDA events, and keeps the faster for the key. Simulated: a clock that each mode's backward advances
@@ -300,24 +321,8 @@ def test_auto_times_both_modes_once_and_keeps_the_faster(dq_mode, monkeypatch):
         clock[0] += cost[mode]
         return spy(mode, *args)
 
-    class Event:
-        def __init__(self, enable_timing):
-            assert enable_timing
-
-        def record(self):
-            self.t = clock[0]
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return end.t - self.t
-
     monkeypatch.setattr(FA, "_backward_with", costed)
-    monkeypatch.setattr(FA, "_timing_event", lambda: Event(True))  # (Triton's autotuner keeps real events)
-    monkeypatch.setattr(FA, "_dq_mode", lambda key, device: FA.DQ_CHOSEN.get(key))  # as on CUDA
-    monkeypatch.setattr(FA, "DQ_CHOSEN", {})
-    monkeypatch.setattr(FA, "DQ_TIMES", {})
+    _auto_as_on_cuda(monkeypatch, clock)
     q, k, v, do = _inputs(1, 4, 2, 45, 45, 32, CASE_DTYPE, seed=4)
     first = _out_and_grads(flash_attention, q, k, v, do, True)
     reps = FA.DQ_TIMING_REPS
@@ -351,24 +356,8 @@ def test_auto_skips_a_mode_that_does_not_fit(dq_mode, monkeypatch):
             raise OutOfResources(232448, 101376, "shared memory")
         return spy(mode, *args)
 
-    class Event:  # the timing's events; the clock does not matter here
-        def __init__(self, enable_timing):
-            pass
-
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return 1.0
-
     monkeypatch.setattr(FA, "_backward_with", limited)
-    monkeypatch.setattr(FA, "_timing_event", lambda: Event(True))
-    monkeypatch.setattr(FA, "_dq_mode", lambda key, device: FA.DQ_CHOSEN.get(key))  # as on CUDA
-    monkeypatch.setattr(FA, "DQ_CHOSEN", {})
-    monkeypatch.setattr(FA, "DQ_TIMES", {})
+    _auto_as_on_cuda(monkeypatch)
     q, k, v, do = _inputs(1, 2, 2, 33, 33, 32, CASE_DTYPE, seed=7)
     got = _out_and_grads(flash_attention, q, k, v, do, True)
     key = (33, 33, 32, True, CASE_DTYPE, True)
@@ -399,24 +388,8 @@ def test_auto_refuses_an_atomic_dq_that_disagrees(fault, dq_mode, monkeypatch):
                                                                   torch.tensor(float("nan"), dtype=dq.dtype))
         return dq, dk, dv
 
-    class Event:
-        def __init__(self, enable_timing):
-            pass
-
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return 1.0
-
     monkeypatch.setattr(FA, "_backward_with", faulty)
-    monkeypatch.setattr(FA, "_timing_event", lambda: Event(True))
-    monkeypatch.setattr(FA, "_dq_mode", lambda key, device: FA.DQ_CHOSEN.get(key))  # as on CUDA
-    monkeypatch.setattr(FA, "DQ_CHOSEN", {})
-    monkeypatch.setattr(FA, "DQ_TIMES", {})
+    _auto_as_on_cuda(monkeypatch)
     q, k, v, do = _inputs(1, 2, 2, 33, 33, 32, CASE_DTYPE, seed=10)
     with pytest.warns(RuntimeWarning, match="dq added atomically differs from the dq kernel's"):
         got = _out_and_grads(flash_attention, q, k, v, do, True)
