@@ -5,7 +5,9 @@ fused AdamW), same batch, measured in the same run. fastlm runs as users start i
 bf16 autocast). With FASTLM_BENCH_OUT set, 5 steps of each loop after the measured ones are profiled into
 its profile.txt, side by side. Then gpt124m again with one of fastlm's parts switched back to the
 baseline's (SDPA attention, torch cross-entropy, eager blocks), each against fastlm as configured: which
-part gains or loses in this model. Needs CUDA; without it, says so and skips.
+part gains or loses in this model. Last, gpt124m through the multi-GPU path on one GPU (a one-rank process
+group, FSDP2 and DDP) against the single-device path: what each data-parallel mode costs a rank's step.
+Needs CUDA; without it, says so and skips.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def synthetic_pbin(tmp_path_factory):
 
 
 def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: str, overrides=(),
-                        profile: bool = True) -> float:
-    out = tmp_path / f"{name}-{compile_blocks}-{len(overrides)}"
+                        profile: bool = True, env: dict | None = None) -> float:
+    out = tmp_path / f"{name}-{compile_blocks}-{len(overrides)}-{len(env or ())}"
     steps = PROFILE[1] if profile else STEPS
     start = {"python": [sys.executable],
              "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -58,7 +60,7 @@ def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: st
            f"logging.profile_steps=[{PROFILE[0]}, {PROFILE[1]}]" if profile else "logging.profile_steps=[]",
            f"parallel.compile={str(compile_blocks).lower()}", "checkpoint.consolidated=false",
            "intervals.checkpoint=0", "checkpoint.keep_last=1", "logging.console=false", *overrides]
-    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
     records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r["event"] == "train" and WARMUP < r["step"] <= STEPS]
     if profile:
@@ -161,3 +163,26 @@ def test_gpt124m_ablation(what, synthetic_pbin, tmp_path):
                                 profile=False)
     record(f"train {name}, 1 GPU, fastlm as configured vs with {what}", _DEFAULT_RATE[name], "tokens/s",
            f"fastlm with {what}", other)
+
+
+# The multi-GPU path's cost per rank, on one GPU: torchrun with one process that joins a process group anyway
+# (FASTLM_ONE_RANK_GROUP=1), FSDP2 (as the shipped configs) or DDP (parallel.fsdp=false), each against the
+# single-device path (no process group). On one rank the collectives are local copies; what is left is what
+# each mode adds to every rank's step (hooks, gathers, the optimizer over sharded tensors). The first H200
+# run measured FSDP2 at 0.60x of a plain loop.
+DATA_PARALLEL = {
+    "FSDP2 per block (parallel.fsdp=true)": ["parallel.fsdp=true"],
+    "DDP (parallel.fsdp=false)": ["parallel.fsdp=false"],
+}
+
+
+@pytest.mark.parametrize("mode", list(DATA_PARALLEL))
+def test_gpt124m_data_parallel_cost_per_rank(mode, synthetic_pbin, tmp_path):
+    name = "gpt124m"
+    if name not in _DEFAULT_RATE:
+        _DEFAULT_RATE[name] = fastlm_tokens_per_s(name, synthetic_pbin, tmp_path, True, "torchrun",
+                                                  profile=False)
+    rate = fastlm_tokens_per_s(name, synthetic_pbin, tmp_path, True, "torchrun", DATA_PARALLEL[mode],
+                               profile=False, env={"FASTLM_ONE_RANK_GROUP": "1"})
+    record(f"train {name}, 1 GPU in a one-rank process group, {mode} vs the single-device path", rate,
+           "tokens/s", "single device (no process group)", _DEFAULT_RATE[name])

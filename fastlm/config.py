@@ -98,8 +98,11 @@ class IntervalSection:
 
 @dataclass
 class ParallelSection:
-    fsdp: bool = doc("shard parameters, gradients and optimizer state with FSDP2 (fully_shard)", True)
-    reshard_after_forward: bool = doc("free gathered parameters after each block's forward", True)
+    fsdp: bool = doc("with several processes: shard parameters, gradients and optimizer state with FSDP2 "
+                     "(fully_shard per block); false: DDP (every rank holds everything, gradients "
+                     "all-reduced), less work per step for a model that fits one GPU", True)
+    reshard_after_forward: bool = doc("FSDP2: free gathered parameters after each block's forward (gathered "
+                                      "again for its backward)", True)
     activation_checkpointing: str = doc("none | full | selective (every other block)", "none")
     compile: bool = doc("torch.compile each block", False)
 

@@ -1,5 +1,6 @@
-"""Distributed set-up and `parallelize`: activation checkpointing, per-block compile and FSDP2, applied
-as separate switchable steps in that order (each a no-op when disabled), torchtitan style.
+"""Distributed set-up and `parallelize`: activation checkpointing, per-block compile and data parallelism
+(FSDP2, or DDP when FSDP is off), applied as separate switchable steps in that order (each a no-op when
+disabled), torchtitan style.
 
 fastlm relies on torch.distributed and torchrun for processes and rendezvous; it adds no launcher.
 """
@@ -13,6 +14,11 @@ import torch
 import torch.distributed as dist
 
 from fastlm.config import ParallelSection
+
+
+# environment variable: "1" makes torchrun with one process join a process group and run the data-parallel
+# path (FSDP2 or DDP) over one rank, as the training benchmark does to measure that path's per-rank cost
+ONE_RANK_GROUP = "FASTLM_ONE_RANK_GROUP"
 
 
 @dataclass
@@ -44,10 +50,11 @@ def setup_distributed(device_pref: str = "auto", source: str = "config") -> Dist
     if "RANK" not in os.environ:  # plain `python -m fastlm.train`
         return Dist(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if world == 1:
+    if world == 1 and os.environ.get(ONE_RANK_GROUP) != "1":
         # torchrun with one process: FSDP over a single rank shards nothing and only adds work (on one H200,
         # gpt124m under FSDP2 trained at 0.60x the speed of a plain PyTorch loop; see benchmarks/results/),
-        # so one process always runs the single-device path: no process group, bf16 autocast.
+        # so one process runs the single-device path: no process group, bf16 autocast. (ONE_RANK_GROUP=1
+        # keeps the process group: the multi-GPU path's per-rank cost, measured on one GPU.)
         if use_cuda:
             torch.cuda.set_device(local)
         return Dist(device=torch.device("cuda", local) if use_cuda else torch.device("cpu"), local_rank=local)
@@ -71,8 +78,16 @@ def teardown_distributed() -> None:
 def parallelize(model, pcfg: ParallelSection, d: Dist, param_dtype: torch.dtype) -> None:
     """Apply, in order: activation checkpointing (recompute inside the block, so it composes with FSDP's
     per-block gather), per-block torch.compile (before sharding, so compiled code sees plain modules
-    wrapped by FSDP's hooks), FSDP2 per block then the root (bf16/fp16 compute with fp32 gradient
-    reduction)."""
+    wrapped by FSDP's hooks), then, with several processes, FSDP2 per block and the root (bf16/fp16
+    compute with fp32 gradient reduction) or, with parallel.fsdp off, DDP through the composable
+    `replicate` (the model keeps its class and parameter names; fp32 gradients all-reduced in buckets
+    during the backward; mixed precision is the caller's autocast).
+
+    Why both: FSDP2 keeps a 1/N share of parameters, gradients and optimizer state per rank but runs
+    Python hooks around every block and gathers each block's parameters (twice with
+    reshard_after_forward); DDP keeps everything on every rank and only all-reduces gradients from C++.
+    For a model that fits one GPU several times over, DDP's step has less host work (see
+    benchmarks/test_data_parallel_overhead.py)."""
     if pcfg.activation_checkpointing != "none":
         for i, block in enumerate(model.blocks):
             block.checkpointing = pcfg.activation_checkpointing == "full" or i % 2 == 0
@@ -88,9 +103,8 @@ def parallelize(model, pcfg: ParallelSection, d: Dist, param_dtype: torch.dtype)
         # the root keeps embeddings, final norm and LM head; no point resharding what backward needs first
         fully_shard(model, mesh=d.mesh, mp_policy=mp, reshard_after_forward=False)
     elif d.mesh is not None:
-        from fastlm.yamlconf import ConfigError
+        from torch.distributed._composable.replicate import replicate
 
-        raise ConfigError(
-            f"parallel.fsdp is false but {d.world_size} processes were started: set parallel.fsdp: true "
-            f"(FSDP2 covers the data-parallel case too) or run a single process"
-        )
+        # (built lazily at the first forward, after the parameters are materialised and initialised;
+        # it broadcasts rank 0's parameters, which every rank initialised identically anyway)
+        replicate(model, device_id=d.device)

@@ -429,6 +429,7 @@ def train(cfg: Config, d: Dist) -> int:
     model.init_weights(seed=cfg.run.seed)
     model.train()
     use_fsdp = cfg.parallel.fsdp and d.mesh is not None
+    data_parallel = "none" if d.mesh is None else "fsdp" if use_fsdp else "ddp"
     # without FSDP, mixed precision is autocast; with it, FSDP's policy casts parameters per block
     autocast = (torch.autocast(d.device.type, dtype=dtype) if dtype != torch.float32 and not use_fsdp
                 else nullcontext())
@@ -470,7 +471,7 @@ def train(cfg: Config, d: Dist) -> int:
             print(f"fastlm: config {cfg.source}: {json.dumps(config_dict(cfg))}", flush=True)
         attn, loss_impl = resolve_attention(cfg.model, d.device), resolve_loss(cfg.model, d.device)
         print(f"fastlm: {n_params:,} parameters | {d.world_size} x {d.device.type} | attention {attn}, loss "
-              f"{loss_impl}, {cfg.precision}, fsdp {use_fsdp}"
+              f"{loss_impl}, {cfg.precision}, data parallel {data_parallel}"
               f"{', deterministic' if cfg.run.deterministic else ''}\n"
               f"fastlm: {derived.tokens_per_step:,} tokens per step = micro batch "
               f"{cfg.batch.micro_batch_size} x sequence {cfg.model.sequence_length} x accumulation "
@@ -539,8 +540,9 @@ def train(cfg: Config, d: Dist) -> int:
             loss_sum = torch.zeros((), device=d.device)
             for micro in range(derived.grad_accum_steps):
                 last = micro == derived.grad_accum_steps - 1
-                if use_fsdp:
-                    # reduce-scatter once per step, not per micro batch
+                if d.mesh is not None:
+                    # reduce gradients (FSDP: reduce-scatter, DDP: all-reduce) once per step, not per micro
+                    # batch
                     model.set_requires_gradient_sync(last)
                 x, y = loader.next()
                 with autocast:

@@ -26,7 +26,7 @@ BASE = [
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def train(tmp_path, *overrides, ranks=1, check=True, name="run", torchrun=False):
+def train(tmp_path, *overrides, ranks=1, check=True, name="run", torchrun=False, env=None):
     args = ["-m", "fastlm.train", str(ROOT / "configs" / "tiny.yaml"), *BASE, f"run.output_dir={tmp_path}",
             f"run.name={name}", *overrides]
     if ranks == 1 and not torchrun:
@@ -34,7 +34,7 @@ def train(tmp_path, *overrides, ranks=1, check=True, name="run", torchrun=False)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                str(29500 + os.getpid() % 1000), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=600)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -153,8 +153,40 @@ def test_torchrun_with_one_process_runs_the_single_device_path(tmp_path):
     # FSDP over one rank would shard nothing: torchrun --nproc_per_node 1 must train exactly like `python -m`
     train(tmp_path, "target.steps=4", name="plain")
     r = train(tmp_path, "target.steps=4", name="torchrun", torchrun=True)
-    assert "| 1 x cpu |" in r.stdout and "fsdp False" in r.stdout, r.stdout[-2000:]
+    assert "| 1 x cpu |" in r.stdout and "data parallel none" in r.stdout, r.stdout[-2000:]
     assert losses(tmp_path / "torchrun") == losses(tmp_path / "plain")
+    # unless FASTLM_ONE_RANK_GROUP=1 asks for the data-parallel path over one rank (how the training
+    # benchmark measures its per-rank cost on one GPU): the same losses through FSDP2 and through DDP
+    for fsdp, path in (("true", "fsdp"), ("false", "ddp")):
+        r = train(tmp_path, "target.steps=4", f"parallel.fsdp={fsdp}", name=f"group-{path}", torchrun=True,
+                  env={"FASTLM_ONE_RANK_GROUP": "1"})
+        assert "| 1 x cpu |" in r.stdout and f"data parallel {path}" in r.stdout, r.stdout[-2000:]
+        assert losses(tmp_path / f"group-{path}") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
+
+
+def test_ddp_trains_like_fsdp_and_their_checkpoints_load_into_each_other(tmp_path):
+    # parallel.fsdp=false with several processes: DDP (replicate). Same batches, same gradients (summed in
+    # another order): the losses agree with FSDP2's to float rounding, with gradient accumulation too.
+    run = ("target.steps=6", "intervals.checkpoint=3", "batch.grad_accum_steps=2")
+    train(tmp_path, *run, "parallel.fsdp=true", ranks=2, name="fsdp")
+    r = train(tmp_path, *run, "parallel.fsdp=false", ranks=2, name="ddp")
+    assert "data parallel ddp" in r.stdout, r.stdout[-2000:]
+    fsdp, ddp = losses(tmp_path / "fsdp"), losses(tmp_path / "ddp")
+    assert sorted(ddp) == list(range(1, 7)) and ddp[6] < ddp[1] - 0.2, ddp
+    assert ddp == pytest.approx(fsdp, abs=1e-5)
+    # a DDP checkpoint resumes bit for bit under DDP; it also resumes under FSDP2 (DCP reshards plain
+    # tensors into DTensors) and an FSDP2 checkpoint under DDP, each going on as the run that wrote it to
+    # float rounding (the later steps sum gradients in the other mode's order)
+    for name, fsdp_flag, source in (("ddp-ddp", "false", "ddp"), ("ddp-fsdp", "true", "ddp"),
+                                    ("fsdp-ddp", "false", "fsdp")):
+        resume = f"run.resume={tmp_path / source / 'checkpoints' / 'step_00000003'}"
+        train(tmp_path, *run, f"parallel.fsdp={fsdp_flag}", resume, ranks=2, name=name)
+        again, reference = losses(tmp_path / name), losses(tmp_path / source)
+        assert sorted(again) == [4, 5, 6], (name, again)
+        if name == "ddp-ddp":
+            assert all(again[s] == reference[s] for s in again), (again, reference)
+        else:
+            assert again == pytest.approx({s: reference[s] for s in again}, abs=1e-5), (name, again)
 
 
 def test_resume_auto_ignores_an_interrupted_checkpoint(tmp_path):
