@@ -3,9 +3,10 @@
 structure (12 blocks, its parameter list: learned positions, LayerNorm, GELU, biases) at width 64 and 32
 tokens, so that the step is almost all framework work: hooks, parameter gathering, gradient reduction,
 the optimizer over sharded or plain tensors. The real training loop under torchrun with one process on CPU
-that joins a gloo process group anyway (FASTLM_ONE_RANK_GROUP=1): the collectives are local copies, so
-what is measured is the host work each rank does per step, not the network. The single-device path
-(no process group) is printed next to them. Runs anywhere (no GPU needed).
+that joins a gloo process group anyway (FASTLM_ONE_RANK_GROUP=1): no network, but each collective is
+still a gloo round trip on the host (FSDP2 issues about 38 a step, DDP a few), which NCCL would run as
+asynchronous kernels; the rest is the Python work each rank does per step. The single-device path (no
+process group) is printed next to them. Runs anywhere (no GPU needed).
 
 On a GPU this host work runs ahead of the kernels and costs nothing while the host keeps ahead; a step
 becomes host bound when it does not (a small model, a fast GPU). On one H200 gpt124m under FSDP2 over one
