@@ -59,7 +59,7 @@ class OptimSection:
     eps: float = doc("AdamW epsilon", 1e-8)
     weight_decay: float = doc("decoupled weight decay of matrices (not norms, biases, embeddings)", 0.1)
     grad_clip: float = doc("clip the global gradient norm to this; 0: no clipping", 1.0)
-    fused: bool = doc("use the fused AdamW implementation on CUDA", True)
+    fused: bool = doc("fused AdamW (one kernel over all parameters, CUDA and CPU); false: foreach", True)
     skip_nonfinite: bool = doc(
         "skip a step whose loss or gradient norm is not finite (one host sync per step); false: stop at the "
         "next log or checkpoint, naming the first bad step", False)

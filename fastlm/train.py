@@ -236,6 +236,16 @@ def evaluate(model, cfg: Config, d: Dist, val_dataset, autocast) -> tuple[float,
     return (loss_sum / count).item(), int(count.item())
 
 
+def make_optimizer(model, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the model's decay / no-decay groups. optim.fused: one kernel over all parameters, on
+    CUDA and on CPU; otherwise foreach. (Left to itself, torch picks foreach on CUDA but a loop over the
+    tensors on CPU: 3.6x slower than fused for the tiny config's parameters.)"""
+    fused = cfg.optim.fused
+    return torch.optim.AdamW(model.optimizer_groups(cfg.optim.weight_decay), lr=cfg.optim.lr,
+                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused or None,
+                             foreach=None if fused else True)
+
+
 def optimizer_step(optimizer, scaler, params: list, grad_clip: float, skip_nonfinite: bool,
                    step_loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Unscale (fp16), clip and apply the accumulated gradients, then zero them. Returns the gradient
@@ -442,10 +452,7 @@ def train(cfg: Config, d: Dist) -> int:
         else:
             scaler = torch.amp.GradScaler("cuda")
 
-    optimizer = torch.optim.AdamW(
-        model.optimizer_groups(cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps, fused=(d.device.type == "cuda" and cfg.optim.fused) or None,
-    )
+    optimizer = make_optimizer(model, cfg)
 
     # the data position is samples of the global stream consumed; a step takes samples_per_step of this
     # run, which differs from the checkpoint's with another world size or batch shape
