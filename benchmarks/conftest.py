@@ -53,6 +53,7 @@ def record(name: str, value: float, unit: str, baseline: str, baseline_value: fl
     print("\n" + line)
     _RESULTS.append({"name": name, "unit": unit, "fastlm": value, "baseline": baseline,
                      "baseline_value": baseline_value, "advantage": ratio, "bar": bar, **extra})
+    _write_results()
     return ratio
 
 
@@ -84,7 +85,12 @@ def gpu_kernel_times(step, reps: int = 10) -> dict[str, float]:
     return times
 
 
-def pytest_sessionfinish(session, exitstatus):
+_SESSION_FILE: list[Path] = []  # this session's JSON file, named at its first result
+
+
+def _write_results() -> None:
+    """(Re)write this session's results to FASTLM_BENCH_OUT after each one, so that a session cut short by
+    a deadline (device_check.sh's timeouts) still leaves what it measured."""
     out = os.environ.get("FASTLM_BENCH_OUT")
     if not out or not _RESULTS:
         return
@@ -97,10 +103,13 @@ def pytest_sessionfinish(session, exitstatus):
         except OSError:
             pass
     stamp = datetime.datetime.now(datetime.timezone.utc)
+    if not _SESSION_FILE:
+        _SESSION_FILE.append(Path(out) / f"bench-{stamp:%Y%m%d-%H%M%S}.json")
     payload = {"date": stamp.isoformat(timespec="seconds"), "commit": commit, "machine": machine(),
                "results": _RESULTS}
-    name = f"bench-{stamp:%Y%m%d-%H%M%S}.json"
-    (Path(out) / name).write_text(json.dumps(payload, indent=2))
+    tmp = _SESSION_FILE[0].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, _SESSION_FILE[0])
 
 
 @pytest.fixture(scope="session")

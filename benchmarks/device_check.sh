@@ -4,7 +4,8 @@
 # (FASTLM_COMMIT=<hash> names the commit in the results when the tree was copied without its git history.)
 # Installs fastlm without touching its dependencies, runs the GPU tests (the Triton kernels compiled for
 # real, bf16 included), an attention profile, the GPU benchmarks (training ones with a step profile), the
-# README's main job and a compiled-block probe of the attention, and writes logs and JSON results to
+# README's main job, a compiled-block probe of the attention and the per-rank cost of the two
+# data-parallel modes, and writes logs and JSON results to
 # RESULTS_DIR (8 files at most). Every step has its own time limit and the whole script a deadline
 # (SECONDS, default 480), so that a slow or hung step still leaves the results of the others.
 set -uo pipefail
@@ -57,7 +58,7 @@ bench() {  # bench CAP FILES...: one pytest session per group, so each group wri
 # least needed steps.
 : > "$R/profile.txt"  # the training benchmark and the attention diagnostics below append to it
 bench 120 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py
-bench 300 benchmarks/test_train_speed.py
+bench 300 benchmarks/test_train_speed.py -k "not data_parallel"
 
 since "the getting-started pipeline on the GPU (the README's main job, set-up skipped)"
 FASTLM_SKIP_SETUP=1 timeout "$(limit 200)" bash scripts/getting_started.sh > "$R/getting_started.log" 2>&1
@@ -68,9 +69,12 @@ since "attention profile (autotuner choices, GPU time per kernel: both dq modes,
 timeout "$(limit 120)" $PY benchmarks/attention_profile.py >> "$R/profile.txt" 2>&1
 echo "exit $?" >> "$R/profile.txt"; tail -n 40 "$R/profile.txt"
 
-# (the index benchmark is CPU work: a GPU machine's many cores show how the whole command scales)
-bench 120 "benchmarks/test_data_speed.py::test_create_raw_index" \
-  "benchmarks/test_generate_speed.py::test_gpu_decoding_gpt60m"
+# (the index benchmark is CPU work: a GPU machine's many cores show how the whole command scales; then
+# FSDP2 and DDP over a one-rank process group against the single-device path: what each data-parallel mode
+# costs a rank's step. One pytest session: one JSON file, as results may hold 8 files at most.)
+bench 240 "benchmarks/test_data_speed.py::test_create_raw_index" \
+  "benchmarks/test_generate_speed.py::test_gpu_decoding_gpt60m" \
+  "benchmarks/test_train_speed.py::test_gpt124m_data_parallel_cost_per_rank"
 
 since "attention inside a compiled block: custom op (the model's) vs eager launches vs traced kernels vs SDPA"
 { echo; echo "=== compiled gpt124m block ==="; } >> "$R/profile.txt"
