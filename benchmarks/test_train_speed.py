@@ -171,7 +171,8 @@ def test_gpt124m_ablation(what, synthetic_pbin, tmp_path):
 # each mode adds to every rank's step (hooks, gathers, the optimizer over sharded tensors). The first H200
 # run measured FSDP2 at 0.60x of a plain loop.
 DATA_PARALLEL = {
-    "FSDP2 per block (parallel.fsdp=true)": ["parallel.fsdp=true"],
+    "FSDP2 per block, as configured (parallel.fsdp=true, reshard_after_forward=false)": [
+        "parallel.fsdp=true"],
     "DDP (parallel.fsdp=false)": ["parallel.fsdp=false"],
 }
 
