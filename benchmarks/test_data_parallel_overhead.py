@@ -28,7 +28,10 @@ from conftest import ROOT, record
 
 pytest.importorskip("torch")
 
-STEPS, LOG = 60, 10  # windows of 10 steps; the first (start-up, first-call work) is not counted
+# windows of 10 steps; the first (start-up, first-call work) is not counted, and each mode is timed by its
+# fastest window: on a shared machine the others carry whatever else ran (the median moved by 1.7x
+# between two runs on a 2-core machine; the minimum is what the step itself costs)
+STEPS, LOG = 110, 10
 TINY_GPT124M = ["model.n_embd=64", "model.n_head=2", "model.ffn_hidden=256", "model.vocab_size=512",
                 "model.sequence_length=32", "batch.micro_batch_size=1", "batch.global_batch_tokens=0",
                 "batch.grad_accum_steps=1", "precision=fp32", "parallel.compile=false",
@@ -64,7 +67,7 @@ def steps_per_s(mode: str, data, out) -> float:
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, timeout=600)
     recs = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s"] for r in recs if r["event"] == "train" and r["step"] > LOG]
-    return 1.0 / float(np.median(times))
+    return 1.0 / min(times)
 
 
 def test_data_parallel_step_overhead(small_vocab_pbin, tmp_path):
