@@ -551,6 +551,11 @@ def train(cfg: Config, d: Dist) -> int:
                     # reduce gradients (FSDP: reduce-scatter, DDP: all-reduce) once per step, not per micro
                     # batch
                     model.set_requires_gradient_sync(last)
+                if use_fsdp:
+                    # keep the gathered parameters between micro batches (the next forward gathers nothing);
+                    # the last backward reshards them, so the optimizer updates the shards and the next
+                    # step gathers what it wrote
+                    model.set_reshard_after_backward(last)
                 x, y = loader.next()
                 with autocast:
                     _, loss = model(x, y)
