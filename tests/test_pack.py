@@ -369,11 +369,14 @@ def test_interrupted_pack_leaves_no_destination(tmp_path, sig):
          "--jq-pattern", ".raw_content", "--num-cpus", "1", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    # wait until the temporary output exists, i.e. packing is under way
+    # wait until the temporary output exists, i.e. packing is under way (the temporary file, not the
+    # destination: on a loaded machine this loop may first look after packing has finished, and the
+    # process may still be alive then, writing its summary)
     deadline = time.time() + 60
-    while time.time() < deadline and not (dst.parent.exists() and any(dst.parent.iterdir())):
-        time.sleep(0.05)
-    assert proc.poll() is None, "packing finished before it could be interrupted"
+    while time.time() < deadline and not (dst.parent.exists()
+                                          and any(p.name != dst.name for p in dst.parent.iterdir())):
+        time.sleep(0.02)
+    assert proc.poll() is None and not dst.exists(), "packing finished before it could be interrupted"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert not dst.exists()
