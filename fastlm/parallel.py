@@ -108,3 +108,9 @@ def parallelize(model, pcfg: ParallelSection, d: Dist, param_dtype: torch.dtype)
         # (built lazily at the first forward, after the parameters are materialised and initialised;
         # it broadcasts rank 0's parameters, which every rank initialised identically anyway)
         replicate(model, device_id=d.device)
+        if pcfg.compile:
+            # Inside a DDP forward, torch.compile cuts each graph at DDP's bucket edges (DDPOptimizer: a
+            # 1 MB first bucket, then 25 MB) so that a bucket's all-reduce can start before the graph's
+            # backward ends. Compiled per block, gradients are already ready a block at a time; the cut
+            # would only cost a graph break inside every block (two compiled pieces, no fusion across).
+            torch._dynamo.config.optimize_ddp = False

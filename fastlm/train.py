@@ -262,7 +262,11 @@ def optimizer_step(optimizer, scaler, params: list, grad_clip: float, skip_nonfi
         grad_norm = grad_norm.full_tensor()
     applied = True
     if skip_nonfinite:
-        applied = bool((torch.isfinite(step_loss) & torch.isfinite(grad_norm)).item())
+        # the norm is of the global gradient, the loss is this rank's: the ranks agree on the step
+        finite = (torch.isfinite(step_loss) & torch.isfinite(grad_norm)).to(torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        applied = bool(finite.item())
     if not applied:
         if scaler:
             scaler.update()
@@ -552,10 +556,11 @@ def train(cfg: Config, d: Dist) -> int:
                     # batch
                     model.set_requires_gradient_sync(last)
                 if use_fsdp:
-                    # keep the gathered parameters between micro batches (the next forward gathers nothing);
-                    # the last backward reshards them, so the optimizer updates the shards and the next
-                    # step gathers what it wrote
-                    model.set_reshard_after_backward(last)
+                    # without resharding after forward every block is gathered from the forward to the
+                    # backward anyway: keep them gathered until the next micro batch's forward too (it then
+                    # gathers nothing). The last backward reshards, so the optimizer updates the shards and
+                    # the next step gathers what it wrote. With resharding, the memory it saves comes first.
+                    model.set_reshard_after_backward(last or cfg.parallel.reshard_after_forward)
                 x, y = loader.next()
                 with autocast:
                     _, loss = model(x, y)

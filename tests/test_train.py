@@ -189,6 +189,29 @@ def test_ddp_trains_like_fsdp_and_their_checkpoints_load_into_each_other(tmp_pat
             assert again == pytest.approx({s: reference[s] for s in again}, abs=1e-5), (name, again)
 
 
+def test_ddp_with_compiled_blocks_does_not_cut_them_at_bucket_edges(tmp_path, monkeypatch):
+    # Inside a DDP forward torch.compile would split every block's graph at DDP's bucket edges (seen: two
+    # compiled pieces per block at width 512); compiled per block, fastlm turns that off
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fastlm.model import GPT
+    from fastlm.parallel import Dist, parallelize
+
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        d = Dist(mesh=init_device_mesh("cpu", (1,)))
+        for compile_blocks in (False, True):
+            cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                              ["parallel.fsdp=false", f"parallel.compile={str(compile_blocks).lower()}"])
+            parallelize(GPT(cfg.model), cfg.parallel, d, torch.float32)
+            assert torch._dynamo.config.optimize_ddp is (not compile_blocks)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_resume_auto_ignores_an_interrupted_checkpoint(tmp_path):
     train(tmp_path, "target.steps=4", "intervals.checkpoint=2", name="run")
     ckpts = tmp_path / "run" / "checkpoints"
