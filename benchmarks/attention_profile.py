@@ -125,7 +125,7 @@ def main():
         print(" fastlm kernels:")
         heavy_first = kernel_table(_ours, seq)
         # how dq was computed: BWD_DQ "auto" timed both ways on the first backward of this shape
-        key = (seq, seq, D, True, torch.bfloat16, fa.HEAVY_FIRST)
+        key = fa.backward_key((B, H, seq, D), seq, True, torch.bfloat16)
         chosen = fa.DQ_CHOSEN.get(key, "separate")
         timed = {m: round(ms * 1e3) for m, ms in fa.DQ_TIMES.get(key, {}).items()}
         print(f"  dq mode: {chosen} (us per backward as timed on first use: {timed})")

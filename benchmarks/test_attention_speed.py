@@ -111,7 +111,7 @@ def test_flash_attention_fwd_bwd(benchmark, seq):
     name = f"attention fwd+bwd causal bf16 B{BATCH} H{N_HEAD} T{seq} hd{HEAD_DIM}"
     # how the backward computed dq here (BWD_DQ "auto": the faster of two, timed on the first backward)
     fa = sys.modules["fastlm.kernels.flash_attention"]
-    key = (seq, seq, HEAD_DIM, True, DTYPE, fa.HEAVY_FIRST)
+    key = fa.backward_key((BATCH, N_HEAD, seq, HEAD_DIM), seq, True, DTYPE)
     record(name, tflops, "TFLOP/s", "torch SDPA", sdpa_tflops, bar=1.0, ms=ms, sdpa_ms=sdpa_ms,
            max_err=err, sdpa_max_err=torch_err, grad_max_err={n: e[0] for n, e in grad_errs.items()},
            sdpa_grad_max_err={n: e[1] for n, e in grad_errs.items()}, device=torch.cuda.get_device_name(),

@@ -72,7 +72,7 @@ def steps_per_s(mode: str, data, out) -> float:
 
 def test_data_parallel_step_overhead(small_vocab_pbin, tmp_path):
     rates = {mode: steps_per_s(mode, small_vocab_pbin, tmp_path / str(i)) for i, mode in enumerate(MODES)}
-    single, ddp, fsdp, fsdp_keep = rates.values()
+    _, ddp, fsdp, fsdp_keep = rates.values()  # (the single-device step is printed only)
     print("\nstep time: " + ", ".join(f"{mode} {1e3 / rate:.1f} ms" for mode, rate in rates.items()))
     what = "data-parallel training step, one CPU rank in a gloo group, gpt124m's 12 blocks at width 64"
     record(f"{what}: DDP vs FSDP2", ddp, "steps/s", "FSDP2 per block (reshard after forward)", fsdp)

@@ -551,11 +551,11 @@ def train(cfg: Config, d: Dist) -> int:
             loss_sum = torch.zeros((), device=d.device)
             for micro in range(derived.grad_accum_steps):
                 last = micro == derived.grad_accum_steps - 1
-                if d.mesh is not None:
+                if d.mesh is not None and derived.grad_accum_steps > 1:
                     # reduce gradients (FSDP: reduce-scatter, DDP: all-reduce) once per step, not per micro
-                    # batch
+                    # batch (without accumulation both settings stay at their defaults: sync, reshard)
                     model.set_requires_gradient_sync(last)
-                if use_fsdp:
+                if use_fsdp and derived.grad_accum_steps > 1:
                     # without resharding after forward every block is gathered from the forward to the
                     # backward anyway: keep them gathered until the next micro batch's forward too (it then
                     # gathers nothing). The last backward reshards, so the optimizer updates the shards and

@@ -697,10 +697,17 @@ def _dq_agrees(atomic: torch.Tensor, reference: torch.Tensor, key: tuple) -> boo
     return False
 
 
+def backward_key(q_shape, seq_k: int, causal: bool, dtype: torch.dtype) -> tuple:
+    """The key a backward's choices are kept under (DQ_CHOSEN, DQ_TIMES, the tilings): (seq_q, seq_k,
+    head_dim, causal, dtype, heavy_first) for q of shape (batch, heads, seq_q, head_dim)."""
+    batch, n_head, seq_q, head_dim = q_shape
+    # (k, v have as many heads or fewer: the program order depends on q's)
+    return (seq_q, seq_k, head_dim, causal, dtype, _heavy_first(causal, batch * n_head))
+
+
 def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     """dq, dk, dv, with dq computed as BWD_DQ says (on its first use, "auto" times both ways here)."""
-    heavy_first = _heavy_first(causal, q.shape[0] * q.shape[1])  # (k, v have as many heads or fewer)
-    key = (q.shape[2], k.shape[2], q.shape[3], causal, q.dtype, heavy_first)
+    key = backward_key(q.shape, k.shape[2], causal, q.dtype)
     args = (do, q, k, v, o, lse, causal, sm_scale, key)
     mode = _dq_mode(key, q.device)
     if mode is not None:

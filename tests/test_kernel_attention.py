@@ -670,7 +670,7 @@ def test_gpu_atomic_dq_within_2x_of_torch(case, dq_mode):
 def test_gpu_auto_dq_mode_times_both(dq_mode):
     ran = dq_mode("auto")
     q, k, v, do = _inputs(2, 8, 8, 768, 768, 64, torch.bfloat16, device="cuda", seed=6)
-    key = (768, 768, 64, True, torch.bfloat16, FA.HEAVY_FIRST)
+    key = FA.backward_key(q.shape, 768, True, torch.bfloat16)
     FA.DQ_CHOSEN.pop(key, None)
     _check(q, k, v, do, True)  # the gradients of the call that timed the two modes
     times = FA.DQ_TIMES[key]
