@@ -260,7 +260,8 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
 
 
 @triton.jit
-def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot, lo, hi,
+def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
+                  stride_dqt, lo, hi,
                   offs_n, offs_m0, offs_d, seq_q, seq_k, causal_shift, qk_scale,
                   MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_KEYS: tl.constexpr):
@@ -292,7 +293,7 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
         if ATOMIC_DQ:
             # relaxed: the adds only need to be atomic, not ordered against other memory operations
             dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)  # (BLOCK_M, HEAD_DIM)
-            tl.atomic_add(dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=row_ok[:, None],
+            tl.atomic_add(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq, mask=row_ok[:, None],
                           sem="relaxed")
     return dk, dv
 
@@ -304,6 +305,9 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, qk_scale, sm_scale,
                    stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt,
                    stride_dob, stride_doh, stride_dot,
+                   stride_dkb, stride_dkh, stride_dkt,
+                   stride_dvb, stride_dvh, stride_dvt,
+                   stride_dqb, stride_dqh, stride_dqt,
                    n_head, n_kv_head, group, seq_q, seq_k,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                    HEAVY_FIRST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
@@ -311,8 +315,9 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, qk_scale, sm_scale,
     # GQA: one program owns a key block of one kv head and loops over every query head of its group, so
     # dk/dv sum the group's contributions in fp32 registers: no atomics, no (batch, n_head, seq_k, head_dim)
     # temporaries to reduce with torch afterwards, and the fp32 sum is rounded to the input dtype only once.
-    # ATOMIC_DQ (see BWD_DQ): DQ is a zeroed fp32 (batch, n_head, seq_q, HEAD_DIM) accumulator that every
-    # key block adds its share of dq to; else DQ is not read (the dq kernel computes dq).
+    # ATOMIC_DQ (see BWD_DQ): DQ is a zeroed fp32 (batch, n_head, seq_q, HEAD_DIM) accumulator (strides
+    # stride_dq*) that every key block adds its share of dq to; else DQ is not read (the dq kernel computes
+    # dq).
     # Keys past seq_k load k = v = 0, so their score is 0 and P = exp2(-lse), which overflows to inf when a
     # row's real scores are all far below 0. dk/dv never store those rows, but dS K sums over keys: inf * 0
     # would put NaN into dq. Causal calls mask those keys already (they lie past every row's diagonal);
@@ -352,25 +357,26 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, qk_scale, sm_scale,
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_base = LSE + bh * seq_q
         delta_base = DELTA + bh * seq_q
-        dq_base = DQ + bh * seq_q * HEAD_DIM
+        dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                               stride_dot, m_lo, m_full, offs_n, offs_m0, offs_d, seq_q, seq_k, causal_shift,
-                               qk_scale, True, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ, False)
+                               stride_dot, stride_dqt, m_lo, m_full, offs_n, offs_m0, offs_d, seq_q, seq_k,
+                               causal_shift, qk_scale, True, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ, False)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                               stride_dot, m_full, seq_q, offs_n, offs_m0, offs_d, seq_q, seq_k, causal_shift,
-                               qk_scale, False, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ,
+                               stride_dot, stride_dqt, m_full, seq_q, offs_n, offs_m0, offs_d, seq_q, seq_k,
+                               causal_shift, qk_scale, False, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ,
                                ATOMIC_DQ and not CAUSAL)
 
     dk = dk * sm_scale  # scores are sm_scale * q k^T
-    # DK and DV are the launcher's own contiguous (batch, n_kv_head, seq_k, HEAD_DIM) tensors
-    kv_offs = pid_bkv.to(tl.int64) * seq_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    dk_ptrs = DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + off_kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["n_head"])
 def _bwd_prep_kernel(O, DO, DELTA, DQ,
                      stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+                     stride_dqb, stride_dqh, stride_dqt,
                      n_head, seq_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Atomic dq's first pass, grid (batch * n_head, query blocks): delta_i = sum_d dO_id * O_id for the
     dk/dv kernel (the separate dq kernel computes it itself), and the fp32 dq accumulator's rows zeroed."""
@@ -386,13 +392,14 @@ def _bwd_prep_kernel(O, DO, DELTA, DQ,
     do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
-    dq_ptrs = DQ + pid_bh.to(tl.int64) * seq_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=row_ok[:, None])
 
 
 @triton.jit
 def _scale_cast_kernel(X, Y, n, scale, BLOCK: tl.constexpr):
-    """Y = (X * scale) in Y's dtype, elementwise over n contiguous values (X and Y may be one tensor)."""
+    """Y = (X * scale) in Y's dtype, elementwise over n values of two dense tensors with the same strides
+    (X and Y may be one tensor)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     x = tl.load(X + offs, mask=ok)
@@ -435,6 +442,7 @@ def _bwd_q_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
                   stride_vb, stride_vh, stride_vt,
                   stride_dob, stride_doh, stride_dot,
                   stride_ob, stride_oh, stride_ot,
+                  stride_dqb, stride_dqh, stride_dqt,
                   n_head, group, seq_q, seq_k,
                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                   HEAVY_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -473,8 +481,7 @@ def _bwd_q_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
     dq = _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, n_full, hi,
                       offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale, True, CAUSAL, PRECISION, BLOCK_N)
     dq = dq * sm_scale
-    # DQ is the launcher's own contiguous (batch, n_head, seq_q, HEAD_DIM) tensor: no strides needed
-    dq_ptrs = DQ + pid_bh.to(tl.int64) * seq_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -639,8 +646,13 @@ def _new_outputs(q):
 
 
 def _new_grads(q, k, v):
-    """dq, dk, dv, unwritten: contiguous tensors of q's, k's and v's shapes (the kernels store them so)."""
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    """dq, dk, dv, unwritten: dense tensors of q's, k's and v's shapes whose axes lie in memory in the
+    order of their input's (torch.empty_like: exactly its strides where it is dense). In a transformer q, k
+    and v are (batch, seq, heads, head_dim) views of one projection, and the gradient of that projection
+    concatenates dq, dk and dv along its last axis: from grads stored (batch, seq, heads, head_dim) that is
+    a copy of whole rows, from (batch, heads, seq, head_dim) ones a transpose. A leaf's gradient gets its
+    layout, which autograd then keeps without a copy. Shared with the custom op's fake implementation."""
+    return tuple(torch.empty_like(t) for t in (q, k, v))
 
 
 def _forward(q, k, v, causal: bool, sm_scale: float):
@@ -748,19 +760,21 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
     delta = torch.empty_like(lse)
     dq, dk, dv = _new_grads(q, k, v)
     strides = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do))  # both kernels'
+    grad_strides = (*_bhs_strides(dk), *_bhs_strides(dv))
 
     def kv_grid(meta):
         return _grid(_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head, heavy_first)
 
     if mode == "atomic":
-        # fp32 inputs accumulate in dq itself; else in an fp32 buffer that the last pass rounds into dq
-        acc = dq if q.dtype == torch.float32 else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        # fp32 inputs accumulate in dq itself; else in an fp32 buffer of dq's strides (both dense: the last
+        # pass rounds it into dq elementwise)
+        acc = dq if q.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
         _PREP((batch * n_head, _cdiv(seq_q, _PREP_BLOCK_M)),
-              (o, do, delta, acc, *_bhs_strides(o), *_bhs_strides(do), n_head, seq_q),
+              (o, do, delta, acc, *_bhs_strides(o), *_bhs_strides(do), *_bhs_strides(acc), n_head, seq_q),
               {"HEAD_DIM": head_dim, "BLOCK_M": _PREP_BLOCK_M, "num_warps": 4})
         _BWD_KV_ATOMIC(key, kv_grid,
                        q, k, v, do, lse, delta, dk, dv, acc, sm_scale * _LOG2E, sm_scale, *strides,
-                       n_head, n_kv_head, group, seq_q, seq_k,
+                       *grad_strides, *_bhs_strides(acc), n_head, n_kv_head, group, seq_q, seq_k,
                        HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
                        ATOMIC_DQ=True)
         n = acc.numel()
@@ -774,11 +788,11 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
     # dq first: it also computes delta, which the dk/dv kernel reads
     _BWD_Q(key, q_grid,
            q, k, v, o, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale, *strides, *_bhs_strides(o),
-           n_head, group, seq_q, seq_k,
+           *_bhs_strides(dq), n_head, group, seq_q, seq_k,
            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first)
     _BWD_KV(key, kv_grid,
             q, k, v, do, lse, delta, dk, dv, dq, sm_scale * _LOG2E, sm_scale, *strides,
-            n_head, n_kv_head, group, seq_q, seq_k,
+            *grad_strides, *_bhs_strides(dq), n_head, n_kv_head, group, seq_q, seq_k,
             HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
             ATOMIC_DQ=False)
     return dq, dk, dv
@@ -813,21 +827,28 @@ class _FlashAttention(torch.autograd.Function):
 # inside the ops, through the same autotuned, directly launched path as outside torch.compile.
 
 
-@torch.library.custom_op("fastlm::flash_attention_forward", mutates_args=())
+# Compiled graphs are cached on disk (AOTAutograd, inductor), keyed by what dynamo traces: the forward op's
+# name and inputs. The backward op's name and both ops' fake layouts do not enter the key (before
+# pytorch/pytorch#185323 the fakes did not at all; pytorch/pytorch#144344), so a cached graph would go on
+# calling the old backward op, or reading its outputs with the old layout. The ops' names carry
+# _OP_VERSION, raised with any change of a fake's layout or of the backward op: a new forward name makes
+# those caches miss.
+_OP_VERSION = 2  # 2: dq, dk, dv follow their inputs' layout
+
+
+@torch.library.custom_op(f"fastlm::flash_attention_forward_v{_OP_VERSION}", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                 sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, causal, sm_scale)
 
 
-# The fakes must give the real outputs' layouts. Inductor's compile cache did not key on them before
-# pytorch/pytorch#185323: on such a torch, a layout change needs a new op name, or a cached graph of the
-# old layout fails its stride assertion ("incorrect fake kernel").
+# The fakes must give the real outputs' layouts (tests: opcheck), and a change of layout raises _OP_VERSION.
 @_forward_op.register_fake
 def _forward_fake(q, k, v, causal, sm_scale):
     return _new_outputs(q)
 
 
-@torch.library.custom_op("fastlm::flash_attention_backward", mutates_args=())
+@torch.library.custom_op(f"fastlm::flash_attention_backward_v{_OP_VERSION}", mutates_args=())
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse: torch.Tensor, causal: bool,
                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -446,7 +446,28 @@ def test_model_layout_and_custom_scale(mode, dq_mode):
     out = flash_attention(q, k, v, causal=True)
     merged = out.transpose(1, 2).reshape(batch, seq, n_head * head_dim)
     assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
+    # ... and dq, dk, dv are stored as their inputs, (B, T, H, D): the projection's gradient is then a
+    # concatenation of whole rows, not a transpose
+    for name, g in zip(("dq", "dk", "dv"), _out_and_grads(flash_attention, q, k, v, do, True)[1:]):
+        assert g.transpose(1, 2).is_contiguous(), (name, g.stride())
     assert set(ran) == {mode}
+
+
+def test_custom_ops_fakes_match_the_real_ops_in_the_models_layout():
+    # Under torch.compile the attention is two custom ops, and inductor compiles the graph around them from
+    # their fake implementations: those must give the real outputs' shapes and strides (o and dq, dk, dv
+    # follow the inputs' (B, T, H, D) layout), or the compiled graph reads the outputs wrongly. opcheck runs
+    # each op for real and on fake tensors and compares them, and checks the schema and the autograd
+    # registration. Inputs as the model makes them (GQA): views of a projection.
+    gen = torch.Generator().manual_seed(4)
+    batch, seq, n_head, n_kv_head, head_dim = 2, 40, 4, 2, 32
+    q_proj = torch.randn(batch, seq, n_head, head_dim, generator=gen).to(DEVICE, CASE_DTYPE)
+    kv_proj = torch.randn(batch, seq, 2, n_kv_head, head_dim, generator=gen).to(DEVICE, CASE_DTYPE)
+    q, k, v = q_proj.transpose(1, 2), kv_proj[:, :, 0].transpose(1, 2), kv_proj[:, :, 1].transpose(1, 2)
+    torch.library.opcheck(FA._forward_op, (q, k, v, True, 0.2))
+    o, lse = FA._forward_op(q, k, v, True, 0.2)
+    do = torch.randn(batch, seq, n_head, head_dim, generator=gen).to(DEVICE, CASE_DTYPE).transpose(1, 2)
+    torch.library.opcheck(FA._backward_op, (do, q, k, v, o, lse, True, 0.2))
 
 
 @pytest.mark.parametrize("mode", ["separate", "atomic"])

@@ -71,14 +71,14 @@ def _signatures(fa, dtype: str) -> dict:
     strides = lambda *names: {f"stride_{n}{d}": "i32" for n in names for d in "bht"}  # noqa: E731
     common = {"n_head": "i32", "group": "i32", "seq_q": "i32", "seq_k": "i32"}
     bwd_kv = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,
-              "DQ": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", **strides("q", "k", "v", "do"),
-              "n_kv_head": "i32", **common}
+              "DQ": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32",
+              **strides("q", "k", "v", "do", "dk", "dv", "dq"), "n_kv_head": "i32", **common}
     return {
         "fwd": (fa._fwd_kernel, {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "qk_scale": "fp32",
                                  **strides("q", "k", "v", "o"), **common}),
         "bwd_q": (fa._bwd_q_kernel, {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32",
                                      "DELTA": "*fp32", "DQ": ptr, "qk_scale": "fp32", "sm_scale": "fp32",
-                                     **strides("q", "k", "v", "do", "o"), **common}),
+                                     **strides("q", "k", "v", "do", "o", "dq"), **common}),
         "bwd_kv": (fa._bwd_kv_kernel, bwd_kv),
         "bwd_kv_atomic": (fa._BWD_KV_ATOMIC.kernel, bwd_kv),
     }
