@@ -760,21 +760,23 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
     delta = torch.empty_like(lse)
     dq, dk, dv = _new_grads(q, k, v)
     strides = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do))  # both kernels'
-    grad_strides = (*_bhs_strides(dk), *_bhs_strides(dv))
+    # the gradients' strides (atomic dq's fp32 accumulator is allocated like dq: it has dq's)
+    dq_strides = _bhs_strides(dq)
+    grad_strides = (*_bhs_strides(dk), *_bhs_strides(dv), *dq_strides)  # the dk/dv kernel's
 
     def kv_grid(meta):
         return _grid(_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head, heavy_first)
 
     if mode == "atomic":
         # fp32 inputs accumulate in dq itself; else in an fp32 buffer of dq's strides (both dense: the last
-        # pass rounds it into dq elementwise)
+        # pass rounds it into dq elementwise, and the kernels take dq's strides for it)
         acc = dq if q.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
         _PREP((batch * n_head, _cdiv(seq_q, _PREP_BLOCK_M)),
-              (o, do, delta, acc, *_bhs_strides(o), *_bhs_strides(do), *_bhs_strides(acc), n_head, seq_q),
+              (o, do, delta, acc, *_bhs_strides(o), *_bhs_strides(do), *dq_strides, n_head, seq_q),
               {"HEAD_DIM": head_dim, "BLOCK_M": _PREP_BLOCK_M, "num_warps": 4})
         _BWD_KV_ATOMIC(key, kv_grid,
                        q, k, v, do, lse, delta, dk, dv, acc, sm_scale * _LOG2E, sm_scale, *strides,
-                       *grad_strides, *_bhs_strides(acc), n_head, n_kv_head, group, seq_q, seq_k,
+                       *grad_strides, n_head, n_kv_head, group, seq_q, seq_k,
                        HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
                        ATOMIC_DQ=True)
         n = acc.numel()
@@ -788,11 +790,11 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
     # dq first: it also computes delta, which the dk/dv kernel reads
     _BWD_Q(key, q_grid,
            q, k, v, o, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale, *strides, *_bhs_strides(o),
-           *_bhs_strides(dq), n_head, group, seq_q, seq_k,
+           *dq_strides, n_head, group, seq_q, seq_k,
            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first)
     _BWD_KV(key, kv_grid,
             q, k, v, do, lse, delta, dk, dv, dq, sm_scale * _LOG2E, sm_scale, *strides,
-            *grad_strides, *_bhs_strides(dq), n_head, n_kv_head, group, seq_q, seq_k,
+            *grad_strides, n_head, n_kv_head, group, seq_q, seq_k,
             HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
             ATOMIC_DQ=False)
     return dq, dk, dv

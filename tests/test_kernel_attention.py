@@ -158,9 +158,10 @@ def dq_mode(monkeypatch):
 
 @pytest.fixture
 def fixed_tiles():
-    """One tiling per kernel for the whole test (deterministic mode: the smallest tiles, no autotuning).
-    The program order is part of the tuning key, so on a GPU each order autotunes by itself and may pick
-    other tiles, which sum in another order; the interpreter has one config per kernel anyway."""
+    """Deterministic mode (torch.use_deterministic_algorithms) for the whole test: one tiling per kernel,
+    the smallest, without autotuning. The program order is part of the tuning key, so on a GPU each order
+    autotunes by itself and may pick other tiles, which sum in another order; the interpreter has one
+    config per kernel anyway."""
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
@@ -499,7 +500,7 @@ def test_deterministic_and_tuned_once(dq_mode):
     _check(q, k, v, do, causal=True)  # and the reused config still computes the right thing
 
 
-def test_deterministic_mode_takes_the_smallest_tiles_without_autotuning():
+def test_deterministic_mode_takes_the_smallest_tiles_without_autotuning(fixed_tiles):
     """Under torch.use_deterministic_algorithms(True) (run.deterministic) the launcher never times configs:
     it launches the plain kernel with the config of smallest tiles, the same in every process."""
     import triton
@@ -524,13 +525,8 @@ def test_deterministic_mode_takes_the_smallest_tiles_without_autotuning():
             raise AssertionError("autotuned in deterministic mode")
 
     tuned = fa._Tuned(Kernel())
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        tuned(("key",), "grid", 1, 2, HEAD_DIM=64)
-        tuned(("other key",), "grid", 3, HEAD_DIM=128)
-    finally:
-        torch.use_deterministic_algorithms(was)
+    tuned(("key",), "grid", 1, 2, HEAD_DIM=64)
+    tuned(("other key",), "grid", 3, HEAD_DIM=128)
     assert [kw["BLOCK_M"] * kw["BLOCK_N"] for _, _, kw in launches] == [2048, 2048]
     assert all(kw["num_stages"] == 3 and kw["num_warps"] == 4 for _, _, kw in launches)
     assert launches[0][:2] == ("grid", (1, 2)) and launches[0][2]["HEAD_DIM"] == 64
