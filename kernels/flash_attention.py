@@ -37,7 +37,7 @@ import triton.language as tl
 
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from .launch import CachedLauncher
+from .launch import CachedLauncher, LaunchPlan, Recording, aligned
 
 # Read once: @triton.jit decides at import time whether the kernels are compiled or interpreted.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -577,23 +577,25 @@ class _Tuned:
         self.fixed = dict(smallest.kwargs, num_warps=smallest.num_warps, num_stages=smallest.num_stages)
         self.launch = CachedLauncher(kernel.fn, direct=not _INTERPRET)
 
-    def __call__(self, key: tuple, grid, *args, **constexprs):
+    def __call__(self, key: tuple, grid, *args, recording: Recording | None = None, **constexprs):
         compiling = torch.compiler.is_compiling()
         if torch.are_deterministic_algorithms_enabled():
-            if compiling:
-                self.kernel.fn[grid](*args, **constexprs, **self.fixed)
-                return
             options = self.fixed
+            if compiling:
+                self.kernel.fn[grid](*args, **constexprs, **options)
+                options = None
         elif compiling:
             self.kernel[grid](*args, **constexprs)
-            return
+            options = None
         else:
             options = self.chosen.get(key)
             if options is None:
                 self.kernel[grid](*args, **constexprs)
                 self.chosen[key] = self.kernel.best_config.all_kwargs()
-                return
-        self.launch(grid, args, {**constexprs, **options})
+        if options is not None:
+            self.launch(grid, args, {**constexprs, **options}, recording)
+        elif recording is not None:
+            recording.missed()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -634,6 +636,33 @@ _SCALE_CAST_BLOCK = 2048
 DQ_CHOSEN: dict[tuple, str] = {}
 DQ_TIMES: dict[tuple, dict[str, float]] = {}
 
+# Launch plans (kernels/launch.py). Once a forward (a backward) has launched all its kernels directly,
+# later calls with the same plan key replay those launches with their own tensors: one call of each
+# kernel's launcher, where the path above derives grids, strides, tuning keys, options and launch
+# signatures again on every call. A plan key holds everything that path reads: the shapes, strides and
+# dtypes of the tensors passed in (the outputs are allocated from them), the data's 16-byte alignment,
+# causal, the softmax scale, the program order (HEAVY_FIRST), deterministic mode (fixed tilings) and, for
+# a backward, its dq mode; the tilings autotuning chose never change once chosen.
+_PLANS: dict[tuple, LaunchPlan] = {}
+MAX_PLANS = 512  # (as launch.MAX_SIGNATURES: varying shapes would grow the dict forever)
+
+
+def _keep_plan(key: tuple | None, recording: Recording | None) -> None:
+    plan = recording.plan() if recording is not None else None
+    if plan is not None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+
+
+def _plans_apply() -> bool:
+    # where launches are direct: not under the interpreter, nor while dynamo traces them
+    return _FWD.launch.direct and not torch.compiler.is_compiling()
+
+
+def _layout(*tensors) -> tuple:
+    return tuple((t.shape, t.stride(), t.dtype) for t in tensors)
+
 
 def _new_outputs(q):
     """The forward's outputs, unwritten: o (batch, n_head, seq_q, head_dim) stored as (batch, seq_q, n_head,
@@ -641,8 +670,8 @@ def _new_outputs(q):
     transformer does next, is then a view, not a copy), and the fp32 lse (batch, n_head, seq_q). Shared
     with the custom op's fake implementation, which must give the same layouts."""
     batch, n_head, seq_q, head_dim = q.shape
-    return (q.new_empty(batch, seq_q, n_head, head_dim).transpose(1, 2),
-            q.new_empty(batch, n_head, seq_q, dtype=torch.float32))
+    return (q.new_empty_strided(q.shape, (seq_q * n_head * head_dim, head_dim, n_head * head_dim, 1)),
+            q.new_empty((batch, n_head, seq_q), dtype=torch.float32))
 
 
 def _new_grads(q, k, v):
@@ -656,9 +685,24 @@ def _new_grads(q, k, v):
 
 
 def _forward(q, k, v, causal: bool, sm_scale: float):
+    o, lse = _new_outputs(q)
+    tensors = (q, k, v, o, lse)
+    plan_key = recording = None
+    if _plans_apply():
+        plan_key = ("forward", _layout(q, k, v), aligned(tensors), causal, sm_scale, HEAVY_FIRST,
+                    torch.are_deterministic_algorithms_enabled())
+        plan = _PLANS.get(plan_key)
+        if plan is not None and plan(tensors):
+            return o, lse
+        recording = Recording(tensors)
+    _launch_forward(q, k, v, o, lse, causal, sm_scale, recording)
+    _keep_plan(plan_key, recording)
+    return o, lse
+
+
+def _launch_forward(q, k, v, o, lse, causal: bool, sm_scale: float, recording: Recording | None) -> None:
     batch, n_head, seq_q, head_dim = q.shape
     n_kv_head, seq_k = k.shape[1], k.shape[2]
-    o, lse = _new_outputs(q)
     heavy_first = _heavy_first(causal, batch * n_head)
 
     def grid(meta):
@@ -667,9 +711,8 @@ def _forward(q, k, v, causal: bool, sm_scale: float):
     _FWD((seq_q, seq_k, head_dim, causal, q.dtype, heavy_first), grid,
          q, k, v, o, lse, sm_scale * _LOG2E,
          *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(o),
-         n_head, n_head // n_kv_head, seq_q, seq_k,
+         n_head, n_head // n_kv_head, seq_q, seq_k, recording=recording,
          HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=_precision(q.dtype), HEAVY_FIRST=heavy_first)
-    return o, lse
 
 
 def _dq_mode(key: tuple, device: torch.device) -> str | None:
@@ -752,13 +795,34 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
 
 
 def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float, key: tuple):
-    batch, n_head, seq_q, head_dim = q.shape
-    n_kv_head, seq_k = k.shape[1], k.shape[2]
-    group = n_head // n_kv_head
-    precision = _precision(q.dtype)
-    heavy_first = key[-1]
     delta = torch.empty_like(lse)
     dq, dk, dv = _new_grads(q, k, v)
+    # atomic dq: fp32 inputs accumulate in dq itself; else in an fp32 buffer of dq's strides (both dense:
+    # the last pass rounds it into dq elementwise, and the kernels take dq's strides for it)
+    acc = None
+    if mode == "atomic":
+        acc = dq if q.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
+    tensors = (q, k, v, o, do, lse, delta, dq, dk, dv) + ((acc,) if acc is not None else ())
+    plan_key = recording = None
+    if _plans_apply():
+        plan_key = ("backward", mode, key, _layout(q, k, v, o, lse, do), aligned(tensors), sm_scale,
+                    torch.are_deterministic_algorithms_enabled())
+        plan = _PLANS.get(plan_key)
+        if plan is not None and plan(tensors):
+            return dq, dk, dv
+        recording = Recording(tensors)
+    _launch_backward(mode, do, q, k, v, o, lse, delta, dq, dk, dv, acc, causal, sm_scale, key, recording)
+    _keep_plan(plan_key, recording)
+    return dq, dk, dv
+
+
+def _launch_backward(mode: str, do, q, k, v, o, lse, delta, dq, dk, dv, acc, causal: bool, sm_scale: float,
+                     key: tuple, recording: Recording | None) -> None:
+    batch, n_head, seq_q, head_dim = q.shape
+    n_kv_head, seq_k = k.shape[1], k.shape[2]
+    heavy_first = key[-1]
+    group = n_head // n_kv_head
+    precision = _precision(q.dtype)
     strides = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do))  # both kernels'
     # the gradients' strides (atomic dq's fp32 accumulator is allocated like dq: it has dq's)
     dq_strides = _bhs_strides(dq)
@@ -768,21 +832,18 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
         return _grid(_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head, heavy_first)
 
     if mode == "atomic":
-        # fp32 inputs accumulate in dq itself; else in an fp32 buffer of dq's strides (both dense: the last
-        # pass rounds it into dq elementwise, and the kernels take dq's strides for it)
-        acc = dq if q.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
         _PREP((batch * n_head, _cdiv(seq_q, _PREP_BLOCK_M)),
               (o, do, delta, acc, *_bhs_strides(o), *_bhs_strides(do), *dq_strides, n_head, seq_q),
-              {"HEAD_DIM": head_dim, "BLOCK_M": _PREP_BLOCK_M, "num_warps": 4})
+              {"HEAD_DIM": head_dim, "BLOCK_M": _PREP_BLOCK_M, "num_warps": 4}, recording)
         _BWD_KV_ATOMIC(key, kv_grid,
                        q, k, v, do, lse, delta, dk, dv, acc, sm_scale * _LOG2E, sm_scale, *strides,
-                       *grad_strides, n_head, n_kv_head, group, seq_q, seq_k,
+                       *grad_strides, n_head, n_kv_head, group, seq_q, seq_k, recording=recording,
                        HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
                        ATOMIC_DQ=True)
         n = acc.numel()
         _SCALE_CAST((_cdiv(n, _SCALE_CAST_BLOCK),), (acc, dq, n, sm_scale),
-                    {"BLOCK": _SCALE_CAST_BLOCK, "num_warps": 4})
-        return dq, dk, dv
+                    {"BLOCK": _SCALE_CAST_BLOCK, "num_warps": 4}, recording)
+        return
 
     def q_grid(meta):
         return _grid(_cdiv(seq_q, meta["BLOCK_M"]), batch * n_head, heavy_first)
@@ -790,14 +851,13 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
     # dq first: it also computes delta, which the dk/dv kernel reads
     _BWD_Q(key, q_grid,
            q, k, v, o, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale, *strides, *_bhs_strides(o),
-           *dq_strides, n_head, group, seq_q, seq_k,
+           *dq_strides, n_head, group, seq_q, seq_k, recording=recording,
            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first)
     _BWD_KV(key, kv_grid,
             q, k, v, do, lse, delta, dk, dv, dq, sm_scale * _LOG2E, sm_scale, *strides,
-            *grad_strides, n_head, n_kv_head, group, seq_q, seq_k,
+            *grad_strides, n_head, n_kv_head, group, seq_q, seq_k, recording=recording,
             HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
             ATOMIC_DQ=False)
-    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------

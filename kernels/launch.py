@@ -20,6 +20,12 @@ Triton's path is kept where the direct one would skip something or not be unders
 interpreter, while a launch hook or a pre-run hook of the kernel is registered (profilers such as proton
 use them), and while torch.compile traces (dynamo captures `kernel[grid](...)` calls as user-defined Triton
 kernels).
+
+An op that launches several kernels per call goes one step further with a `LaunchPlan`: a `Recording`
+passed to the launchers keeps each direct launch (kernel, grid, every non-tensor argument, and which of
+the call's tensors went where); later calls with the same key, one the op derives from what its launches
+depend on, replay them with their own tensors, one call of each kernel's launcher. The signature, the
+grid function, the tuning lookup and the argument lists are then built once per key instead of per launch.
 """
 
 from __future__ import annotations
@@ -62,11 +68,11 @@ class CachedLauncher:
         self.current_stream = (getattr(torch._C, "_cuda_getCurrentRawStream", None)
                                or (lambda device: torch.cuda.current_stream(device).cuda_stream))
 
-    def __call__(self, grid, args: tuple, kwargs: dict) -> None:
-        if (not self.direct or torch.compiler.is_compiling()  # dynamo captures Triton's own launch
-                or _registered(knobs.runtime.launch_enter_hook) or _registered(knobs.runtime.launch_exit_hook)
-                or getattr(self.fn, "pre_run_hooks", None)):
+    def __call__(self, grid, args: tuple, kwargs: dict, recording: Recording | None = None) -> None:
+        if not self.direct or not direct_launches_allowed(self.fn):
             self.fn[grid](*args, **kwargs)
+            if recording is not None:
+                recording.missed()
             return
         device = self.current_device()
         key = (device, signature(args, kwargs))
@@ -80,15 +86,99 @@ class CachedLauncher:
                 if len(self.kernels) >= MAX_SIGNATURES:
                     self.kernels.clear()
                 self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata, tail)
+            if recording is not None:
+                recording.missed()
             return
         run, function, metadata, tail = found
         grid = grid(kwargs) if callable(grid) else grid
-        stream = self.current_stream(device)
-        grid_y, grid_z = (grid[1] if len(grid) > 1 else 1), (grid[2] if len(grid) > 2 else 1)
+        grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        tail_values = tuple(kwargs[name] for name in tail)
         # no launch metadata and no enter/exit hooks: none is registered (checked above)
-        run(grid[0], grid_y, grid_z, stream, function, metadata, None, None, None,
-            *args, *(kwargs[name] for name in tail))
+        run(*grid, self.current_stream(device), function, metadata, None, None, None, *args, *tail_values)
         self.hits += 1
+        if recording is not None:
+            recording.add(self, device, run, function, metadata, grid, args, tail_values)
+
+
+def direct_launches_allowed(*fns) -> bool:
+    """Whether launches of these @triton.jit functions may skip Triton's launch path: not while dynamo
+    traces (it captures Triton's own launch), nor while a launch hook or a pre-run hook is registered."""
+    return not (torch.compiler.is_compiling() or _registered(knobs.runtime.launch_enter_hook)
+                or _registered(knobs.runtime.launch_exit_hook)
+                or any(getattr(fn, "pre_run_hooks", None) for fn in fns))
+
+
+class Recording:
+    """The direct launches of one call of an op (several kernels, e.g. attention's backward), kept so that
+    later calls with the same key replay them (LaunchPlan). `tensors` are all the call's tensors, inputs
+    and outputs; each launch's tensor arguments are found among them by identity, so a replay can pass
+    its own call's tensors in their places. A launch that went through Triton (tuning, compiling, a hook),
+    or one that takes a tensor not among them, leaves the recording incomplete: no plan is made of it."""
+
+    def __init__(self, tensors: tuple):
+        self.tensors = tensors
+        self.launches: list[tuple] = []
+        self.launchers: list[CachedLauncher] = []
+        self.device = None
+        self.complete = True
+
+    def missed(self) -> None:
+        self.complete = False
+
+    def add(self, launcher: CachedLauncher, device, run, function, metadata, grid: tuple, args: tuple,
+            tail_values: tuple) -> None:
+        n = 0
+        while n < len(args) and isinstance(args[n], torch.Tensor):
+            n += 1
+        slots = []
+        for arg in args[:n]:
+            slot = next((i for i, t in enumerate(self.tensors) if t is arg), None)
+            if slot is None:
+                self.complete = False
+                return
+            slots.append(slot)
+        scalars = args[n:] + tail_values
+        if any(isinstance(a, torch.Tensor) for a in scalars) or self.device not in (None, device):
+            self.complete = False
+            return
+        self.device = device
+        self.launchers.append(launcher)
+        self.launches.append((run, function, metadata, grid, tuple(slots), scalars))
+
+    def plan(self) -> LaunchPlan | None:
+        return LaunchPlan(self) if self.complete and self.launches else None
+
+
+class LaunchPlan:
+    """Replays a complete Recording: `plan(tensors)` launches the same kernels with the same grids and
+    non-tensor arguments, each tensor argument taken from `tensors` at the place the recorded call had it.
+    One call to each kernel's launcher and nothing else per launch (no signature, no dict of options, no
+    grid function): the caller's key must fix everything else that the recorded launches depended on (the
+    shapes, strides and dtypes of the tensors, the 16-byte alignment of their data, the scalar arguments,
+    the tuned configs). Returns False, launching nothing, where a replay would not be the launches Triton
+    makes: another current device, a hook registered, or dynamo tracing."""
+
+    def __init__(self, recording: Recording):
+        self.launches = tuple(recording.launches)
+        self.fns = tuple({id(launcher.fn): launcher.fn for launcher in recording.launchers}.values())
+        first = recording.launchers[0]
+        self.current_device, self.current_stream = first.current_device, first.current_stream
+        self.device = recording.device
+        self.replays = 0  # (read by tests)
+
+    def __call__(self, tensors: tuple) -> bool:
+        if not direct_launches_allowed(*self.fns) or self.current_device() != self.device:
+            return False
+        stream = self.current_stream(self.device)
+        for run, function, metadata, (x, y, z), slots, scalars in self.launches:
+            run(x, y, z, stream, function, metadata, None, None, None, *[tensors[i] for i in slots], *scalars)
+        self.replays += 1
+        return True
+
+
+def aligned(tensors: tuple) -> tuple[bool, ...]:
+    """Whether each tensor's data is 16-byte aligned (Triton specializes pointer arguments on that)."""
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def _registered(hook) -> bool:

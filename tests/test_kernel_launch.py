@@ -2,9 +2,10 @@
 Triton, later ones call the compiled kernel's launcher directly, and only where Triton would have launched
 the same compiled kernel.
 
-On CPU a stand-in for a @triton.jit function records both kinds of launch; on a GPU the real kernels run
-twice (the second time directly) and must give the same results, also for inputs whose alignment asks
-Triton for another specialization.
+On CPU a stand-in for a @triton.jit function records both kinds of launch, and the replays of launch plans
+(a call's direct launches kept and replayed with a later call's tensors); on a GPU the real kernels run
+through Triton, directly and replayed, and must give the same results, also for inputs whose alignment
+asks Triton for another specialization.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from conftest import assert_lowers_to_sm90  # noqa: E402
 
 launch_mod = sys.modules["fastlm.kernels.launch"]
 CachedLauncher, signature = launch_mod.CachedLauncher, launch_mod.signature
+Recording = launch_mod.Recording
 
 STREAM = 1234
 
@@ -162,13 +164,100 @@ def test_signature():
     assert signature((True,), {}) != signature((1,), {})
 
 
+# --- Launch plans: a call's direct launches, replayed with another call's tensors --------------------------
+
+
+def _recorded_call(launchers, tensors, n=10):
+    """One call of a two-kernel op (as attention's backward): `a` reads x and writes y, `b` reads y and
+    writes z. Returns the recording."""
+    (jit_a, a), (jit_b, b) = launchers
+    x, y, z = tensors
+    recording = Recording(tensors)
+    a(_grid, (x, y, n, 0.5), {"BLOCK": 16}, recording)
+    b((3, 2), (y, z, n), {"BLOCK": 32}, recording)
+    return recording
+
+
+def _two_kernel_launchers(device=(0,)):
+    """Launchers of two kernels; `device` is a list whose first item the launchers read as the current
+    device (as torch.cuda.current_device reads the current state)."""
+    launchers = [_launcher(), _launcher()]
+    launchers[0][0].arg_names = ["X", "Y", "n", "scale", "BLOCK"]
+    launchers[1][0].arg_names = ["Y", "Z", "n", "BLOCK"]
+    for _, launcher in launchers:
+        launcher.current_device = lambda: device[0]
+    return launchers
+
+
+def test_a_plan_replays_the_recorded_launches_with_the_new_calls_tensors():
+    launchers = _two_kernel_launchers()
+    (jit_a, a), (jit_b, b) = launchers
+    first = tuple(torch.zeros(64) for _ in range(3))
+    assert _recorded_call(launchers, first).plan() is None  # first sight of each signature: Triton's launch
+    recording = _recorded_call(launchers, first)  # direct
+    plan = recording.plan()
+    direct = (jit_a.log[-1], jit_b.log[-1])
+    assert direct[0][0] == direct[1][0] == "direct"
+    second = tuple(torch.zeros(64) for _ in range(3))
+    assert plan(second) and plan.replays == 1
+    replayed = (jit_a.log[-1], jit_b.log[-1])
+    # the same grids, stream, kernels and scalars, each tensor the new call's at the recorded call's place
+    for (kind, was), (again, now), slots in zip(direct, replayed, ((0, 1), (1, 2))):
+        assert again == "direct" and now[:9] == was[:9] and now[11:] == was[11:]
+        assert now[9] is second[slots[0]] and now[10] is second[slots[1]]
+    assert now[:3] == (3, 2, 1)  # a grid given as a tuple, padded to three dimensions
+    assert a.hits == b.hits == 1  # the replay went around the launchers
+
+
+def test_no_plan_where_a_launch_was_not_direct_or_takes_an_unknown_tensor():
+    launchers = _two_kernel_launchers()
+    tensors = tuple(torch.zeros(64) for _ in range(3))
+    _recorded_call(launchers, tensors)
+    assert _recorded_call(launchers, tensors).plan() is not None
+    # a tensor argument that is not one of the call's tensors: a replay could not know what to pass
+    (jit_a, a), _ = launchers
+    recording = Recording(tensors[:1])
+    a(_grid, (tensors[0], torch.zeros(64), 10, 0.5), {"BLOCK": 16}, recording)
+    assert jit_a.log[-1][0] == "direct" and recording.plan() is None
+    # a launch through Triton (here: another specialization, n = 16 is divisible by 16) in the call
+    assert _recorded_call(launchers, tensors, n=16).plan() is None
+    assert Recording(tensors).plan() is None  # nothing launched
+
+
+def test_a_plan_does_not_replay_under_a_hook_or_on_another_device():
+    device = [0]
+    launchers = _two_kernel_launchers(device)
+    (jit_a, a), (jit_b, b) = launchers
+    tensors = tuple(torch.zeros(64) for _ in range(3))
+    _recorded_call(launchers, tensors)
+    plan = _recorded_call(launchers, tensors).plan()
+    logged = len(jit_a.log) + len(jit_b.log)
+
+    def hook(metadata):
+        pass
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert not plan(tensors)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    jit_b.pre_run_hooks = [hook]  # a hook of one of the plan's kernels
+    assert not plan(tensors)
+    jit_b.pre_run_hooks = []
+    device[0] = 1  # the kernels were loaded on device 0
+    assert not plan(tensors)
+    assert len(jit_a.log) + len(jit_b.log) == logged and plan.replays == 0
+    device[0] = 0
+    assert plan(tensors) and plan.replays == 1
+
+
 def test_direct_launch_passes_what_tritons_binder_binds():
     # A direct launch hands the compiled kernel's launcher `args + the remaining parameters in order` (the
     # constexprs from the keyword arguments); Triton's own launch hands it its binder's values. Both must
     # be the same list for every kernel, or a direct launch would feed the kernel shifted arguments. Checked
     # with the real launchers and Triton's binder for an H100 (no GPU needed): each kernel's first launch
     # goes to a stand-in that binds the arguments as Triton would, the second launch is direct into a
-    # stand-in launcher that records what it is given.
+    # stand-in launcher that records what it is given, and so is the third, a launch plan's replay.
     code = textwrap.dedent("""
         import sys, torch
         from triton.backends.compiler import GPUTarget
@@ -183,7 +272,7 @@ def test_direct_launch_passes_what_tritons_binder_binds():
         class Compiled:
             def __init__(self, name):
                 self.function, self.packed_metadata = "function", "metadata"
-                self.run = lambda *a: launched.setdefault(name, a[9:])  # after grid, stream, function, ...
+                self.run = lambda *a: launched.setdefault(name, []).append(a[9:])  # after grid, stream, ...
 
         class Jit:  # binds like Triton's launch, returns a compiled kernel
             def __init__(self, fn):
@@ -210,22 +299,148 @@ def test_direct_launch_passes_what_tritons_binder_binds():
         for mode in kernels:  # both ways of computing dq (deterministic runs only take "separate")
             fa._dq_mode = lambda key, device: mode
             launched.clear()  # (bound: a launcher that is direct already keeps what it bound before)
-            for _ in range(2):  # through Triton's binder, then direct
+            fa._PLANS.clear()
+            for call in range(3):  # through Triton's binder, then direct, then replayed (a launch plan)
+                replays = sum(plan.replays for plan in fa._PLANS.values())
                 qq = q.clone().requires_grad_()
                 k, v = (kv[:, :, i].transpose(1, 2).requires_grad_() for i in range(2))
                 fastlm.kernels.flash_attention(qq, k, v).sum().backward()
                 ce.launch(logits, targets, torch.empty(8), logits, torch.ones(1), -100)
             assert sorted(launched) == kernels[mode], (mode, sorted(launched))
-            for name, args in launched.items():
+            assert sum(plan.replays for plan in fa._PLANS.values()) == replays + 2  # the third fwd + bwd
+            for name, launches in launched.items():
                 want = bound[name]
-                assert len(args) == len(want), (mode, name, len(args), len(want))
-                for i, (a, b) in enumerate(zip(args, want)):
-                    same = (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-                            if isinstance(a, torch.Tensor) else a == b and type(a) is type(b))
-                    assert same, (mode, name, i, a, b)
+                for args in launches:
+                    assert len(args) == len(want), (mode, name, len(args), len(want))
+                    for i, (a, b) in enumerate(zip(args, want)):
+                        same = (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+                                if isinstance(a, torch.Tensor) else a == b and type(a) is type(b))
+                        assert same, (mode, name, i, a, b)
         print("BOUND")
     """)
     assert_lowers_to_sm90(code, done="BOUND")
+
+
+def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_read():
+    # flash attention keeps the direct launches of a forward (a backward) as a plan and replays them for
+    # later calls of the same plan key. A replay must launch exactly what the direct path would for its
+    # call, and a call that differs in anything the direct path reads (layout, alignment, dtype, scale,
+    # mask, program order, deterministic tiles, dq mode) must not replay another call's plan. Checked with
+    # stand-in kernels (no GPU) on variants of one call: per variant the direct path's launches (each
+    # tensor named by its role, or described if it is scratch) against its replay; then all variants
+    # interleaved, each replaying its own plan and launching the same as before.
+    code = textwrap.dedent("""
+        import sys, torch
+        import fastlm.kernels
+        from triton import knobs
+        fa = sys.modules["fastlm.kernels.flash_attention"]
+        log = []
+
+        class Compiled:
+            def __init__(self, name):
+                self.function, self.packed_metadata = name, "metadata"
+                self.run = lambda *args: log.append((name, args))
+
+        class Jit:  # first sight of a signature: "compiles" a kernel of its own
+            def __init__(self, fn):
+                self.name, self.arg_names, self.compiled = fn.__name__, fn.arg_names, 0
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    self.compiled += 1
+                    log.append(("triton", self.name))
+                    return Compiled(f"{self.name} {self.compiled}")
+                return launch
+
+        class Chosen(dict):  # autotuning "chose" the first config of each kernel's list
+            def __init__(self, config):
+                self.config = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            def get(self, key, default=None):
+                return self.config
+
+        for launcher in (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch, fa._BWD_KV_ATOMIC.launch,
+                         fa._PREP, fa._SCALE_CAST):
+            launcher.fn, launcher.direct = Jit(launcher.fn), True
+            launcher.current_device, launcher.current_stream = (lambda: 0), (lambda device: 7)
+        for tuned in (fa._FWD, fa._BWD_Q, fa._BWD_KV, fa._BWD_KV_ATOMIC):
+            tuned.chosen = Chosen(tuned.kernel.configs[0])
+            assert tuned.chosen.config != tuned.fixed  # deterministic mode launches other tiles
+        fa._INTERPRET = True  # CPU tensors past the device check (the launches stay direct)
+
+        def inputs(dtype=torch.bfloat16, seq=40, contiguous_kv=False, offset=0):
+            gen = torch.Generator().manual_seed(0)
+            q = torch.randn(2, 4, seq, 64, generator=gen).to(dtype)
+            if offset:  # offset elements into its buffer: not 16-byte aligned
+                q = torch.empty(q.numel() + offset, dtype=dtype)[offset:].view(q.shape).copy_(q)
+            kv = torch.randn(2, seq, 2, 2, 64, generator=gen).to(dtype)  # GQA, strided as in the model
+            k, v = (kv[:, :, i].transpose(1, 2) for i in range(2))
+            if contiguous_kv:
+                k, v = k.contiguous(), v.contiguous()
+            return q, k, v, torch.randn(2, 4, seq, 64, generator=gen).to(dtype)
+
+        VARIANTS = {"base": {}, "atomic dq": {"mode": "atomic"}, "deterministic": {"deterministic": True},
+                    "plain program order": {"heavy_first": False}, "contiguous k, v": {"contiguous_kv": True},
+                    "unaligned q": {"offset": 1}, "fp16": {"dtype": torch.float16},
+                    "fp32, atomic dq": {"dtype": torch.float32, "mode": "atomic"},
+                    "softmax scale": {"scale": 0.3}, "not causal": {"causal": False}, "longer": {"seq": 72}}
+        made = {}
+
+        def call(variant):
+            s = dict(VARIANTS[variant])
+            fa.BWD_DQ, fa.HEAVY_FIRST = s.pop("mode", "separate"), s.pop("heavy_first", True)
+            torch.use_deterministic_algorithms(s.pop("deterministic", False))
+            causal, scale = s.pop("causal", True), s.pop("scale", None)
+            if variant not in made:
+                made[variant] = inputs(**s)
+            q, k, v, do = made[variant]
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            log.clear()
+            out = fastlm.kernels.flash_attention(q, k, v, causal=causal, softmax_scale=scale)
+            grads = torch.autograd.grad(out, (q, k, v), do)
+            roles = dict(zip(("q", "k", "v", "do", "out", "dq", "dk", "dv"), (q, k, v, do, out, *grads)))
+
+            def name(a):
+                if not isinstance(a, torch.Tensor):
+                    return a
+                for role, t in roles.items():
+                    if (a.data_ptr(), a.shape, a.stride(), a.dtype) == (t.data_ptr(), t.shape, t.stride(),
+                                                                        t.dtype):
+                        return role
+                return ("scratch", tuple(a.shape), a.stride(), a.dtype)
+            return [(kernel, args if kernel == "triton" else tuple(map(name, args))) for kernel, args in log]
+
+        def replays():
+            return sum(plan.replays for plan in fa._PLANS.values())
+
+        expected = {}
+        for variant in VARIANTS:
+            fa._PLANS.clear()
+            call(variant)  # new signatures go through Triton
+            fa._PLANS.clear()
+            direct = call(variant)
+            assert direct and all(kernel != "triton" for kernel, _ in direct), (variant, direct)
+            before = replays()
+            assert call(variant) == direct and replays() == before + 2, variant  # forward and backward
+            expected[variant] = direct
+        assert len({repr(e) for e in expected.values()}) == len(expected)  # each variant launches otherwise
+
+        fa._PLANS.clear()
+        for round in range(2):
+            for variant in VARIANTS:
+                before = replays()
+                assert call(variant) == expected[variant], (round, variant)
+                # round 0 makes the plans (the forward of "atomic dq" is base's), round 1 replays them
+                replayed = 2 if round else int(variant == "atomic dq")
+                assert replays() == before + replayed, (round, variant)
+
+        def hook(metadata):
+            pass
+        knobs.runtime.launch_enter_hook.add(hook)  # a profiler: every launch through Triton, no replay
+        before = replays()
+        launched = call("base")
+        assert replays() == before and launched and all(kernel == "triton" for kernel, _ in launched)
+        print("PLANS")
+    """)
+    assert_lowers_to_sm90(code, done="PLANS")
 
 
 # --- On a GPU: the real kernels, launched directly ---------------------------------------------------------
@@ -255,15 +470,19 @@ def test_gpu_direct_launches_match_tritons():
             fa.BWD_DQ = mode
             first = attention_run(q, k, v, do)  # autotunes (unless an earlier test did)
             second = attention_run(q, k, v, do)  # Triton's launch with the chosen config, kept (or direct)
+            fa._PLANS.clear()  # (a launch plan, made by a direct call, would replay instead)
             hits = [launcher.hits for launcher in used]
-            third = attention_run(q, k, v, do)  # direct
+            third = attention_run(q, k, v, do)  # direct, and kept as launch plans
             assert [launcher.hits for launcher in used] == [h + 1 for h in hits], mode
-            for name, a, b, c in zip(("out", "dq", "dk", "dv"), first, second, third):
-                if mode == "atomic" and name == "dq":  # the order of the fp32 adds varies from run to run
-                    torch.testing.assert_close(a, b)
-                    torch.testing.assert_close(b, c)
-                else:
-                    assert torch.equal(a, b) and torch.equal(b, c), (mode, name)
+            replays = sum(plan.replays for plan in fa._PLANS.values())
+            fourth = attention_run(q, k, v, do)  # the plans replayed
+            assert sum(plan.replays for plan in fa._PLANS.values()) == replays + 2, mode
+            for name, *runs in zip(("out", "dq", "dk", "dv"), first, second, third, fourth):
+                for a, b in zip(runs, runs[1:]):
+                    if mode == "atomic" and name == "dq":  # the order of the fp32 adds varies run to run
+                        torch.testing.assert_close(a, b)
+                    else:
+                        assert torch.equal(a, b), (mode, name)
         # q, k, v 2 bytes into their buffers: no 16-byte alignment, so Triton compiles another
         # specialization (a kept aligned kernel would read with vector loads this alignment does not allow)
         buffers = [torch.empty(q.numel() + 1, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -271,7 +490,7 @@ def test_gpu_direct_launches_match_tritons():
         assert all(t.data_ptr() % 16 for t in unaligned)
         for mode in launchers:
             fa.BWD_DQ = mode
-            for _ in range(2):
+            for _ in range(3):  # through Triton (another specialization), direct, replayed
                 for a, b in zip(first, attention_run(*unaligned, do)):
                     torch.testing.assert_close(a, b)
     finally:

@@ -1,0 +1,115 @@
+"""Host time of a flash attention forward + backward: the Python between the call and its kernel launches.
+
+Below T ~ 2048 one attention call on an H100 is bound by it (benchmarks/test_attention_speed.py: the
+kernels of a B8 H16 T512 call take ~90 us of GPU time, the call ~640 us of wall time at commit 662ca35).
+This benchmark measures that path on any machine, GPU or not: the real autograd Function, validation,
+allocations, tuning lookups and launch path of `fastlm.kernels.flash_attention`, with every kernel
+replaced by a stand-in that launches nothing. It compares, in the same run:
+
+- fastlm as it runs (launch plans: a call's direct launches replayed for later calls of the same layout);
+- fastlm with the plans switched off: every launch through the per-launch direct path (signature, options,
+  grid function), what the code did before the plans;
+- the floor for any Python autograd Function: one that allocates its output and gradients and does
+  nothing else (torch's own autograd machinery, which fastlm's path also pays).
+
+Tensors are tiny: on a GPU the caching allocator makes an allocation cost the same at any size, while on
+a CPU a large one would pay for fresh pages, which is not what a GPU host pays. It runs in a subprocess
+without Triton's interpreter (which would make the launches not direct) and without touching the kernels
+that other benchmarks of this session use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from conftest import ROOT, record
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    import fastlm.kernels
+    fa = sys.modules["fastlm.kernels.flash_attention"]
+
+    class Compiled:  # a compiled kernel whose launcher launches nothing
+        function, packed_metadata = "function", "metadata"
+        @staticmethod
+        def run(*args):
+            pass
+
+    class Jit:
+        def __init__(self, fn):
+            self.arg_names = fn.arg_names
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: Compiled()
+
+    class Chosen(dict):  # as if autotuning had chosen each kernel's first config
+        def __init__(self, config):
+            self.config = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        def get(self, key, default=None):
+            return self.config
+
+    for launcher in (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch, fa._BWD_KV_ATOMIC.launch,
+                     fa._PREP, fa._SCALE_CAST):
+        launcher.fn, launcher.direct = Jit(launcher.fn), True
+        launcher.current_device, launcher.current_stream = (lambda: 0), (lambda device: 0)
+    for tuned in (fa._FWD, fa._BWD_Q, fa._BWD_KV, fa._BWD_KV_ATOMIC):
+        tuned.chosen = Chosen(tuned.kernel.configs[0])
+    fa._INTERPRET = True  # CPU tensors past the device check (the launches stay direct)
+    fa.BWD_DQ = "separate"  # as "auto" chose at every T on the H100
+
+    # the model's layout: q, k, v are (batch, heads, seq, head_dim) views of one projection
+    batch, heads, seq, head_dim = 2, 2, 16, 64
+    qkv = torch.randn(batch, seq, 3, heads, head_dim)
+    q, k, v = (qkv[:, :, i].transpose(1, 2).detach().requires_grad_() for i in range(3))
+    do = torch.randn(batch, heads, seq, head_dim)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            ctx.save_for_backward(q, k, v)
+            return torch.empty_like(q)
+        @staticmethod
+        def backward(ctx, do):
+            q, k, v = ctx.saved_tensors
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    plans_apply = fa._plans_apply
+    def step(attention):
+        q.grad = k.grad = v.grad = None
+        attention(q, k, v).backward(do)
+    ways = {"plans": fastlm.kernels.flash_attention, "no plans": fastlm.kernels.flash_attention,
+            "floor": Floor.apply}
+    best = {name: float("inf") for name in ways}
+    for _ in range(7):  # interleaved rounds, the best of each: the least disturbed by other processes
+        for name, attention in ways.items():
+            fa._plans_apply = plans_apply if name == "plans" else (lambda: False)
+            for _ in range(100):
+                step(attention)
+            n = 1000
+            start = time.perf_counter()
+            for _ in range(n):
+                step(attention)
+            best[name] = min(best[name], (time.perf_counter() - start) / n * 1e6)
+    replays = sum(plan.replays for plan in fa._PLANS.values())
+    print("RESULT " + json.dumps({**best, "replays": replays}))
+""")
+
+
+def test_attention_host_path():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *(p for p in sys.path if p)])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, check=True)
+    us = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert us["replays"] > 0  # the plans were used (not a silent fallback to the path without them)
+    name = "attention host path per fwd+bwd (kernels stubbed out)"
+    record(name, us["plans"], "us", "fastlm without launch plans", us["no plans"], higher_is_better=False)
+    record(name, us["plans"], "us", "an autograd.Function that only allocates (the floor)", us["floor"],
+           higher_is_better=False)
+    print(f"  host time beyond the floor: {us['plans'] - us['floor']:.0f} us with plans, "
+          f"{us['no plans'] - us['floor']:.0f} us without")
