@@ -66,7 +66,8 @@ bench() {  # bench CAP FILES...: one pytest session per group, so each group wri
 # In the order of what the open issues need most, the short ones first, so that a deadline cuts the
 # least needed steps.
 : > "$R/profile.txt"  # the training benchmark and the attention diagnostics below append to it
-want kernels && bench 120 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py
+want kernels && bench 120 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py \
+  benchmarks/test_attention_host_path.py
 
 if want getting_started; then
 since "the getting-started pipeline on the GPU (the README's main job, set-up skipped)"
