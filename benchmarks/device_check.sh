@@ -9,7 +9,8 @@
 # RESULTS_DIR (8 files at most). Every step has its own time limit and the whole script a deadline
 # (SECONDS, default 480), so that a slow or hung step still leaves the results of the others.
 # FASTLM_CHECKS=tests,kernels,getting_started,train,profile,dp,probe (the default: all, in this order)
-# picks steps, e.g. the ones a first call's deadline cut, for a second call on the same machine;
+# picks steps and their order, e.g. the ones a first call's deadline cut, for a second call on the same
+# machine, or the most needed first;
 # FASTLM_TRAIN_K is the training benchmark's pytest -k expression (default: "not data_parallel").
 set -uo pipefail
 R=${1:?usage: benchmarks/device_check.sh RESULTS_DIR [SECONDS]}
@@ -23,8 +24,11 @@ t0=$(date +%s)
 since() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 # limit CAP: CAP seconds, or what is left before the deadline if that is less
 limit() { local left=$(( BUDGET - ($(date +%s) - t0) )); echo $(( left < $1 ? (left > 5 ? left : 5) : $1 )); }
-CHECKS=",${FASTLM_CHECKS:-tests,kernels,getting_started,train,profile,dp,probe},"
-want() { [[ $CHECKS == *",$1,"* ]]; }
+ALL_STEPS="tests,kernels,getting_started,train,profile,dp,probe"
+IFS=, read -r -a STEPS <<< "${FASTLM_CHECKS:-$ALL_STEPS}"
+for check in "${STEPS[@]}"; do
+  [[ ",$ALL_STEPS," == *",$check,"* ]] || { echo "FASTLM_CHECKS: unknown step '$check' (steps: $ALL_STEPS)"; exit 2; }
+done
 
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
@@ -42,18 +46,20 @@ if ! FASTLM_BUILD_JOBS=$(nproc) timeout "$(limit 180)" $PY -m pip install --no-d
   cp /tmp/fastlm-build.log "$R/build.log"; tail -n 30 "$R/build.log"; echo "build failed"; exit 1
 fi
 
-if want tests; then
-since "GPU tests: kernels compiled for real (fp32, fp16, bf16), the model, a deterministic resume"
-# Each test process compiles its own kernels (every autotune config, CPU-bound): spread them over the cores
-# (an H100 machine's 16 took 174 s with 8 processes). SIGINT at the limit: pytest still reports what failed.
-XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n $(( $(nproc) < 16 ? $(nproc) : 16 ))"
-timeout -s INT -k 20 "$(limit 180)" $PY -m pytest -q -p no:cacheprovider $XDIST --durations=8 -rfEs --tb=short \
-  -W ignore::pytest_benchmark.logger.PytestBenchmarkWarning \
-  tests/test_kernel_attention.py tests/test_kernel_cross_entropy.py tests/test_kernel_launch.py \
-  tests/test_model.py \
-  "tests/test_train.py::test_gpu_deterministic_run_resumes_bit_for_bit" > "$R/tests.log" 2>&1
-echo "exit $?" >> "$R/tests.log"; tail -n 25 "$R/tests.log"
-fi
+step_tests() {
+  since "GPU tests: kernels compiled for real (fp32, fp16, bf16), the model, a deterministic resume"
+  # Each test process compiles its own kernels (every autotune config, CPU-bound): spread them over the
+  # cores (an H100 machine's 16 took 174 s with 8 processes). SIGINT at the limit: pytest still reports
+  # what failed.
+  local xdist=""
+  $PY -c "import xdist" 2>/dev/null && xdist="-n $(( $(nproc) < 16 ? $(nproc) : 16 ))"
+  timeout -s INT -k 20 "$(limit 180)" $PY -m pytest -q -p no:cacheprovider $xdist --durations=8 -rfEs \
+    --tb=short -W ignore::pytest_benchmark.logger.PytestBenchmarkWarning \
+    tests/test_kernel_attention.py tests/test_kernel_cross_entropy.py tests/test_kernel_launch.py \
+    tests/test_model.py \
+    "tests/test_train.py::test_gpu_deterministic_run_resumes_bit_for_bit" > "$R/tests.log" 2>&1
+  echo "exit $?" >> "$R/tests.log"; tail -n 25 "$R/tests.log"
+}
 
 bench() {  # bench CAP FILES...: one pytest session per group, so each group writes its own JSON
   local cap=$1; shift
@@ -63,40 +69,49 @@ bench() {  # bench CAP FILES...: one pytest session per group, so each group wri
   echo "exit $? ($*)" >> "$R/bench.log"
   grep -E "fastlm .* vs |MFU|passed|failed|error|Error|exit " "$R/bench.log" | tail -n 12
 }
-# In the order of what the open issues need most, the short ones first, so that a deadline cuts the
-# least needed steps.
-: > "$R/profile.txt"  # the training benchmark and the attention diagnostics below append to it
-want kernels && bench 120 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py \
-  benchmarks/test_attention_host_path.py
 
-if want getting_started; then
-since "the getting-started pipeline on the GPU (the README's main job, set-up skipped)"
-FASTLM_SKIP_SETUP=1 timeout "$(limit 200)" bash scripts/getting_started.sh > "$R/getting_started.log" 2>&1
-echo "exit $?" >> "$R/getting_started.log"; grep -E "^-- |^== |exit " "$R/getting_started.log" | tail -n 20
-fi
+step_kernels() {
+  bench 120 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py \
+    benchmarks/test_attention_host_path.py
+}
 
-want train && bench 300 benchmarks/test_train_speed.py -k "${FASTLM_TRAIN_K:-not data_parallel}"
+step_getting_started() {
+  since "the getting-started pipeline on the GPU (the README's main job, set-up skipped)"
+  FASTLM_SKIP_SETUP=1 timeout "$(limit 200)" bash scripts/getting_started.sh > "$R/getting_started.log" 2>&1
+  echo "exit $?" >> "$R/getting_started.log"; grep -E "^-- |^== |exit " "$R/getting_started.log" | tail -n 20
+}
 
-if want profile; then
-since "attention profile (autotuner choices, GPU time per kernel: both dq modes, both program orders; host cost)"
-{ echo; echo "=== attention kernels ==="; } >> "$R/profile.txt"
-timeout "$(limit 120)" $PY benchmarks/attention_profile.py >> "$R/profile.txt" 2>&1
-echo "exit $?" >> "$R/profile.txt"; tail -n 40 "$R/profile.txt"
-fi
+step_train() {
+  bench 300 benchmarks/test_train_speed.py -k "${FASTLM_TRAIN_K:-not data_parallel}"
+}
 
-# (the index benchmark is CPU work: a GPU machine's many cores show how the whole command scales; then
+step_profile() {
+  since "attention profile (autotuner choices, GPU time per kernel: both dq modes, both program orders; host cost)"
+  { echo; echo "=== attention kernels ==="; } >> "$R/profile.txt"
+  timeout "$(limit 120)" $PY benchmarks/attention_profile.py >> "$R/profile.txt" 2>&1
+  echo "exit $?" >> "$R/profile.txt"; tail -n 40 "$R/profile.txt"
+}
+
+# The index benchmark is CPU work: a GPU machine's many cores show how the whole command scales; then
 # FSDP2 and DDP over a one-rank process group against the single-device path: what each data-parallel mode
-# costs a rank's step. One pytest session: one JSON file, as results may hold 8 files at most.)
-want dp && bench 240 "benchmarks/test_data_speed.py::test_create_raw_index" \
-  "benchmarks/test_generate_speed.py::test_gpu_decoding_gpt60m" \
-  "benchmarks/test_train_speed.py::test_gpt124m_data_parallel_cost_per_rank"
+# costs a rank's step. One pytest session: one JSON file, as results may hold 8 files at most.
+step_dp() {
+  bench 240 "benchmarks/test_data_speed.py::test_create_raw_index" \
+    "benchmarks/test_generate_speed.py::test_gpu_decoding_gpt60m" \
+    "benchmarks/test_train_speed.py::test_gpt124m_data_parallel_cost_per_rank"
+}
 
-if want probe; then
-since "attention inside a compiled block: custom op (the model's) vs eager launches vs traced kernels vs SDPA"
-{ echo; echo "=== compiled gpt124m block ==="; } >> "$R/profile.txt"
-timeout "$(limit 150)" $PY benchmarks/attention_profile.py --compiled-block >> "$R/profile.txt" 2>&1
-echo "exit $?" >> "$R/profile.txt"; tail -n 12 "$R/profile.txt"
-fi
+step_probe() {
+  since "attention inside a compiled block: custom op (the model's) vs eager launches vs traced kernels vs SDPA"
+  { echo; echo "=== compiled gpt124m block ==="; } >> "$R/profile.txt"
+  timeout "$(limit 150)" $PY benchmarks/attention_profile.py --compiled-block >> "$R/profile.txt" 2>&1
+  echo "exit $?" >> "$R/profile.txt"; tail -n 12 "$R/profile.txt"
+}
+
+: > "$R/profile.txt"  # the training benchmark and the attention diagnostics append to it
+for check in "${STEPS[@]}"; do
+  "step_$check"
+done
 
 since "done"
 ls -l "$R"

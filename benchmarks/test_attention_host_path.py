@@ -10,7 +10,9 @@ replaced by a stand-in that launches nothing. It compares, in the same run:
 - fastlm with the plans switched off: every launch through the per-launch direct path (signature, options,
   grid function), what the code did before the plans;
 - the floor for any Python autograd Function: one that allocates its output and gradients and does
-  nothing else (torch's own autograd machinery, which fastlm's path also pays).
+  nothing else (torch's own autograd machinery, which fastlm's path also pays);
+- and what a compiled model's graph calls instead, fastlm's forward and backward ops, against the same
+  two functions declared with torch.library.custom_op (whose wrappers fastlm's ops leave out).
 
 Tensors are tiny: on a GPU the caching allocator makes an allocation cost the same at any size, while on
 a CPU a large one would pay for fresh pages, which is not what a GPU host pays. It runs in a subprocess
@@ -94,6 +96,36 @@ SCRIPT = textwrap.dedent("""
             for _ in range(n):
                 step(attention)
             best[name] = min(best[name], (time.perf_counter() - start) / n * 1e6)
+    fa._plans_apply = plans_apply
+
+    # What a compiled graph calls: the forward op and, in the compiled backward, the backward op (grad
+    # mode off, as AOTAutograd runs them), against the same functions declared with custom_op.
+    @torch.library.custom_op("fastlm_bench::forward", mutates_args=())
+    def custom_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return fa._forward(q, k, v, causal, sm_scale)
+
+    @torch.library.custom_op("fastlm_bench::backward", mutates_args=())
+    def custom_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: torch.Tensor, causal: bool,
+                        sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return fa._backward(do, q, k, v, o, lse, causal, sm_scale)
+
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    ops = {"ops": (fa._forward_op, fa._backward_op), "custom_op": (custom_forward, custom_backward)}
+    for _ in range(7):
+        for name, (forward, backward) in ops.items():
+            def op_step():
+                o, lse = forward(qd, kd, vd, True, 0.125)
+                backward(do, qd, kd, vd, o, lse, True, 0.125)
+            with torch.no_grad():
+                for _ in range(100):
+                    op_step()
+                n = 1000
+                start = time.perf_counter()
+                for _ in range(n):
+                    op_step()
+            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / n * 1e6)
     replays = sum(plan.replays for plan in fa._PLANS.values())
     print("RESULT " + json.dumps({**best, "replays": replays}))
 """)
@@ -113,3 +145,5 @@ def test_attention_host_path():
            higher_is_better=False)
     print(f"  host time beyond the floor: {us['plans'] - us['floor']:.0f} us with plans, "
           f"{us['no plans'] - us['floor']:.0f} us without")
+    record("attention ops of a compiled graph, host time per fwd+bwd (kernels stubbed out)", us["ops"], "us",
+           "the same ops declared with torch.library.custom_op", us["custom_op"], higher_is_better=False)
