@@ -641,8 +641,9 @@ DQ_TIMES: dict[tuple, dict[str, float]] = {}
 # kernel's launcher, where the path above derives grids, strides, tuning keys, options and launch
 # signatures again on every call. A plan key holds everything that path reads: the shapes, strides and
 # dtypes of the tensors passed in (the outputs are allocated from them), the data's 16-byte alignment,
-# causal, the softmax scale, the program order (HEAVY_FIRST), deterministic mode (fixed tilings) and, for
-# a backward, its dq mode; the tilings autotuning chose never change once chosen.
+# causal, the softmax scale, the program order (`_heavy_first`), deterministic mode (fixed tilings) and,
+# for a backward, its dq mode. The tilings autotuning chose never change once chosen (a test that makes a
+# kernel tune again empties _PLANS too).
 _PLANS: dict[tuple, LaunchPlan] = {}
 MAX_PLANS = 512  # (as launch.MAX_SIGNATURES: varying shapes would grow the dict forever)
 
@@ -689,7 +690,8 @@ def _forward(q, k, v, causal: bool, sm_scale: float):
     tensors = (q, k, v, o, lse)
     plan_key = recording = None
     if _plans_apply():
-        plan_key = ("forward", _layout(q, k, v), aligned(tensors), causal, sm_scale, HEAVY_FIRST,
+        plan_key = ("forward", _layout(q, k, v), aligned(tensors), causal, sm_scale,
+                    _heavy_first(causal, q.shape[0] * q.shape[1]),
                     torch.are_deterministic_algorithms_enabled())
         plan = _PLANS.get(plan_key)
         if plan is not None and plan(tensors):

@@ -265,6 +265,7 @@ def test_atomic_dq_is_right_on_the_call_that_autotunes(dq_mode, monkeypatch):
     monkeypatch.delitem(tuner.__dict__, "do_bench", raising=False)  # a cached property
     monkeypatch.setattr(tuner, "cache", {})
     monkeypatch.setattr(FA._BWD_KV_ATOMIC, "chosen", {})
+    monkeypatch.setattr(FA, "_PLANS", {})  # (on a GPU a launch plan of an earlier test would replay)
     q, k, v, do = _inputs(1, 2, 1, 40, 40, 32, CASE_DTYPE, seed=9)
     _check(q, k, v, do, causal=True)
     assert ran == ["atomic"] and FA._BWD_KV_ATOMIC.chosen  # this call tuned

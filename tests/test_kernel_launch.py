@@ -325,10 +325,10 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
     # flash attention keeps the direct launches of a forward (a backward) as a plan and replays them for
     # later calls of the same plan key. A replay must launch exactly what the direct path would for its
     # call, and a call that differs in anything the direct path reads (layout, alignment, dtype, scale,
-    # mask, program order, deterministic tiles, dq mode) must not replay another call's plan. Checked with
-    # stand-in kernels (no GPU) on variants of one call: per variant the direct path's launches (each
-    # tensor named by its role, or described if it is scratch) against its replay; then all variants
-    # interleaved, each replaying its own plan and launching the same as before.
+    # mask, program order and the grid limit behind it, deterministic tiles, dq mode) must not replay
+    # another call's plan. Checked with stand-in kernels (no GPU) on variants of one call: per variant the
+    # direct path's launches (each tensor named by its role, or described if it is scratch) against its
+    # replay; then all variants interleaved, each replaying its own plan and launching the same as before.
     code = textwrap.dedent("""
         import sys, torch
         import fastlm.kernels
@@ -381,12 +381,15 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
                     "plain program order": {"heavy_first": False}, "contiguous k, v": {"contiguous_kv": True},
                     "unaligned q": {"offset": 1}, "fp16": {"dtype": torch.float16},
                     "fp32, atomic dq": {"dtype": torch.float32, "mode": "atomic"},
-                    "softmax scale": {"scale": 0.3}, "not causal": {"causal": False}, "longer": {"seq": 72}}
+                    "softmax scale": {"scale": 0.3}, "not causal": {"causal": False}, "longer": {"seq": 72},
+                    # batch x heads (8) beyond the grid's second axis (limit lowered to 3): heads first
+                    "not causal, grid axis full": {"causal": False, "max_grid_y": 3}}
         made = {}
 
         def call(variant):
             s = dict(VARIANTS[variant])
             fa.BWD_DQ, fa.HEAVY_FIRST = s.pop("mode", "separate"), s.pop("heavy_first", True)
+            fa._MAX_GRID_Y = s.pop("max_grid_y", 65535)
             torch.use_deterministic_algorithms(s.pop("deterministic", False))
             causal, scale = s.pop("causal", True), s.pop("scale", None)
             if variant not in made:
