@@ -21,6 +21,26 @@ def _self_device_us(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0.0
 
 
+def _on_device(event) -> bool:
+    """A kernel or copy that ran on the GPU. An operator (a host event) also carries the device time of
+    the kernels it launched, and a GPU-side user annotation (e.g. "Optimizer.step#AdamW.step") spans
+    kernels listed on their own: counting either with the kernels would count that time twice."""
+    return event.device_type != torch.autograd.DeviceType.CPU and not event.is_user_annotation
+
+
+def gpu_busy_us(events) -> float:
+    """Microseconds in which at least one kernel or copy ran: the union of their intervals, so that
+    kernels overlapping on several streams count once."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if _on_device(e))
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop <= end:
+            continue
+        busy += stop - max(start, end)
+        end = stop
+    return busy
+
+
 class StepProfiler:
     def __init__(self, window: tuple[int, int] | None, run_dir: Path, device: torch.device, active: bool):
         self.window = window if active else None
@@ -75,25 +95,32 @@ class StepProfiler:
     def _write(self, prof, last: int, wall: float) -> None:
         n = max(1, last - self._first + 1)
         gpu = self.device.type == "cuda"
-        events = list(prof.key_averages())
-        gpu_us = sum(_self_device_us(e) for e in events)
+        averages = list(prof.key_averages())
         lines = [f"fastlm profile: steps {self._first}-{last} ({n} steps) on {self.device}",
                  f"wall time per step: {wall / n * 1e3:.2f} ms"]
         if gpu:
-            lines.append(f"GPU time per step (all kernels and copies): {gpu_us / n / 1e3:.2f} ms "
-                         f"({gpu_us / 1e6 / wall:.0%} of wall time; "
-                         f"the rest is the GPU waiting for the host)")
+            busy_us = gpu_busy_us(prof.events())
+            lines.append(f"GPU busy per step (a kernel or copy running): {busy_us / n / 1e3:.2f} ms "
+                         f"({busy_us / 1e6 / wall:.0%} of wall time; the rest is the GPU idle, waiting for "
+                         f"the host)")
         if self.unprofiled_step_s:
             # (the latest log window before this one: the first also holds compilation and autotuning)
             lines.append(f"unprofiled step time (before the window): {self.unprofiled_step_s * 1e3:.2f} ms"
-                         + (f"; GPU time is {gpu_us / n / 1e6 / self.unprofiled_step_s:.0%} of it" if gpu
-                            else ""))
+                         + (f"; GPU busy time is {busy_us / n / 1e6 / self.unprofiled_step_s:.0%} of it"
+                            if gpu else ""))
+        if gpu:  # where the GPU's time goes, then where the host's goes (operators, with their kernels' time)
+            kernels = sorted((e for e in averages if _on_device(e)), key=_self_device_us, reverse=True)
+            lines += ["", "GPU kernels and copies", f"{'GPU ms/step':>16} {'calls/step':>10}  name"]
+            lines += [f"{_self_device_us(e) / n / 1e3:16.3f} {e.count / n:10.1f}  {e.key[:120]}"
+                      for e in kernels[:30]]
+        operators = sorted((e for e in averages if e.device_type == torch.autograd.DeviceType.CPU),
+                           key=lambda e: e.self_cpu_time_total, reverse=True)
         header = f"{'self CPU ms/step':>16} {'calls/step':>10}  name"
-        lines += ["", (f"{'self GPU ms/step':>16} " if gpu else "") + header]
-        key = _self_device_us if gpu else (lambda e: e.self_cpu_time_total)
-        for e in sorted(events, key=key, reverse=True)[:40]:
-            lines.append((f"{_self_device_us(e) / n / 1e3:16.3f} " if gpu else "")
-                         + f"{e.self_cpu_time_total / n / 1e3:16.3f} {e.count / n:10.1f}  {e.key[:120]}")
+        lines += ["", "host operators" + (" (GPU: the kernels each launched itself)" if gpu else ""),
+                  (f"{'GPU ms/step':>16} " if gpu else "") + header]
+        lines += [(f"{_self_device_us(e) / n / 1e3:16.3f} " if gpu else "")
+                  + f"{e.self_cpu_time_total / n / 1e3:16.3f} {e.count / n:10.1f}  {e.key[:120]}"
+                  for e in operators[:30]]
         text = "\n".join(lines) + "\n"
         out, trace = self.run_dir / "profile.txt", self.run_dir / "trace.json"
         with atomic_output(out) as tmp, open(tmp, "w") as f:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -369,6 +370,79 @@ def test_a_failing_profile_does_not_stop_training(tmp_path, monkeypatch, capsys)
     assert ("profiling steps 1-1 failed, training goes on: RuntimeError('no trace for you')"
             in capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
+
+
+def _gpu_step_events():
+    """Two profiled steps' events as torch's kineto parser builds them on a GPU (times in us): host
+    operators carrying their kernels' time, the kernels as device events (two overlap on two streams),
+    and a GPU-side user annotation spanning the optimizer's kernels."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    def host(name, start, end, kernels=()):
+        event = FunctionEvent(id=start, name=name, thread=1, start_us=start, end_us=end, use_device="cuda",
+                              stack=[])
+        for kernel in kernels:
+            event.append_kernel(kernel.name, 0, kernel.time_range.elapsed_us())
+        return event
+
+    def device(name, start, end, annotation=False):
+        return FunctionEvent(id=start, name=name, thread=7, start_us=start, end_us=end, use_device="cuda",
+                             stack=[], device_type=DeviceType.CUDA, is_user_annotation=annotation)
+
+    events = []
+    for t0 in (0, 1000):  # two steps of 1 ms
+        mm, attn, side, adam = (device("gemm", t0 + 100, t0 + 400), device("attn_kernel", t0 + 500, t0 + 600),
+                                device("side_stream_copy", t0 + 550, t0 + 670),  # overlaps attn_kernel
+                                device("adam_kernel", t0 + 800, t0 + 850))
+        events += [host("aten::mm", t0, t0 + 50, [mm]), host("flash_attention", t0 + 60, t0 + 200, [attn]),
+                   host("aten::copy_", t0 + 210, t0 + 220, [side]), host("aten::_fused_adamw_", t0 + 700,
+                                                                           t0 + 780, [adam]),
+                   mm, attn, side, adam, device("Optimizer.step#AdamW.step", t0 + 700, t0 + 900, True)]
+    events = EventList(events, use_device="cuda")
+    events._build_tree()  # (as the parser does: links host operators to their kernels' times)
+    return events
+
+
+def test_gpu_busy_time_counts_each_kernel_once():
+    from fastlm.profiling import gpu_busy_us
+
+    # per step: gemm 300 us + attn_kernel and the overlapping copy 500-670 (170 us) + adam 50 us; not the
+    # host operators' copies of those times, not the annotation's 200 us
+    assert gpu_busy_us(_gpu_step_events()) == 2 * 520
+
+
+def test_a_gpu_profile_splits_kernel_time_from_host_time(tmp_path):
+    import torch
+
+    from fastlm.profiling import StepProfiler
+
+    class Recorded:  # what torch.profiler.profile gives after the window
+        def __init__(self, events):
+            self._events = events
+
+        def events(self):
+            return self._events
+
+        def key_averages(self):
+            return self._events.key_averages()
+
+        def export_chrome_trace(self, path):
+            Path(path).write_text('{"traceEvents": []}')
+
+    prof = StepProfiler((1, 2), tmp_path, torch.device("cuda", 0), active=True)
+    prof._first, prof.unprofiled_step_s = 1, 0.8e-3
+    prof._write(Recorded(_gpu_step_events()), last=2, wall=2e-3)
+    text = (tmp_path / "profile.txt").read_text()
+    assert "GPU busy per step (a kernel or copy running): 0.52 ms (52% of wall time;" in text, text
+    assert "unprofiled step time (before the window): 0.80 ms; GPU busy time is 65% of it" in text, text
+    kernels = text.split("GPU kernels and copies\n")[1].split("\n\n")[0].splitlines()[1:]
+    assert [row.split()[-1] for row in kernels] == ["gemm", "side_stream_copy", "attn_kernel", "adam_kernel"]
+    assert kernels[0].split()[:2] == ["0.300", "1.0"]  # ms per step, calls per step
+    hosts = text.split("host operators (GPU: the kernels each launched itself)\n")[1].splitlines()[1:]
+    by_name = {row.split()[-1]: row.split()[:3] for row in hosts}
+    assert set(by_name) == {"aten::mm", "flash_attention", "aten::copy_", "aten::_fused_adamw_"}
+    assert by_name["flash_attention"] == ["0.100", "0.140", "1.0"]  # its kernel's time, its own host time
 
 
 GOLDEN = ROOT / "tests" / "data" / "golden_losses_tiny.json"
