@@ -79,6 +79,9 @@ def gpu_kernel_times(step, reps: int = 10) -> dict[str, float]:
         torch.cuda.synchronize()
     times = {}
     for event in prof.key_averages():
+        # kernels and copies only: an annotation spans kernels that are listed on their own
+        if event.device_type == torch.autograd.DeviceType.CPU or event.is_user_annotation:
+            continue
         total = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
         if total > 0:
             times[event.key] = total / reps
