@@ -26,6 +26,9 @@ Limits and choices:
   per-chunk grad_weight matmul re-reads and re-writes the (V, D) fp32 accumulator for little work and
   becomes memory bound. A chunk's logits then take at most 4x that accumulator's memory (GPT-2's head at
   4096 rows: 412 MB of bf16 logits; torch's loss holds all of them, and their fp32 copy).
+- Where torch can (CUDA), a chunk's bf16/fp16 grad_weight product is added to the fp32 accumulator by the
+  matmul itself (addmm with an fp32 output, cuBLAS's beta = 1); elsewhere it is written in the input dtype
+  and then added, one more pass over (V, D) per chunk and a rounding of each chunk's product.
 - The stored grad_weight is cast to the weight's dtype at the end of the forward (the fp32 accumulator
   is freed there): it is held across the rest of the model's backward.
 - Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first, as F.linear would be.
@@ -61,6 +64,25 @@ def default_chunk_rows(n_rows: int, vocab: int, dim: int, elem_size: int, weight
         accumulator_rows = 1 << max(0, (dim * 4 * 4 // elem_size).bit_length() - 1)
         rows = max(rows, min(MIN_CHUNK_ROWS_WITH_WEIGHT_GRAD, accumulator_rows))
     return max(1, min(rows, n_rows))
+
+
+_FP32_ADDMM: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def adds_products_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)` works for `dtype` matrices a, b
+    and an fp32 acc on `device` (aten::addmm.dtype_out: CUDA builds of recent torch; not on CPU). Probed
+    once per device and dtype, the answer checked on numbers, not only on the absence of an error."""
+    key = (device, dtype)
+    if key not in _FP32_ADDMM:
+        try:
+            acc = torch.full((2, 2), 2.0, dtype=torch.float32, device=device)
+            a = torch.full((2, 3), 1.5, dtype=dtype, device=device)
+            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+            _FP32_ADDMM[key] = bool((acc == 2.0 + 3 * 1.5 * 1.5).all())
+        except (RuntimeError, NotImplementedError, TypeError):  # no such overload here
+            _FP32_ADDMM[key] = False
+    return _FP32_ADDMM[key]
 
 
 def _validate(hidden, weight, targets, bias, reduction, chunk_rows):
@@ -114,9 +136,12 @@ def fused_linear_cross_entropy_forward(
     fp32 = dict(dtype=torch.float32, device=hidden.device)
     d_weight = torch.zeros(vocab, dim, **fp32) if compute_grad and grad_weight else None
     d_bias = torch.zeros(vocab, **fp32) if compute_grad and grad_bias and bias is not None else None
-    # The product of a chunk in the input dtype (fp32 accumulation inside the matmul), added to d_weight.
+    # A chunk's product is added to d_weight by the matmul (fp32 inputs, or an fp32 output where torch has
+    # one); otherwise it is written in the input dtype (fp32 accumulation inside the matmul), then added.
+    fp32_out = (d_weight is not None and hidden.dtype != torch.float32
+                and adds_products_in_fp32(hidden.device, hidden.dtype))
     partial = (torch.empty(vocab, dim, dtype=hidden.dtype, device=hidden.device)
-               if d_weight is not None and hidden.dtype != torch.float32 else None)
+               if d_weight is not None and hidden.dtype != torch.float32 and not fp32_out else None)
     if scale is None:
         scale = torch.ones(1, dtype=torch.float32, device=hidden.device)  # unused without gradient
     rows = chunk_rows or default_chunk_rows(n_rows, vocab, dim, hidden.element_size(), d_weight is not None)
@@ -135,7 +160,9 @@ def fused_linear_cross_entropy_forward(
         if d_hidden is not None:
             torch.mm(logits, weight, out=d_hidden[start:end])
         if d_weight is not None:
-            if partial is None:
+            if fp32_out:
+                torch.addmm(d_weight, logits.t(), h, out_dtype=torch.float32, out=d_weight)
+            elif partial is None:
                 d_weight.addmm_(logits.t(), h)
             else:
                 d_weight.add_(torch.mm(logits.t(), h, out=partial))
