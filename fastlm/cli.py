@@ -4,8 +4,8 @@
     fastlm data pack_encoded_data CONFIG.yaml
     fastlm data inspect FILE.pbin [--tokenizer PATH]
     fastlm data merge_packed_data OUT.pbin IN1.pbin IN2.pbin ...
-    fastlm run --config_file_path CONFIG.yaml [key=value ...]     (= python -m fastlm.train)
-    fastlm generate_text --config_file_path CONFIG.yaml                (= python -m fastlm.generate)
+    fastlm run --config_file_path CONFIG.yaml [key=value ...]     (= python -m fastlm.train CONFIG.yaml)
+    fastlm generate_text --config_file_path CONFIG.yaml [--checkpoint RUN_DIR]   (= python -m fastlm.generate)
     fastlm plot RUN_DIR
 
 Start-up is cheap: argparse only; each verb imports what it needs when it runs (the data verbs never
@@ -38,7 +38,15 @@ def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
     """Run a verb; bad input and I/O problems print one clear line (no traceback) and exit 1.
     Set FASTLM_TRACEBACK=1 to see the traceback too."""
     try:
-        return fn(args)
+        status = fn(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must end in the handler below
+        return status
+    except BrokenPipeError:
+        # the reader of the output went away (`fastlm data inspect X | head`): it has what it wanted. Exit
+        # 0, as under `set -o pipefail` a status here would fail the pipeline, and point stdout at
+        # /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: no partial file was left (outputs are renamed into place only when complete)",
               file=sys.stderr)
@@ -126,13 +134,19 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from fastlm.train import main as train_main
 
-    return train_main(["--config_file_path", args.config_file_path, *args.overrides])
+    if not (args.config or args.config_file_path):
+        raise ValueError("fastlm run: a config file is required: fastlm run CONFIG.yaml [key=value ...] or "
+                         "fastlm run --config_file_path CONFIG.yaml [key=value ...]")
+    # (with the flag, a first positional is an override: python -m fastlm.train sorts that out)
+    flag = ["--config_file_path", args.config_file_path] if args.config_file_path else []
+    return train_main([*flag, *([args.config] if args.config else []), *args.overrides])
 
 
 def _generate_text(args: argparse.Namespace) -> int:
     from fastlm.generate import main as generate_main
 
-    return generate_main(["--config_file_path", args.config_file_path, "--interactive"])
+    return generate_main(["--config_file_path", args.config_file_path, "--interactive"]
+                         + (["--checkpoint", args.checkpoint] if args.checkpoint else []))
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -185,12 +199,16 @@ def _args_merge(p: argparse.ArgumentParser) -> None:
 
 
 def _args_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config_file_path", "--config-file-path", required=True, help="the run config (YAML)")
+    p.add_argument("config", nargs="?", help="the run config (YAML), as python -m fastlm.train takes it")
+    p.add_argument("--config_file_path", "--config-file-path", help="the run config (YAML), as Modalities "
+                   "takes it")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4")
 
 
 def _args_generate_text(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config_file_path", "--config-file-path", required=True, help="generation config (YAML)")
+    p.add_argument("--checkpoint", help="the model, in place of the config's settings.model_path: a run "
+                                        "folder, model.safetensors or a checkpoint folder")
 
 
 def _args_plot(p: argparse.ArgumentParser) -> None:

@@ -227,9 +227,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         return config_from_dict(raw, source)
     except ConfigError as err:  # a key set on the command line: name the override, not only the file
         text = str(err)
+        subject = re.sub(r"\(did you mean [^)]*\)", "", text)  # the key at fault, not the one suggested
         for item in overrides:
             key = item.partition("=")[0].strip()
-            if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", text):  # optim.lr, not optim.lr_x
+            if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", subject):  # optim.lr, not optim.lr_x
                 raise ConfigError(f"override {item!r} (on {source}): "
                                   f"{text.removeprefix(source + ': ')}") from None
         raise

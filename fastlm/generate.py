@@ -263,6 +263,11 @@ class Generator:
         if cfg.pos_encoding == "learned" and self.context > cfg.sequence_length:
             raise ConfigError(f"settings.sequence_length {self.context} exceeds the model's learned "
                               f"positions ({cfg.sequence_length})")
+        if self.context > cfg.sequence_length:
+            print(f"fastlm: note: settings.sequence_length {self.context} is longer than the "
+                  f"{cfg.sequence_length} tokens the model of {settings.model_path} was trained on; past "
+                  f"them its positions ({cfg.pos_encoding}) are ones it never saw and the text degrades (0: "
+                  f"the model's own length)", file=sys.stderr)
         tokenizer_ids = self.tokenizer.max_id + 1
         if tokenizer_ids > cfg.vocab_size:
             raise ConfigError(
@@ -403,7 +408,8 @@ def stream_text(tokenizer, ids: list[int], printed: int, prompt_ids: list[int] |
 
 def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout, stderr=None) -> int:
     """The tutorial's loop: `enter prompt> `, the continuation streamed, again; an empty line or EOF ends
-    it. With stdin not a terminal, every input line is a prompt. A prompt that cannot be generated (too
+    it. With stdin not a terminal (a pipe, a file), every non-blank line is a prompt and the input's end
+    ends it. A prompt that cannot be generated (too
     long for the context) is an `error: ...` line on stderr and the loop goes on with the next; the exit
     status is then 1."""
     stderr = sys.stderr if stderr is None else stderr
@@ -416,6 +422,8 @@ def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout, stderr=None)
         line = stdin.readline()
         if not line or (tty and not line.strip()):
             break
+        if not line.strip():  # a blank line of piped input: no prompt
+            continue
         prompt = line.rstrip("\r\n")
         if not tty:
             stdout.write(f"enter prompt> {prompt}\n")

@@ -13,6 +13,9 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """The train and eval records of a run, by step. A step logged twice (a run resumed from an earlier
     checkpoint repeats the steps after it) keeps its last record."""
     path = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder (a run's folder is run.output_dir/run.name, "
+                                f"e.g. checkpoints/RUN)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a fastlm run folder?)")
     last: dict[tuple[str, int], dict] = {}

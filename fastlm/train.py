@@ -112,7 +112,7 @@ class Logger:
                 drop_records_after(path, start_step)
             self.metrics = open(path, "a", encoding="utf-8")
         if cfg.logging.wandb_mode != "disabled":
-            self.wandb = start_wandb(cfg)
+            self.wandb = start_wandb(cfg, run_dir, resumed)
         if cfg.logging.console and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -178,7 +178,7 @@ def drop_records_after(path: Path, step: int) -> None:
         Path(tmp).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def start_wandb(cfg: Config):
+def start_wandb(cfg: Config, run_dir: Path, resumed: bool):
     """wandb is optional: a missing package or, online, a missing API key fails at start, not later."""
     try:
         import wandb
@@ -195,8 +195,18 @@ def start_wandb(cfg: Config):
                 f"{cfg.source}: logging.wandb_mode is online but no W&B API key is set (WANDB_API_KEY or "
                 f"`wandb login`); use wandb_mode: offline to log without network"
             )
-    return wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, mode=cfg.logging.wandb_mode,
-                      dir=cfg.logging.wandb_dir, config=config_dict(cfg), resume="allow")
+    # One W&B run per run folder: a resumed run continues the run whose id the folder keeps (offline: a new
+    # offline-run folder with the same id, which `wandb sync` merges into that run)
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text(encoding="utf-8").strip() if resumed and id_file.is_file() else None
+    run = wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, mode=cfg.logging.wandb_mode,
+                     dir=cfg.logging.wandb_dir, config=config_dict(cfg), id=run_id or None, resume="allow")
+    if run.id != run_id:
+        from fastlm.atomic import atomic_output
+
+        with atomic_output(id_file) as tmp:
+            Path(tmp).write_text(run.id + "\n", encoding="utf-8")
+    return run
 
 
 def config_dict(cfg: Config) -> dict:
@@ -353,17 +363,59 @@ def check_resume(cfg: Config, state: dict, path: Path, steps: int) -> None:
                           f"({target}); raise the target to train on from it")
 
 
+def schedule_change(cfg: Config, state: dict, step: int, steps: int) -> str | None:
+    """A note when a resumed run trains to another number of steps than the checkpoint's run did: the
+    warm-up and decay are laid over the new total, so the learning rate from here on is not the one the
+    interrupted run would have used (None when it is the same total, or the checkpoint does not say)."""
+    before = state.get("total_steps")
+    if not isinstance(before, int) or before == steps or cfg.schedule.decay == "constant":
+        return None
+    old_lr, new_lr = lr_at(step, cfg, before), lr_at(step, cfg, steps)
+    return (f"the checkpoint's run trained to {before:,} steps, this one to {steps:,}: the "
+            f"{cfg.schedule.decay} schedule now runs over {steps:,} steps, so the learning rate at step "
+            f"{step + 1:,} is {new_lr:.3g} where the interrupted run would have used {old_lr:.3g}")
+
+
+def finish_at_target(cfg: Config, d: Dist, model, run_dir: Path, path: Path, step: int) -> int:
+    """Resuming a checkpoint at the run's target: nothing to train, evaluate or log again. The consolidated
+    model is written when the run folder lacks it, or holds one older than the checkpoint (a run stopped
+    between its last checkpoint and the consolidated model, which may be an earlier run's)."""
+    consolidated = run_dir / "model.safetensors"
+    stale = (not consolidated.is_file()
+             or consolidated.stat().st_mtime < (path / "train_state.json").stat().st_mtime)
+    if d.enabled:  # rank 0's answer for all (writing it is collective)
+        flag = torch.tensor([1 if stale else 0], device=d.device)
+        dist.broadcast(flag, 0)
+        stale = bool(flag.item())
+    done = ""
+    if cfg.checkpoint.consolidated and stale:
+        ckpt.save_consolidated(run_dir, model, asdict(cfg.model))
+        done = f"; wrote the consolidated model {consolidated}"
+    if d.is_main:
+        print(f"fastlm: {path} is at the run's target, step {step:,}: nothing to train{done}. Raise "
+              f"target.steps (or target.tokens) to train on", flush=True)
+    return 0
+
+
 class StopRequest:
     """SIGTERM / SIGINT (preemption, Ctrl-C) ask for a checkpoint and a clean exit at the next check."""
 
     def __init__(self):
         self.requested = False
+        self.signum = 0  # the last signal received
         self.previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signum = signum
+
+    def exit_status(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended (130 for Ctrl-C, 143 for
+        SIGTERM): the run did not reach its target, and `fastlm run ... && next` must not go on. A rank
+        stopped because another one was signalled reports SIGTERM's."""
+        return 128 + (self.signum or signal.SIGTERM)
 
     def agreed(self, d: Dist) -> bool:
         """True when any rank was signalled (a collective in distributed runs)."""
@@ -472,6 +524,11 @@ def train(cfg: Config, d: Dist) -> int:
         start_step, tokens_seen = state["step"], state["tokens"]
         # checkpoints of older fastlm versions lack data_position: their step x this run's samples per step
         start_position = state.get("data_position", start_step * samples_per_step)
+        if start_step == derived.steps:  # (check_resume refused a checkpoint beyond the target)
+            return finish_at_target(cfg, d, model, run_dir, resume_from, start_step)
+        note = schedule_change(cfg, state, start_step, derived.steps)
+        if note and d.is_main:
+            print(f"fastlm: note: {note}", flush=True)
 
     sampler = ResumableDistributedSampler(len(train_set), cfg.batch.micro_batch_size, d.world_size, d.rank,
                                           seed=cfg.run.seed, position=start_position)
@@ -501,7 +558,7 @@ def train(cfg: Config, d: Dist) -> int:
     def save(step: int) -> None:
         position = start_position + (step - start_step) * samples_per_step  # skipped steps took data too
         state = {"step": step, "tokens": tokens_seen, "data_position": position,
-                 "world_size": d.world_size, "config": config_dict(cfg)}
+                 "world_size": d.world_size, "config": config_dict(cfg), "total_steps": derived.steps}
         path = ckpt.save(run_dir, step, model, optimizer, state, cfg.checkpoint.keep_last)
         logger.log({"event": "checkpoint", "step": step, "path": str(path)})
 
@@ -614,9 +671,9 @@ def train(cfg: Config, d: Dist) -> int:
         if stopped_early:
             save(step)
             if d.is_main:
-                print(f"fastlm: stopped by a signal at step {step}; checkpoint saved, "
-                      f"resume with run.resume=auto", flush=True)
-            return 0
+                print(f"fastlm: stopped by a signal at step {step} of {derived.steps}; checkpoint saved, "
+                      f"resume with run.resume=auto (exit status {stop.exit_status()})", flush=True)
+            return stop.exit_status()
         run_eval(step)
         save(step)
         if cfg.checkpoint.consolidated:

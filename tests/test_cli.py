@@ -30,6 +30,20 @@ def test_inspect_golden_file_with_tokenizer():
     assert "0 Lorem ipsum dolor sit amet" in r.stdout  # the first document, decoded
 
 
+def test_output_into_a_closed_pipe_ends_quietly_with_status_0():
+    """`fastlm data inspect X | head -n 1` under `set -o pipefail` (the getting-started script): the
+    reader closes the pipe early; the command stops without a traceback or a failing status. Here the
+    reader closes it before anything is written, so every write fails."""
+    exe = shutil.which("fastlm")
+    cmd = [exe] if exe else [sys.executable, "-m", "fastlm"]
+    proc = subprocess.Popen(cmd + ["data", "inspect", str(MODALITIES / "lorem_ipsum.pbin"), "--tokenizer",
+                                   str(GPT2)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert err == ""
+
+
 def test_inspect_corrupt_file_fails_with_the_file_name(tmp_path):
     bad = tmp_path / "cut.pbin"
     bad.write_bytes((MODALITIES / "lorem_ipsum.pbin").read_bytes()[:5000])

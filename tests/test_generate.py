@@ -195,13 +195,25 @@ def test_interactive_cli_through_a_pipe(tiny_run, tmp_path):
     )
     exe = shutil.which("fastlm")
     cmd = [exe] if exe else [sys.executable, "-m", "fastlm"]
+    # a blank line of piped input is no prompt (on a terminal it ends the loop)
     r = subprocess.run(cmd + ["generate_text", "--config_file_path", str(cfg)],
-                       input="Hello there\nGoodbye\n", capture_output=True, text=True, timeout=300)
+                       input="Hello there\n\nGoodbye\n", capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert lines[0] == "enter prompt> Hello there" and lines[1].startswith("Hello there")
-    assert lines[2] == "enter prompt> Goodbye" and lines[3].startswith("Goodbye")
+    assert lines[2] == "enter prompt> Goodbye" and lines[3].startswith("Goodbye") and len(lines) == 4
     assert len(lines[1]) > len("Hello there")  # something was generated
+    assert "note:" not in r.stderr  # the context is the model's own
+
+    # --checkpoint in place of the config's model_path; a context beyond the trained length is noted
+    cfg.write_text(cfg.read_text().replace(f"model_path: {tiny_run}", "model_path: checkpoints/elsewhere")
+                   .replace("sequence_length: 64", "sequence_length: 256"))
+    r = subprocess.run(cmd + ["generate_text", "--config_file_path", str(cfg), "--checkpoint", str(tiny_run)],
+                       input="Hello there\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[0] == "enter prompt> Hello there"
+    assert (f"fastlm: note: settings.sequence_length 256 is longer than the 64 tokens the model of "
+            f"{tiny_run} was trained on") in r.stderr, r.stderr
 
 
 def test_generation_config_errors(tmp_path):

@@ -227,6 +227,42 @@ def test_resume_auto_ignores_an_interrupted_checkpoint(tmp_path):
     assert [s for s in losses(tmp_path / "run") if s > 4] == [5, 6]
 
 
+def test_resuming_at_the_target_trains_and_logs_nothing(tmp_path):
+    train(tmp_path, "target.steps=3", name="done")
+    run = tmp_path / "done"
+    metrics = (run / "metrics.jsonl").read_bytes()
+    state = run / "checkpoints" / "step_00000003" / "train_state.json"
+    written = state.stat().st_mtime_ns
+    for _ in range(2):
+        r = train(tmp_path, "target.steps=3", "run.resume=auto", name="done")
+        assert (f"fastlm: {state.parent} is at the run's target, step 3: nothing to train. Raise "
+                f"target.steps") in r.stdout, r.stdout
+        assert (run / "metrics.jsonl").read_bytes() == metrics  # no second evaluation or checkpoint record
+        assert state.stat().st_mtime_ns == written  # the checkpoint is not written again
+    # a run stopped between its last checkpoint and the consolidated model: that is written now
+    (run / "model.safetensors").unlink()
+    r = train(tmp_path, "target.steps=3", "run.resume=auto", name="done")
+    assert f"; wrote the consolidated model {run / 'model.safetensors'}." in r.stdout, r.stdout
+    assert (run / "model.safetensors").is_file() and (run / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_resume_with_another_target_says_how_the_schedule_changes(tmp_path):
+    from fastlm.train import lr_at
+
+    train(tmp_path, "target.steps=3", name="short")
+    r = train(tmp_path, "target.steps=5", "run.resume=auto", name="short")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", BASE)
+    new, old = lr_at(3, cfg, 5), lr_at(3, cfg, 3)
+    assert old != new
+    assert (f"fastlm: note: the checkpoint's run trained to 3 steps, this one to 5: the cosine schedule now "
+            f"runs over 5 steps, so the learning rate at step 4 is {new:.3g} where the interrupted run would "
+            f"have used {old:.3g}") in r.stdout, r.stdout
+    lrs = {rec["step"]: rec["lr"] for rec in records(tmp_path / "short") if rec["event"] == "train"}
+    assert lrs[4] == pytest.approx(new)
+    r = train(tmp_path, "target.steps=7", "run.resume=auto", "schedule.decay=constant", name="short")
+    assert "note:" not in r.stdout  # a constant rate does not depend on the total
+
+
 def test_config_errors_are_clear(tmp_path):
     cfg = ROOT / "configs" / "tiny.yaml"
     top = tmp_path / "top.yaml"
@@ -237,6 +273,8 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match=r"^override 'optim.lrr=1e-3' \(on .*tiny.yaml\): unknown key "
                                           r'"optim.lrr" \(did you mean "optim.lr"\?\)'):
         load_config(cfg, ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"^override 'optim.lrr=1e-3' "):  # not optim.lr, the suggestion
+        load_config(cfg, ["optim.lr=1e-3", "optim.lrr=1e-3"])
     with pytest.raises(ConfigError, match=r"^override 'target.steps=abc' \(on .*tiny.yaml\): target.steps "
                                           r"must be int, found 'abc'"):
         load_config(cfg, ["target.steps=abc"])
@@ -577,8 +615,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
     out = "".join(seen) + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out[-2000:]
-    assert "stopped by a signal" in out
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]  # as a shell reports a killed process
+    assert "stopped by a signal at step" in out and "(exit status 143)" in out
     saved = sorted(p.name for p in (tmp_path / "pre" / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert len(saved) == 1 and 2 <= int(saved[0][5:]) < 500
 
@@ -588,6 +626,13 @@ def test_wandb_offline_writes_its_run_folder(tmp_path):
           name="wb")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].rglob("*.wandb"))
+    run_id = (tmp_path / "wb" / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith("-" + run_id)
+    # a resumed run logs to the same W&B run (offline: another folder with the same id, merged by sync)
+    train(tmp_path, "target.steps=3", "run.resume=auto", "logging.wandb_mode=offline",
+          f"logging.wandb_dir={tmp_path}", name="wb")
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith("-" + run_id) for r in runs), runs
 
 
 def test_fastlm_run_and_plot_commands(tmp_path):
@@ -598,6 +643,14 @@ def test_fastlm_run_and_plot_commands(tmp_path):
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(losses(tmp_path / "cli")) == [1, 2, 3]
+    # the config as python -m fastlm.train takes it (positional), overrides after it
+    r = subprocess.run(cmd + ["run", str(ROOT / "configs" / "tiny.yaml"), *BASE, f"run.output_dir={tmp_path}",
+                              "run.name=cli", "target.steps=4", "run.resume=auto"],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(losses(tmp_path / "cli")) == [1, 2, 3, 4]
+    r = subprocess.run(cmd + ["run"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 1 and "error: fastlm run: a config file is required" in r.stderr, r.stderr
     r = subprocess.run(cmd + ["plot", str(tmp_path / "cli")], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     png = (tmp_path / "cli" / "loss.png").read_bytes()
