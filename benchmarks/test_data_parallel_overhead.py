@@ -33,6 +33,7 @@ pytest.importorskip("torch")
 # between two runs on a 2-core machine; the minimum is what the step itself costs)
 STEPS, LOG = 110, 10
 TINY_GPT124M = ["model.n_embd=64", "model.n_head=2", "model.ffn_hidden=256", "model.vocab_size=512",
+                "data.tokenizer_path=",  # (random ids below 512: no tokenizer to match)
                 "model.sequence_length=32", "batch.micro_batch_size=1", "batch.global_batch_tokens=0",
                 "batch.grad_accum_steps=1", "precision=fp32", "parallel.compile=false",
                 "model.attention=sdpa", "model.loss=torch"]

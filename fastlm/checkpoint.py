@@ -127,8 +127,14 @@ def dcp_io(fn, state: dict, path, reader: SafeReader | None = None) -> None:
         except CheckpointException as err:
             failures = [exc for exc, _trace in err.failures.values()]
             what = f"{type(failures[0]).__name__}: {failures[0]}" if failures else str(err)
-            raise ValueError(f"{path}: {'loading' if fn is dcp.load else 'saving'} the checkpoint failed on "
-                             f"{len(failures) or 'some'} rank(s); the first failure: {what}") from None
+            # a file that is missing or cannot be read is damage, not a model that does not fit
+            kind = CheckpointFilesError if failures and isinstance(failures[0], OSError) else ValueError
+            raise kind(f"{path}: {'loading' if fn is dcp.load else 'saving'} the checkpoint failed on "
+                       f"{len(failures) or 'some'} rank(s); the first failure: {what}") from None
+
+
+class CheckpointFilesError(ValueError):
+    """A checkpoint's file is missing or unreadable (DCP's failure was an OSError)."""
 
 
 def _barrier():
@@ -217,6 +223,16 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and is_complete(p)), key=_step_of)
 
 
+def incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    """Folders named as checkpoints (step_NNNNNNNN) that are not complete: damaged, since a save writes a
+    temporary folder and gives it that name only when complete."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and not is_complete(p)),
+                  key=_step_of)
+
+
 def find_latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint: the `latest` pointer when it names one, else a scan."""
     root = checkpoint_root(run_dir)
@@ -270,7 +286,13 @@ def load(path: Path, model, optimizer) -> dict:
     rng_file = path / f"rng_rank{_rank()}.json"
     if not rng_file.is_file():  # fewer ranks wrote the checkpoint than read it
         rng_file = path / "rng_rank0.json"
-    _set_rng_state(json.loads(rng_file.read_text()))
+    try:
+        rng = json.loads(rng_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{rng_file}: the checkpoint's random number generator state is missing or "
+                         f"unreadable ({getattr(err, 'strerror', None) or err}); every rng_rank*.json a save "
+                         f"writes is needed to continue bit for bit") from None
+    _set_rng_state(rng)
     return train_state
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +167,22 @@ def _section_classes() -> dict[str, type]:
 _LIST_ITEMS = {"optim.betas": float}
 
 
+def _check_misplaced(section: Any, prefix: str, classes: dict, source: str) -> None:
+    """A key of another section (optim.micro_batch_size for batch.micro_batch_size): an error that says
+    where it belongs, which "did you mean" within the section cannot."""
+    if not isinstance(section, dict):
+        return
+    own = {f.name for f in dataclasses.fields(classes[prefix])}
+    for key in section:
+        if key in own:
+            continue
+        homes = [f"{other}.{key}" for other, cls in classes.items()
+                 if other != prefix and key in {f.name for f in dataclasses.fields(cls)}]
+        if homes:
+            raise ConfigError(f'{source}: unknown key "{prefix}.{key}": {key} belongs to another section '
+                              f'(did you mean "{homes[0]}"?)')
+
+
 def _build_section(cls: type, section: dict, prefix: str, source: str):
     if cls is ModelConfig:
         return ModelConfig.from_dict(section, source)
@@ -244,6 +261,7 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
         section = raw.get(name, {})
         if section is None:
             section = {}
+        _check_misplaced(section, name, classes, source)
         if not isinstance(section, dict):
             raise ConfigError(f'{source}: "{name}" must be a mapping, found {type(section).__name__}')
         values[name] = _build_section(cls, section, name, source)
@@ -291,7 +309,13 @@ def validate(cfg: Config) -> None:
     if cfg.target.steps == 0 and cfg.target.tokens == 0:
         raise ConfigError(f"{src}: set target.steps or target.tokens (both are 0)")
     if not cfg.data.train_path:
-        raise ConfigError(f'{src}: missing key "data.train_path"')
+        raise ConfigError(f"{src}: data.train_path is empty; expected the training .pbin (from fastlm data "
+                          f"pack_encoded_data)")
+    name = cfg.run.name
+    if not name.strip() or name.strip() in (".", "..") or Path(name).is_absolute():
+        # the run folder is output_dir/name: an empty name would put one run's files among all runs' folders
+        raise ConfigError(f"{src}: run.name must name a folder under run.output_dir ({cfg.run.output_dir}), "
+                          f"found {name!r}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"{src}: optim.betas must be two numbers, found {cfg.optim.betas!r}")
     for i, beta in enumerate(cfg.optim.betas):

@@ -173,6 +173,8 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> GP
             raise ValueError(f"{path}: tensors the model config does not have: {', '.join(extra[:5])}")
         try:
             ckpt.dcp_io(dcp.load, {"model": sd}, path, reader)
+        except ckpt.CheckpointFilesError as err:
+            raise ValueError(f"the checkpoint is damaged or incomplete: {err}") from None
         except ValueError as err:  # missing keys and shape conflicts, named by DCP
             raise ValueError(f"checkpoint does not fit the model config: {err}") from None
         model.load_state_dict(sd)

@@ -4,6 +4,7 @@ default; `--out` picks the format by its suffix: .png, .svg, .pdf)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from fastlm.atomic import atomic_output
@@ -14,15 +15,22 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     checkpoint repeats the steps after it) keeps its last record."""
     path = Path(run_dir) / "metrics.jsonl"
     if not Path(run_dir).is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run folder (a run's folder is run.output_dir/run.name, "
+        what = "is a file, not" if Path(run_dir).exists() else "no such"
+        raise FileNotFoundError(f"{run_dir}: {what} run folder (a run's folder is run.output_dir/run.name, "
                                 f"e.g. checkpoints/RUN)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a fastlm run folder?)")
     last: dict[tuple[str, int], dict] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
+            if n == len(lines) and not text.endswith("\n"):  # a record cut short: the run was killed
+                print(f"fastlm: note: {path}:{n}: skipped the last line, cut short (a killed run leaves "
+                      f"that)", file=sys.stderr)
+                break
             raise ValueError(f"{path}:{n}: not JSON ({err})") from None
         if rec.get("event") in ("train", "eval"):
             last[(rec["event"], rec["step"])] = rec
@@ -44,6 +52,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not train and not evals:
         raise ValueError(f"{run_dir / 'metrics.jsonl'}: no training or evaluation records to plot")
     out = Path(out) if out else run_dir / "loss.png"
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; expected the image file to write (.png, .svg or .pdf)")
     # a line through one point draws nothing: one record gets a marker
     marker = "o" if len(train) == 1 else None
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))

@@ -18,13 +18,14 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from fastlm import checkpoint as ckpt
 from fastlm.config import Config, derive, load_config, profile_window
 from fastlm.data.datasets import PackedMemMapDatasetContinuous, PackedMemMapDatasetDocumentAligned
-from fastlm.data.loader import BatchLoader, ResumableDistributedSampler
+from fastlm.data.loader import BatchLoader, ResumableDistributedSampler, check_token_ids
 from fastlm.model import GPT, resolve_attention, resolve_loss
 from fastlm.parallel import Dist, parallelize, setup_distributed, teardown_distributed
 from fastlm.profiling import StepProfiler
@@ -88,10 +89,34 @@ def make_deterministic() -> None:
         inductor_config.deterministic = True
 
 
-def make_dataset(path: str, cfg: Config):
-    if cfg.data.dataset == "document_aligned":
-        return PackedMemMapDatasetDocumentAligned(path, cfg.model.sequence_length)
-    return PackedMemMapDatasetContinuous(path, cfg.model.sequence_length)
+def make_dataset(key: str, cfg: Config):
+    """The dataset of data.train_path or data.val_path (`key`); errors name the key and the config."""
+    path = getattr(cfg.data, key.rpartition(".")[2])
+    if Path(path).is_dir():
+        raise ConfigError(f"{cfg.source}: {key} names the folder {path}; expected a .pbin file (from fastlm "
+                          f"data pack_encoded_data)")
+    try:
+        if cfg.data.dataset == "document_aligned":
+            return PackedMemMapDatasetDocumentAligned(path, cfg.model.sequence_length)
+        return PackedMemMapDatasetContinuous(path, cfg.model.sequence_length)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{cfg.source}: {key}: {err}") from None
+
+
+def check_tokenizer(cfg: Config) -> None:
+    """data.tokenizer_path, when set, must be readable and fit the model: ids up to model.vocab_size."""
+    if not cfg.data.tokenizer_path:
+        return
+    from fastlm.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer(cfg.data.tokenizer_path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{cfg.source}: data.tokenizer_path: {err}") from None
+    if tokenizer.max_id >= cfg.model.vocab_size:
+        raise ConfigError(f"{cfg.source}: the tokenizer of data.tokenizer_path ({cfg.data.tokenizer_path}) "
+                          f"has ids up to {tokenizer.max_id:,} but model.vocab_size is "
+                          f"{cfg.model.vocab_size:,}; expected at least {tokenizer.max_id + 1:,}")
 
 
 class Logger:
@@ -233,8 +258,9 @@ def evaluate(model, cfg: Config, d: Dist, val_dataset, autocast) -> tuple[float,
         weight = 1.0 if b < total_batches else 0.0
         b = b if b < total_batches else 0
         idx = range(b * micro, min(n, (b + 1) * micro))
-        rows = torch.stack([torch.from_numpy(val_dataset[i][val_dataset.sample_key])
-                            for i in idx]).to(d.device)
+        rows = np.stack([val_dataset[i][val_dataset.sample_key] for i in idx])
+        check_token_ids(rows, idx, val_dataset, cfg.model.vocab_size)
+        rows = torch.from_numpy(rows).to(d.device)
         with autocast:
             _, loss = model(rows[:, :-1], rows[:, 1:])
         loss_sum += weight * loss.double() * rows[:, 1:].numel()
@@ -305,7 +331,16 @@ def first_nonfinite(steps: list[int], losses: list[float], norms: list[float] | 
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     """The checkpoint run.resume names: None, the newest of the run folder (auto) or a path, checked."""
     if cfg.run.resume == "auto":
-        return ckpt.find_latest(run_dir)
+        latest = ckpt.find_latest(run_dir)
+        broken = ckpt.incomplete_checkpoints(run_dir)
+        if latest is None and broken:
+            # not a run that has yet to write its first checkpoint: starting over would overwrite these
+            raise ConfigError(
+                f"{cfg.source}: run.resume is auto but {ckpt.checkpoint_root(run_dir)} holds no complete "
+                f"checkpoint, only {', '.join(p.name for p in broken)} (incomplete: no DCP .metadata or "
+                f"train_state.json); remove them to start the run over, or resume another checkpoint with "
+                f"run.resume=PATH")
+        return latest
     if cfg.run.resume in ("none", ""):
         return None
     path = Path(cfg.run.resume)
@@ -318,6 +353,15 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
             f"checkpoint with run.resume=auto (and run.output_dir/run.name naming that folder)"
             + (f" or run.resume={latest}" if latest else ""))
     return path
+
+
+def make_run_dir(cfg: Config, run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{cfg.source}: cannot make the run folder {run_dir} (run.output_dir "
+                          f"{cfg.run.output_dir!r}, run.name {cfg.run.name!r}): "
+                          f"{err.strerror or err}") from None
 
 
 def check_fresh_run_dir(cfg: Config, run_dir: Path) -> None:
@@ -479,13 +523,17 @@ def train(cfg: Config, d: Dist) -> int:
     if d.device.type == "cpu":
         keep_freed_host_memory()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
 
-    train_set = make_dataset(cfg.data.train_path, cfg)
-    val_set = make_dataset(cfg.data.val_path, cfg) if cfg.data.val_path else None
+    check_tokenizer(cfg)
+    train_set = make_dataset("data.train_path", cfg)
+    val_set = make_dataset("data.val_path", cfg) if cfg.data.val_path else None
     derived = derive(cfg, d.world_size, len(train_set) * cfg.model.sequence_length)
+    if d.is_main and cfg.schedule.warmup_steps >= derived.steps and cfg.schedule.decay != "constant":
+        print(f"fastlm: note: schedule.warmup_steps ({cfg.schedule.warmup_steps:,}) is not below the run's "
+              f"{derived.steps:,} steps: the learning rate rises to "
+              f"{lr_at(derived.steps - 1, cfg, derived.steps):.3g} of optim.lr {cfg.optim.lr:g} and never "
+              f"decays", flush=True)
 
     with torch.device("meta"):
         model = GPT(cfg.model)
@@ -517,6 +565,8 @@ def train(cfg: Config, d: Dist) -> int:
     resume_from = resume_path(cfg, run_dir)
     if resume_from is None and cfg.run.resume in ("none", ""):
         check_fresh_run_dir(cfg, run_dir)
+    if d.is_main:  # (made once the config, the data and the checkpoint to resume have passed their checks)
+        make_run_dir(cfg, run_dir)
     if resume_from is not None:
         state = ckpt.read_train_state(resume_from)
         check_resume(cfg, state, resume_from, derived.steps)
@@ -532,7 +582,8 @@ def train(cfg: Config, d: Dist) -> int:
 
     sampler = ResumableDistributedSampler(len(train_set), cfg.batch.micro_batch_size, d.world_size, d.rank,
                                           seed=cfg.run.seed, position=start_position)
-    loader = BatchLoader(train_set, sampler, d.device, prefetch=2 if cfg.data.num_workers > 0 else 0)
+    loader = BatchLoader(train_set, sampler, d.device, prefetch=2 if cfg.data.num_workers > 0 else 0,
+                         vocab_size=cfg.model.vocab_size)
 
     if d.is_main:
         if cfg.logging.console:

@@ -71,12 +71,51 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{path}:{dup.line}: the key {dup.key!r} is set twice in one section (first on "
+                          f"line {dup.first_line}); YAML would keep the last silently") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty (or only comments); expected the config's sections")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     return interpolate(data, str(path))
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int, first_line: int):
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+_LOADER = None
+
+
+def _strict_loader():
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (lines 1-based)."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class StrictLoader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                seen = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`; its keys may be overridden
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(key, line, seen[key])
+                    except TypeError:  # an unhashable key: SafeLoader reports it
+                        break
+                    seen[key] = line
+                return super().construct_mapping(node, deep=deep)
+
+        _LOADER = StrictLoader
+    return _LOADER
 
 
 def check_keys(

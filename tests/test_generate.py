@@ -246,6 +246,17 @@ def test_dcp_checkpoint_with_tensors_the_config_lacks_is_refused(trained_run, tm
         load_model(step, torch.device("cpu"), torch.float32)
 
 
+def test_a_checkpoint_missing_a_shard_is_called_damaged_not_a_misfit(trained_run, tmp_path):
+    step = tmp_path / "step_00000003"
+    shutil.copytree(trained_run / "checkpoints" / "step_00000003", step)
+    for shard in step.glob("*.distcp"):
+        shard.unlink()
+    with pytest.raises(ValueError, match=r"^the checkpoint is damaged or incomplete: .*step_00000003: "
+                                         r"loading the checkpoint failed on 1 rank\(s\); the first failure: "
+                                         r"FileNotFoundError"):
+        load_model(step, torch.device("cpu"), torch.float32)
+
+
 def test_not_a_safetensors_file_is_named(tmp_path):
     junk = tmp_path / "model.pt"
     junk.write_bytes(b"PK\x03\x04 a zip, as torch.save writes" * 10)

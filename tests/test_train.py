@@ -275,6 +275,9 @@ def test_config_errors_are_clear(tmp_path):
         load_config(cfg, ["optim.lrr=1e-3"])
     with pytest.raises(ConfigError, match=r"^override 'optim.lrr=1e-3' "):  # not optim.lr, the suggestion
         load_config(cfg, ["optim.lr=1e-3", "optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r'unknown key "optim.micro_batch_size": micro_batch_size belongs '
+                                          r'to another section \(did you mean "batch.micro_batch_size"\?\)'):
+        load_config(cfg, ["optim.micro_batch_size=3"])
     with pytest.raises(ConfigError, match=r"^override 'target.steps=abc' \(on .*tiny.yaml\): target.steps "
                                           r"must be int, found 'abc'"):
         load_config(cfg, ["target.steps=abc"])
@@ -364,6 +367,69 @@ def test_an_empty_section_takes_overrides(tmp_path):
     path.write_text(f"data:\n  train_path: {TRAIN}\ntarget:\n  steps: 3\nlogging:\n")
     cfg = load_config(path, ["logging.console=false"])
     assert cfg.logging.console is False and cfg.logging.metrics_file is True
+
+
+def test_bad_runs_fail_with_the_key_and_leave_no_run_folder(tmp_path):
+    """Mistakes found at start-up name the key at fault, show no traceback, and make no run folder."""
+    def fails(*overrides, name="bad"):
+        r = train(tmp_path, *overrides, check=False, name=name)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        left = tmp_path / name if name else tmp_path / "checkpoints"  # (name "": the run folder is tmp_path)
+        assert not left.exists(), f"{left}: a run folder was left by a run that failed at start"
+        return r.stderr
+
+    garbage = tmp_path / "garbage.pbin"
+    garbage.write_bytes(b"not a pbin at all" * 10)
+    assert "data.train_path names the folder" in fails(f"data.train_path={tmp_path}")
+    assert f"data.val_path: {garbage}: " in fails(f"data.val_path={garbage}")
+    assert "data.tokenizer_path: " in fails("data.tokenizer_path=nowhere")
+    assert ("has ids up to 50,256 but model.vocab_size is 1,000; expected at least 50,257"
+            in fails("model.vocab_size=1000"))
+    assert "data.train_path is empty; expected the training .pbin" in fails("data.train_path=")
+    assert "run.name must name a folder under run.output_dir" in fails("run.name=", name="")
+    (tmp_path / "a_file").write_text("x")
+    err = fails(f"run.output_dir={tmp_path / 'a_file'}")
+    assert f"cannot make the run folder {tmp_path / 'a_file' / 'bad'} (run.output_dir" in err, err
+
+
+def test_data_with_ids_beyond_the_vocabulary_names_the_file_and_sample(tmp_path):
+    # no tokenizer to check against: the first batch holding such an id stops the run, before the model
+    r = train(tmp_path, "model.vocab_size=1000", "data.tokenizer_path=", check=False, name="v")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.search(rf"error: {re.escape(str(TRAIN))}: sample [0-9,]+ holds token id [0-9,]+ but "
+                     r"model.vocab_size is 1,000; expected ids below it", r.stderr), r.stderr
+
+
+def test_resume_auto_refuses_a_run_whose_checkpoints_are_all_damaged(tmp_path):
+    train(tmp_path, "target.steps=2", name="run")
+    (tmp_path / "run" / "checkpoints" / "step_00000002" / ".metadata").unlink()
+    r = train(tmp_path, "target.steps=4", "run.resume=auto", check=False, name="run")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ("run.resume is auto but" in r.stderr and "holds no complete checkpoint, only step_00000002 "
+            "(incomplete: no DCP .metadata or train_state.json)" in r.stderr), r.stderr
+    assert sorted(losses(tmp_path / "run")) == [1, 2]  # the run's record is untouched
+
+
+def test_a_warmup_as_long_as_the_run_is_noted(tmp_path):
+    r = train(tmp_path, "target.steps=3", "schedule.warmup_steps=10", name="warm")
+    assert ("fastlm: note: schedule.warmup_steps (10) is not below the run's 3 steps: the learning rate "
+            "rises to") in r.stdout, r.stdout
+    r = train(tmp_path, "target.steps=3", name="warm2")
+    assert "note: schedule.warmup_steps" not in r.stdout
+
+
+def test_a_key_given_twice_in_a_yaml_section_is_an_error(tmp_path):
+    cfg = tmp_path / "twice.yaml"
+    text = (ROOT / "configs" / "tiny.yaml").read_text()
+    cfg.write_text(text.replace("  n_layer:", "  n_layer: 3\n  n_layer:", 1))
+    line = text[:text.index("  n_layer:")].count("\n") + 2
+    with pytest.raises(ConfigError, match=rf"twice.yaml:{line}: the key 'n_layer' is set twice in one "
+                                          rf"section \(first on line {line - 1}\)"):
+        load_config(cfg)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml: the file is empty"):
+        load_config(empty)
 
 
 def test_cuda_device_without_cuda_is_a_config_error(monkeypatch):
@@ -692,6 +758,28 @@ def test_plot_keeps_the_last_record_of_a_step_and_writes_the_format_asked(tmp_pa
     write({"event": "checkpoint", "step": 5, "path": "x"})
     with pytest.raises(ValueError, match="no training or evaluation records to plot"):
         plot_run(run)
+
+
+def test_plot_skips_a_last_record_cut_short_and_names_what_is_wrong(tmp_path, capsys):
+    from fastlm.plot import plot_run, read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    good = "".join(json.dumps({"event": "train", "step": n, "loss": 9.0 - n, "tokens_per_s": 1e3}) + "\n"
+                   for n in (1, 2))
+    (run / "metrics.jsonl").write_text(good + '{"event": "train", "step": 3, "lo')  # a killed run's last line
+    assert [r["step"] for r in read_metrics(run)[0]] == [1, 2]
+    assert f"note: {run / 'metrics.jsonl'}:3: skipped the last line, cut short" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"event": "train", "st\n' + good)  # a broken line inside: an error
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not JSON"):
+        read_metrics(run)
+    (run / "metrics.jsonl").write_text(good)
+    with pytest.raises(ValueError, match=r"^--out .* is a folder; expected the image file to write"):
+        plot_run(run, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such run folder"):
+        plot_run(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"metrics.jsonl: is a file, not run folder"):
+        plot_run(run / "metrics.jsonl")
 
 
 def test_cpu_training_keeps_freed_memory_for_the_next_step():

@@ -58,14 +58,28 @@ class ResumableDistributedSampler:
         return self.position / self.num_samples
 
 
+def check_token_ids(rows: np.ndarray, idx, dataset, vocab_size: int | None) -> None:
+    """ValueError naming the file and sample when a row holds an id the model has no embedding for (on a
+    GPU the lookup would fail later as a device-side assert). One max over the batch on the host."""
+    if vocab_size is None or not rows.size or int(rows.max()) < vocab_size:
+        return
+    row = int(np.argmax(rows.max(axis=1)))
+    path = getattr(getattr(dataset, "packed", None), "path", "the dataset")
+    raise ValueError(f"{path}: sample {int(idx[row]):,} holds token id {int(rows[row].max()):,} but "
+                     f"model.vocab_size is {vocab_size:,}; expected ids below it. HINT: set model.vocab_size "
+                     f"to the vocabulary of the tokenizer the data was packed with")
+
+
 class BatchLoader:
     """Yields (inputs, targets) int64 tensors of shape (micro_batch_size, sequence_length) in sampler
-    order, prefetched by a background thread (pinned memory when the device is CUDA)."""
+    order, prefetched by a background thread (pinned memory when the device is CUDA). With vocab_size,
+    a batch holding a larger id is an error that names the file and the sample."""
 
     def __init__(self, dataset, sampler: ResumableDistributedSampler, device: torch.device,
-                 prefetch: int = 2):
+                 prefetch: int = 2, vocab_size: int | None = None):
         self.dataset, self.sampler, self.device = dataset, sampler, device
         self.prefetch = prefetch
+        self.vocab_size = vocab_size
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._thread = None
@@ -73,6 +87,7 @@ class BatchLoader:
     def _make(self) -> torch.Tensor:
         idx = self.sampler.next_micro_batch()
         rows = np.stack([self.dataset[int(i)][self.dataset.sample_key] for i in idx])
+        check_token_ids(rows, idx, self.dataset, self.vocab_size)
         batch = torch.from_numpy(rows)
         if self.device.type == "cuda":
             batch = batch.pin_memory()
