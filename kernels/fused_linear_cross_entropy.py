@@ -32,6 +32,9 @@ Limits and choices:
 - The stored grad_weight is cast to the weight's dtype at the end of the forward (the fp32 accumulator
   is freed there): it is held across the rest of the model's backward.
 - Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first, as F.linear would be.
+  The weight is cast inside the autograd Function, so that its gradient goes back in the weight's own
+  dtype straight from the fp32 accumulator: an fp32 weight (autocast's master weights) gets an fp32
+  gradient not rounded to the autocast dtype, and no cast of (V, D) each way.
 - The backward runs once (stored gradients are scaled in place); see cross_entropy's other notes
   (all-ignored "mean" is 0, out-of-range targets give NaN, fp16 underflow of tiny gradients).
 
@@ -85,7 +88,8 @@ def adds_products_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     return _FP32_ADDMM[key]
 
 
-def _validate(hidden, weight, targets, bias, reduction, chunk_rows):
+def _validate(hidden, weight, targets, bias, reduction, chunk_rows, weight_dtype=None):
+    """weight_dtype: the dtype the weight will be cast to (autocast), in place of its own."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -98,14 +102,15 @@ def _validate(hidden, weight, targets, bias, reduction, chunk_rows):
         raise ValueError(f"{OP}: weight has an empty vocabulary dimension, shape {tuple(weight.shape)}")
     if hidden.dtype not in LOGIT_DTYPES:
         raise TypeError(f"{OP}: hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
+    if (weight_dtype or weight.dtype) != hidden.dtype:
         raise TypeError(f"{OP}: weight and hidden must have one dtype (the matmul runs in it), got weight "
                         f"{weight.dtype} and hidden {hidden.dtype}. HINT: cast hidden, or run under autocast "
                         "outside this call")
     if bias is not None:
         if (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
-                or bias.dtype != weight.dtype):
-            raise ValueError(f"{OP}: bias must be a ({weight.shape[0]},) tensor of dtype {weight.dtype}, got "
+                or bias.dtype != (weight_dtype or weight.dtype)):
+            raise ValueError(f"{OP}: bias must be a ({weight.shape[0]},) tensor of dtype "
+                             f"{weight_dtype or weight.dtype}, got "
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
                              f"{' ' + str(bias.dtype) if isinstance(bias, torch.Tensor) else ''}")
     check_targets(targets, hidden.shape[0], OP)
@@ -120,11 +125,12 @@ def fused_linear_cross_entropy_forward(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
     ignore_index: int = -100, *, scale: torch.Tensor | None = None, scale_per_row: bool = False,
     grad_hidden: bool = False, grad_weight: bool = False, grad_bias: bool = False,
-    chunk_rows: int | None = None, block: int | None = None,
+    chunk_rows: int | None = None, block: int | None = None, weight_grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Chunked loop over 2-D, validated inputs. Returns (loss per row fp32 (N,), grad_hidden, grad_weight,
-    grad_bias), each gradient d(sum_i scale_i * loss_i)/d(input) in its input's dtype, or None when not
-    asked for. scale: fp32, one value or one per row (scale_per_row); None computes no gradient."""
+    grad_bias), each gradient d(sum_i scale_i * loss_i)/d(input) in its input's dtype (grad_weight: in
+    weight_grad_dtype when given), or None when not asked for. scale: fp32, one value or one per row
+    (scale_per_row); None computes no gradient."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     compute_grad = scale is not None and (grad_hidden or grad_weight or grad_bias)
@@ -171,7 +177,7 @@ def fused_linear_cross_entropy_forward(
         del logits
 
     if d_weight is not None:
-        d_weight = d_weight.to(weight.dtype)
+        d_weight = d_weight.to(weight_grad_dtype or weight.dtype)
     if d_bias is not None:
         d_bias = d_bias.to(bias.dtype)
     return loss_rows, d_hidden, d_weight, d_bias
@@ -187,15 +193,17 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.chunk_rows = chunk_rows
         ctx.used = False
         scale, n_valid = grad_scale(targets, ignore_index, reduction)
+        weight_dtype = weight.dtype  # (an autocast run's fp32 weight: the matmuls run in hidden's dtype)
         if reduction == "none":
             # Losses only; the backward recomputes the chunks once grad_output (per row) is known.
-            loss_rows, _, _, _ = fused_linear_cross_entropy_forward(hidden, weight, targets, bias,
-                                                                    ignore_index, chunk_rows=chunk_rows)
+            loss_rows, _, _, _ = fused_linear_cross_entropy_forward(hidden, weight.to(hidden.dtype), targets,
+                                                                    bias, ignore_index, chunk_rows=chunk_rows)
             ctx.save_for_backward(hidden, weight, bias, targets)
             return loss_rows
         loss_rows, d_hidden, d_weight, d_bias = fused_linear_cross_entropy_forward(
-            hidden, weight, targets, bias, ignore_index, scale=scale if need_h or need_w or need_b else None,
-            grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b, chunk_rows=chunk_rows)
+            hidden, weight.to(hidden.dtype), targets, bias, ignore_index,
+            scale=scale if need_h or need_w or need_b else None, grad_hidden=need_h, grad_weight=need_w,
+            grad_bias=need_b, chunk_rows=chunk_rows, weight_grad_dtype=weight_dtype)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         loss = loss_rows.sum()
         return loss / n_valid[0] if reduction == "mean" else loss
@@ -206,9 +214,10 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.reduction == "none":
             hidden, weight, bias, targets = ctx.saved_tensors
             _, d_hidden, d_weight, d_bias = fused_linear_cross_entropy_forward(
-                hidden, weight, targets, bias, ctx.ignore_index,
+                hidden, weight.to(hidden.dtype), targets, bias, ctx.ignore_index,
                 scale=grad_output.detach().to(torch.float32).contiguous(), scale_per_row=True,
-                grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b, chunk_rows=ctx.chunk_rows)
+                grad_hidden=need_h, grad_weight=need_w, grad_bias=need_b, chunk_rows=ctx.chunk_rows,
+                weight_grad_dtype=weight.dtype)
             return d_hidden, d_weight, d_bias, None, None, None, None, None
         if ctx.used:
             raise RuntimeError(f"{OP}: backward ran twice through the same graph; the stored gradients are "
@@ -238,15 +247,17 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"{OP}: targets must have hidden's shape without the last (feature) dimension, got "
                          f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)}")
     out_shape = targets.shape
+    weight_dtype = None
     if isinstance(weight, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
-        # Do what F.linear would do under autocast: the matmul in the autocast dtype.
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
+        # Do what F.linear would do under autocast: the matmul in the autocast dtype. (The weight is cast
+        # inside the Function, which returns its gradient in the weight's dtype; see the notes above.)
+        weight_dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden = hidden.to(weight_dtype)
+        bias = bias.to(weight_dtype) if isinstance(bias, torch.Tensor) else bias
     n_rows = targets.numel()  # not reshape(-1, D): ambiguous when there are no elements
     hidden2d = hidden.reshape(n_rows, hidden.shape[-1])
     targets1d = targets.reshape(n_rows)
-    _validate(hidden2d, weight, targets1d, bias, reduction, chunk_rows)
+    _validate(hidden2d, weight, targets1d, bias, reduction, chunk_rows, weight_dtype)
     loss = _FusedLinearCrossEntropyFunction.apply(hidden2d, weight, bias, targets1d, ignore_index, reduction,
                                                   chunk_rows, torch.is_grad_enabled())
     return loss.reshape(out_shape) if reduction == "none" else loss

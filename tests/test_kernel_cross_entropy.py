@@ -451,18 +451,27 @@ def test_fused_linear_cross_entropy_tied_weight_and_batched_shape():
     assert loss.shape == (2, 3)
 
 
-def test_fused_linear_cross_entropy_autocast():
-    # Under autocast the matmul runs in the autocast dtype, as F.linear's would; fp32 weights get fp32 grads.
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_fused_linear_cross_entropy_autocast(with_bias):
+    # Under autocast the matmul runs in the autocast dtype, as F.linear's would; an fp32 weight gets its
+    # gradient in fp32 straight from the fp32 accumulator, not rounded to the autocast dtype on the way.
     hidden, weight, targets = flce_inputs()
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(5)) if with_bias else None
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if with_bias else None
     with torch.autocast(DEVICE, dtype=torch.float16):
-        loss = fused_linear_cross_entropy(h, w, targets)
+        loss = fused_linear_cross_entropy(h, w, targets, bias=b, chunk_rows=4)  # 3 chunks accumulated
     loss.backward()
     h16, w16 = hidden.half().requires_grad_(), weight.half().requires_grad_()
-    ref = fused_linear_cross_entropy(h16, w16, targets)
+    b16 = bias.half().requires_grad_() if with_bias else None
+    ref = fused_linear_cross_entropy(h16, w16, targets, bias=b16, chunk_rows=4)
     ref.backward()
     assert loss.item() == ref.item()
-    assert w.grad.dtype == torch.float32 and torch.equal(w.grad, w16.grad.float())
+    assert torch.equal(h.grad, h16.grad.float())
+    assert w.grad.dtype == torch.float32 and torch.equal(w.grad.half(), w16.grad)  # the same sum, rounded
+    assert not torch.equal(w.grad, w16.grad.float())  # ... but not rounded here
+    if with_bias:
+        assert b.grad.dtype == torch.float32 and torch.equal(b.grad, b16.grad.float())
 
 
 def test_default_chunk_rows():
