@@ -246,8 +246,14 @@ def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, p
 class Generator:
     """A model, a tokenizer and the settings, ready to continue prompts."""
 
-    def __init__(self, settings: GenerationSettings):
+    def __init__(self, settings: GenerationSettings, origin: dict[str, str] | None = None):
+        """origin: where a setting came from ("gen.yaml: settings.model_path", "--checkpoint"), to name in
+        the errors about it."""
         from fastlm.tokenizer import Tokenizer
+
+        def named(key: str, err: object) -> ConfigError:
+            where = (origin or {}).get(key)
+            return ConfigError(f"{where}: {err}" if where else str(err))
 
         self.s = settings
         self.device = resolve_device(settings.device)
@@ -258,8 +264,14 @@ class Generator:
         if not settings.tokenizer_path:
             raise ConfigError("a tokenizer is required: give --tokenizer (or settings.tokenizer_path in the "
                               "config file), tokenizer.json or its folder")
-        self.tokenizer = Tokenizer(settings.tokenizer_path)
-        self.model = load_model(settings.model_path, self.device, self.dtype)
+        try:
+            self.tokenizer = Tokenizer(settings.tokenizer_path)
+        except (OSError, ValueError) as err:
+            raise named("tokenizer_path", err) from None
+        try:
+            self.model = load_model(settings.model_path, self.device, self.dtype)
+        except (OSError, ValueError) as err:
+            raise named("model_path", err) from None
         cfg = self.model.cfg
         self.context = settings.sequence_length or cfg.sequence_length
         if cfg.pos_encoding == "learned" and self.context > cfg.sequence_length:
@@ -280,8 +292,8 @@ class Generator:
         self.vocab = min(cfg.vocab_size, tokenizer_ids)
         self.eod_id = self.tokenizer.token_to_id(settings.eod_token)
         if self.eod_id is None:
-            raise ConfigError(f"eod_token {settings.eod_token!r} is not in the vocabulary of "
-                              f"{self.tokenizer.path}")
+            raise named("eod_token", f"eod_token {settings.eod_token!r} is not in the vocabulary of "
+                                     f"{self.tokenizer.path}")
         use_compile = (settings.compile == "true"
                        or (settings.compile == "auto" and self.device.type == "cuda"))
         self._decode = (torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if use_compile
@@ -500,8 +512,20 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(_run, args)
 
 
+def setting_origins(args) -> dict[str, str]:
+    """Where each path-like setting came from: its flag, or the config file's key."""
+    flags = {"model_path": "checkpoint", "tokenizer_path": "tokenizer"}
+    origins = {}
+    for key in ("model_path", "tokenizer_path", "eod_token"):
+        if flags.get(key) and getattr(args, flags[key]) is not None:
+            origins[key] = "--" + flags[key]
+        elif args.config_file_path:
+            origins[key] = f"{args.config_file_path}: settings.{key}"
+    return origins
+
+
 def _run(args) -> int:
-    gen = Generator(settings_from_args(args))
+    gen = Generator(settings_from_args(args), setting_origins(args))
     prompts = list(args.prompt or [])
     if args.batch_file:
         prompts += [line.rstrip("\n")

@@ -1,5 +1,6 @@
 """Generation: KV-cached decoding against full recomputation, sampling, checkpoints, the interactive CLI."""
 
+import contextlib
 import io
 import json
 import shutil
@@ -419,3 +420,26 @@ def test_a_missing_tokenizer_names_the_flag_and_the_setting():
     with pytest.raises(ConfigError, match=r"a tokenizer is required: give --tokenizer \(or "
                                           r"settings.tokenizer_path in the config file\)"):
         Generator(GenerationSettings(model_path="unused", tokenizer_path="", device="cpu"))
+
+
+def test_errors_name_the_setting_or_flag_they_come_from(tiny_run, tmp_path):
+    from fastlm.generate import main as generate_main
+
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(f"settings:\n  model_path: {tmp_path / 'nowhere'}\n  tokenizer_path: {GPT2}\n"
+                   f"  device: cpu\n  eod_token: <eos>\n")
+
+    def error(*argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert generate_main([*argv, "--prompt", "hi"]) == 1
+        return err.getvalue()
+
+    assert error("--config_file_path", str(cfg)).startswith(
+        f"error: {cfg}: settings.model_path: {tmp_path / 'nowhere'}: no such checkpoint")
+    assert error("--config_file_path", str(cfg), "--checkpoint", str(tmp_path / "x")).startswith(
+        f"error: --checkpoint: {tmp_path / 'x'}: no such checkpoint")
+    assert error("--config_file_path", str(cfg), "--checkpoint", str(tiny_run), "--tokenizer",
+                 str(tmp_path)).startswith(f"error: --tokenizer: {tmp_path}: no tokenizer found")
+    assert error("--config_file_path", str(cfg), "--checkpoint", str(tiny_run)).startswith(
+        f"error: {cfg}: settings.eod_token: eod_token '<eos>' is not in the vocabulary of")
