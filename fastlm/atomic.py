@@ -23,6 +23,8 @@ def should_write(dst: str | os.PathLike, policy: str) -> bool:
         raise ValueError(
             f"file_existence_policy must be one of {', '.join(FILE_EXISTENCE_POLICIES)}, got {policy!r}"
         )
+    if os.path.isdir(dst):  # no policy makes a folder into the file
+        raise IsADirectoryError(f"{dst} is a folder; expected the path of the file to write")
     if not os.path.exists(dst):
         return True
     if policy == "error":
@@ -67,6 +69,33 @@ class atomic_output:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+
+def missing_file(path: str | os.PathLike, what: str) -> OSError:
+    """The error for an input file that is not there: a folder in its place is named as such."""
+    if os.path.isdir(path):
+        return IsADirectoryError(f"{path}: is a folder; expected the {what}")
+    return FileNotFoundError(f"{path}: {what} not found{relative_note(path)}")
+
+
+def capped_threads(requested: int, usable: int, where: str) -> int:
+    """A thread count of at most the usable CPUs (more only adds threads that wait: the work is CPU
+    bound), with a note on stderr when `requested` was more."""
+    if requested <= usable:
+        return requested
+    import sys
+
+    print(f"note: {where} {requested:,} is more than the {usable} CPUs this process may use; using "
+          f"{usable} threads", file=sys.stderr)
+    return usable
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (links and relative paths resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def relative_note(path: str | os.PathLike) -> str:

@@ -34,9 +34,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that it unwinds the same way: a
+    temporary output is removed, nothing partial is left."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a verb; bad input and I/O problems print one clear line (no traceback) and exit 1.
-    Set FASTLM_TRACEBACK=1 to see the traceback too."""
+    """Run a verb; bad input and I/O problems print one clear line (no traceback) and exit 1. SIGTERM and
+    Ctrl-C stop it leaving no partial output (exit 143, 130). Set FASTLM_TRACEBACK=1 to see the traceback
+    too."""
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave the handler alone
+        previous = None
+    try:
+        return _run_verb(fn, args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_verb(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         status = fn(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe must end in the handler below
@@ -47,10 +71,10 @@ def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
         # /dev/null so that the interpreter's last flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("\ninterrupted: no partial file was left (outputs are renamed into place only when complete)",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
     except (ValueError, OSError) as err:
         if os.environ.get("FASTLM_TRACEBACK"):
             import traceback
@@ -62,22 +86,23 @@ def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
 
 def _create_raw_index(args: argparse.Namespace) -> int:
     from fastlm import usable_cpus
-    from fastlm.atomic import should_write
+    from fastlm.atomic import capped_threads, missing_file, same_file, should_write
     from fastlm.index import build_index
 
     src = args.src_path
     dst = args.index_path or os.path.splitext(src)[0] + ".idx"
     if not os.path.isfile(src):
-        from fastlm.atomic import relative_note
-
-        raise FileNotFoundError(f"{src}: source JSONL file not found{relative_note(src)}")
+        raise missing_file(src, "source JSONL file")
+    if same_file(src, dst):
+        raise ValueError(f"--index_path {dst} is the source file itself; expected another path for the index")
+    threads = capped_threads(args.num_cpus, usable_cpus(), "--num-cpus") if args.num_cpus else usable_cpus()
     if not should_write(dst, args.file_existence_policy):
         print(f"{dst} exists; skipped (file_existence_policy: skip)")
         return 0
     t0 = time.perf_counter()
     size = os.path.getsize(src)
-    result = build_index(src, dst, args.num_cpus or usable_cpus(), args.skip_invalid,
-                         False if args.quiet else None, return_arrays=False)
+    result = build_index(src, dst, threads, args.skip_invalid, False if args.quiet else None,
+                         return_arrays=False)
     seconds = time.perf_counter() - t0
     print(
         f"indexed {result['documents']:,} documents of {src} ({result['lines']:,} lines, "
@@ -86,6 +111,9 @@ def _create_raw_index(args: argparse.Namespace) -> int:
     )
     for line, why in result["first_skipped"][:5]:
         print(f"  skipped {src}:{line}: {why}")
+    if not result["documents"]:
+        print(f"note: {src} holds no document (no line that is a JSON object); the index is empty",
+              file=sys.stderr)
     return 0
 
 

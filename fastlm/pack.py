@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastlm.atomic import FILE_EXISTENCE_POLICIES, atomic_output, relative_note, should_write
+from fastlm.atomic import (FILE_EXISTENCE_POLICIES, atomic_output, capped_threads, missing_file, same_file,
+                           should_write)
 from fastlm.progress import progress_bar
 from fastlm.yamlconf import ConfigError, check_keys, coerce_value, load_yaml, usable_cpus
 
@@ -102,13 +103,26 @@ def load_pack_config(path: str | os.PathLike) -> PackJob:
             f"found {policy!r}"
         )
     skip_invalid = coerce_value(settings.get("skip_invalid", False), bool, f"{source}: settings.skip_invalid")
+    for key in ("processing_batch_size", "raw_samples_queue_size", "processed_samples_queue_size"):
+        if key in settings:  # (no effect, but a value Modalities would refuse is refused here too)
+            coerce_value(settings[key], int, f"{source}: settings.{key}")
+
+    def text(section: dict, key: str, where: str, default: str | None = None) -> str:
+        """A non-empty string setting (a path, a pattern, a token): YAML gives None for an empty value."""
+        value = coerce_value(section.get(key, default), str, f"{source}: {where}")
+        if not value.strip():
+            raise ConfigError(f"{source}: {where} is empty")
+        return value
+
     return PackJob(
-        src_path=Path(settings["src_path"]),
-        dst_path=Path(settings["dst_path"]),
-        tokenizer_path=Path(tcfg["pretrained_model_name_or_path"]),
-        jq_pattern=str(settings.get("jq_pattern", ".text")),
-        eod_token=str(settings["eod_token"]),
-        index_path=Path(settings["index_path"]) if settings.get("index_path") else None,
+        src_path=Path(text(settings, "src_path", "settings.src_path")),
+        dst_path=Path(text(settings, "dst_path", "settings.dst_path")),
+        tokenizer_path=Path(text(tcfg, "pretrained_model_name_or_path",
+                                 "tokenizer.config.pretrained_model_name_or_path")),
+        jq_pattern=text(settings, "jq_pattern", "settings.jq_pattern", ".text"),
+        eod_token=text(settings, "eod_token", "settings.eod_token"),
+        index_path=(Path(text(settings, "index_path", "settings.index_path"))
+                    if settings.get("index_path") is not None else None),
         num_cpus=num_cpus,
         skip_invalid=skip_invalid,
         file_existence_policy=policy,
@@ -145,6 +159,40 @@ def load_or_build_index(src: Path, index_path: Path | None, num_cpus: int, skip_
     return result["offsets"], result["lengths"], result["skipped_lines"], result["first_skipped"]
 
 
+def check_index_covers(src: Path, index_path: Path, offsets, num_cpus: int, skip_invalid: bool) -> None:
+    """ValueError when an index read from disk leaves out a document of src: a line that holds a JSON
+    object (an index of an older, shorter version of the file, or of another file) or, unless invalid
+    lines are to be skipped, an invalid line (an index built with --skip-invalid). Packing would drop
+    those lines without a word. One native scan of the file (as fast as `wc -l`)."""
+    import numpy as np
+
+    from fastlm.index import build_index
+
+    scan = build_index(src, None, num_cpus, True, False, return_arrays=True)
+    if not np.isin(offsets, scan["offsets"]).all():
+        return  # an entry that is no valid line's start: the packer names it, more precisely than this
+    left_out = ~np.isin(scan["offsets"], offsets)
+    hint = (f"HINT: regenerate it with `fastlm data create_raw_index --file_existence_policy override "
+            f"--index_path {index_path} {src}`, or point index_path at the index of this file")
+    if left_out.any():
+        at = int(scan["offsets"][np.flatnonzero(left_out)[0]])
+        with open(src, "rb") as f:
+            line = f.read(at).count(b"\n") + 1
+        raise ValueError(f"{index_path}: the index leaves out {int(left_out.sum()):,} of the "
+                         f"{len(scan['offsets']):,} documents of {src}, the first at line {line}: it is the "
+                         f"index of another version of the file, or of another file. {hint}")
+    # every valid line is indexed (above); entries beyond those are invalid lines (an entry that starts no
+    # line is the packer's error), so fewer entries than lines means some invalid ones were left out
+    invalid_indexed = len(offsets) - len(scan["offsets"])
+    if scan["skipped_lines"] > invalid_indexed and not skip_invalid:
+        first_line, why = scan["first_skipped"][0]
+        raise ValueError(
+            f"{index_path}: the index leaves out {scan['skipped_lines'] - invalid_indexed:,} invalid line(s) "
+            f"of {src} (the first invalid one, line {first_line}: {why}); it was built with --skip-invalid, "
+            f"and packing would drop them without a word. Pack with --skip-invalid (settings.skip_invalid: "
+            f"true) as well, or fix the lines")
+
+
 def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: str, num_cpus: int,
                       show_progress):
     """Byte lengths for an index whose documents do not all end at line ends (the packer found one: see
@@ -169,8 +217,9 @@ def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: s
         i = int(np.flatnonzero(~starts_line)[0])
         raise ValueError(
             f"{index_path}: entry {i} (offset {offsets[i]}) is not the start of a valid JSON line of {src}, "
-            f"and {mismatch}: the index does not fit this file. HINT: regenerate it with "
-            f"`fastlm data create_raw_index --index_path {index_path} {src}`")
+            f"and {mismatch}: the index does not fit this file. HINT: point index_path at the index of "
+            f"this file, or regenerate it with `fastlm data create_raw_index --file_existence_policy "
+            f"override --index_path {index_path} {src}`")
     byte_lengths = lines["lengths"][at]
     print(f"note: {index_path}: {int((byte_lengths != lengths).sum()):,} of {len(offsets):,} documents "
           f"do not end at a line end of {src}; their byte lengths were taken from the file (an index "
@@ -186,7 +235,14 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     from fastlm.tokenizer import Tokenizer
 
     if not job.src_path.is_file():
-        raise FileNotFoundError(f"{job.src_path}: source JSONL file not found{relative_note(job.src_path)}")
+        raise missing_file(job.src_path, "source JSONL file")
+    inputs = {"the source JSONL file": job.src_path, "the tokenizer": job.tokenizer_path,
+              "the raw index": job.index_path}
+    for what, path in inputs.items():  # (an override would destroy the input before reading it)
+        if path is not None and same_file(path, job.dst_path):
+            raise ValueError(f"{job.dst_path}: the output .pbin would replace {what}; expected another "
+                             f"path for dst_path")
+    job.num_cpus = capped_threads(job.num_cpus, usable_cpus(), "num_cpus")
     if not should_write(job.dst_path, job.file_existence_policy):
         return {"skipped": True, "dst_path": str(job.dst_path)}
     t0 = time.perf_counter()
@@ -210,6 +266,8 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     offsets, lengths, index_skipped, index_first_skipped = load_or_build_index(
         job.src_path, job.index_path, job.num_cpus, job.skip_invalid, show_progress
     )
+    if index_from_disk:
+        check_index_covers(job.src_path, job.index_path, offsets, job.num_cpus, job.skip_invalid)
     if tokenizer.native:
         bpe, encoder = tokenizer.native_encoder(), None
     else:
@@ -317,6 +375,8 @@ def run(args: argparse.Namespace) -> int:
     job = job_from_args(args)
     summary = pack(job, show_progress=False if args.quiet else None)
     print(format_summary(summary))
+    if not summary.get("skipped") and not summary["documents"]:
+        print(f"note: {job.src_path} holds no document; {job.dst_path} is an empty .pbin", file=sys.stderr)
     return 0
 
 

@@ -230,6 +230,16 @@ def test_config_errors_are_clear(tmp_path):
         load_pack_config(_config(tmp_path, "  colour: red\n"))
     with pytest.raises(ConfigError, match=r'missing key "settings.dst_path"'):
         load_pack_config(_config(tmp_path, settings="  src_path: x\n  eod_token: z\n"))
+    # values YAML types otherwise than text: an empty one is None, which str() would make the token "None"
+    for setting, found in (("src_path: 123", "123 \\(int\\)"), ("eod_token:", "None \\(NoneType\\)"),
+                           ("eod_token: [a]", "\\['a'\\] \\(list\\)"), ("index_path: true", "True"),
+                           ("processing_batch_size: abc", "'abc' \\(str\\)")):
+        key = setting.partition(":")[0]
+        others = "".join(f"  {k}: x\n" for k in ("src_path", "dst_path", "eod_token") if k != key)
+        with pytest.raises(ConfigError, match=rf"settings.{key} must be (str|int), found {found}"):
+            load_pack_config(_config(tmp_path, settings=others + f"  {setting}\n"))
+    with pytest.raises(ConfigError, match=r"settings.eod_token is empty"):
+        load_pack_config(_config(tmp_path, settings="  src_path: x\n  dst_path: y\n  eod_token: ' '\n"))
 
 
 def test_settings_from_the_environment_take_their_types(tmp_path, monkeypatch):
@@ -360,7 +370,7 @@ def _big_corpus(tmp_path, megabytes):
     return src
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_pack_leaves_no_destination(tmp_path, sig):
     src = _big_corpus(tmp_path, 60)
     dst = tmp_path / "out" / "big.pbin"
@@ -380,9 +390,9 @@ def test_interrupted_pack_leaves_no_destination(tmp_path, sig):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert not dst.exists()
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130 and b"interrupted" in err
-        assert list(dst.parent.iterdir()) == [], "the temporary file is removed on Ctrl-C"
+    if sig != signal.SIGKILL:  # Ctrl-C, or SIGTERM (a job scheduler, `kill`): 128 + the signal
+        assert proc.returncode == 128 + sig and b"interrupted" in err
+        assert list(dst.parent.iterdir()) == [], "the temporary file is removed"
 
 
 def test_library_fallback_gives_identical_ids(tmp_path):
@@ -494,6 +504,71 @@ def test_index_written_in_text_mode_gets_byte_lengths_from_the_file(tmp_path, ca
     assert dst.read_bytes() == reference and summary["documents"] == 4
     note = capsys.readouterr().err
     assert "3 of 4 documents" in note and str(index) in note  # two non-ASCII lines and the CRLF one
+
+
+def test_an_index_that_leaves_out_lines_is_an_error(tmp_path):
+    """An index of an older, shorter version of the file, or one built with --skip-invalid for a pack
+    without it, would make the packer drop lines without a word."""
+    src = write_jsonl(tmp_path / "grow.jsonl", ["one", "two"])
+    index = tmp_path / "grow.idx"
+    assert cli(["data", "create_raw_index", "--quiet", "--index_path", str(index), str(src)]) == 0
+    with open(src, "a") as f:
+        f.write(json.dumps({"text": "three"}) + "\n")
+    with pytest.raises(ValueError, match=r"grow\.idx: the index leaves out 1 of the 3 documents of "
+                                         r".*grow\.jsonl, the first at line 3: .* HINT: regenerate it "
+                                         r"with `fastlm data create_raw_index --file_existence_policy "
+                                         r"override"):
+        run_pack(tmp_path, src, jq_pattern=".text", index_path=index)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": 5\n{"text": "two"}\n')
+    skipping = tmp_path / "bad.idx"
+    assert cli(["data", "create_raw_index", "--quiet", "--skip-invalid", "--index_path", str(skipping),
+                str(bad)]) == 0
+    with pytest.raises(ValueError, match=r"bad\.idx: the index leaves out 1 invalid line\(s\) of "
+                                         r".*bad\.jsonl \(the first invalid one, line 2: .*Pack with "
+                                         r"--skip-invalid"):
+        run_pack(tmp_path, bad, jq_pattern=".text", index_path=skipping)
+    summary, _ = run_pack(tmp_path, bad, jq_pattern=".text", index_path=skipping, skip_invalid=True)
+    assert summary["documents"] == 2
+    assert not (tmp_path / "out.pbin.tmp").exists()
+
+
+def test_a_pack_never_overwrites_its_own_inputs(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", ["one", "two"])
+    index = tmp_path / "a.idx"
+    assert cli(["data", "create_raw_index", "--quiet", "--index_path", str(index), str(src)]) == 0
+    for dst, what in ((src, "the source JSONL file"), (index, "the raw index"),
+                      (GPT2 / "tokenizer.json", "the tokenizer")):
+        before = dst.read_bytes()
+        job = PackJob(src_path=src, dst_path=dst, tokenizer_path=GPT2 / "tokenizer.json", index_path=index,
+                      file_existence_policy="override")
+        with pytest.raises(ValueError, match=rf"the output \.pbin would replace {what}"):
+            pack(job, show_progress=False)
+        assert dst.read_bytes() == before
+    before = src.read_bytes()
+    assert cli(["data", "create_raw_index", "--index_path", str(src), "--file_existence_policy", "override",
+                str(src)]) == 1
+    assert f"--index_path {src} is the source file itself" in capsys.readouterr().err
+    assert src.read_bytes() == before
+
+
+def test_folders_and_thread_counts_are_named(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", ["one", "two"])
+    assert cli(["data", "create_raw_index", "--index_path", str(tmp_path), "--file_existence_policy",
+                "override", str(src)]) == 1
+    assert f"error: {tmp_path} is a folder; expected the path of the file to write" in capsys.readouterr().err
+    assert cli(["data", "create_raw_index", str(tmp_path)]) == 1
+    assert f"error: {tmp_path}: is a folder; expected the source JSONL file" in capsys.readouterr().err
+    assert cli(["data", "inspect", str(tmp_path)]) == 1
+    assert f"error: {tmp_path}: is a folder; expected the packed file" in capsys.readouterr().err
+    summary, _ = run_pack(tmp_path, src, jq_pattern=".text", num_cpus=10_000)
+    assert summary["threads"] <= os.cpu_count() and summary["documents"] == 2
+    assert "note: num_cpus 10,000 is more than the" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli(["data", "pack_encoded_data", "--src", str(empty), "--dst", str(tmp_path / "e.pbin"),
+                "--tokenizer", str(GPT2), "--quiet"]) == 0
+    assert "note: " + str(empty) + " holds no document" in capsys.readouterr().err
 
 
 def test_index_of_another_file_is_a_clear_error(tmp_path):

@@ -89,10 +89,10 @@ class PackedFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            from fastlm.atomic import relative_note
+            from fastlm.atomic import missing_file
 
-            raise FileNotFoundError(
-                f"{self.path}: packed file not found{relative_note(self.path)}. {PACK_HINT}")
+            err = missing_file(self.path, "packed file")
+            raise type(err)(f"{err}. {PACK_HINT}")
         file_size = self.path.stat().st_size
         if file_size < HEADER_SIZE:
             self._fail(f"expected at least a {HEADER_SIZE}-byte header, found a {file_size}-byte file")
