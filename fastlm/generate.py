@@ -49,7 +49,7 @@ def load_generation_config(path: str | Path) -> GenerationSettings:
     `referencing_keys` and the `text_inference_component` block are accepted for compatibility."""
     source = str(path)
     raw = load_yaml(path)
-    check_keys(raw, ["settings", "text_inference_component"], "config", source, required=["settings"])
+    check_keys(raw, ["settings", "text_inference_component"], "", source, required=["settings"])
     section = raw["settings"]
     names = [f.name for f in fields(GenerationSettings)]
     check_keys(section, names + ["referencing_keys"], "settings", source, required=["model_path"])

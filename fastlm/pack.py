@@ -60,7 +60,7 @@ def load_pack_config(path: str | os.PathLike) -> PackJob:
     """Read a pack config (the tutorial's format); relative paths resolve against the working directory."""
     source = str(path)
     cfg = load_yaml(path)
-    check_keys(cfg, ("settings", "tokenizer"), "config", source, required=("settings", "tokenizer"))
+    check_keys(cfg, ("settings", "tokenizer"), "", source, required=("settings", "tokenizer"))
     settings, tok = cfg["settings"], cfg["tokenizer"]
     check_keys(settings, SETTINGS_KEYS, "settings", source, required=("src_path", "dst_path", "eod_token"))
     check_keys(tok, TOKENIZER_KEYS, "tokenizer", source, required=("config",))

@@ -140,7 +140,7 @@ def check_keys(
                               f'{prefix or "the top level"}: {", ".join(allowed)}')
     for key in required:
         if key not in section:
-            raise ConfigError(f'{source}: missing key "{prefix}.{key}"')
+            raise ConfigError(f'{source}: missing key "{prefix + "." if prefix else ""}{key}"')
 
 
 def coerce_value(value: Any, typ: Any, where: str) -> Any:

@@ -228,6 +228,11 @@ def test_config_errors_are_clear(tmp_path):
         load_pack_config(_config(tmp_path, settings="  src_pth: x\n  dst_path: y\n  eod_token: z\n"))
     with pytest.raises(ConfigError, match=r"valid keys of settings: src_path, dst_path"):
         load_pack_config(_config(tmp_path, "  colour: red\n"))
+    top = tmp_path / "top.yaml"
+    top.write_text("setings:\n  src_path: x\n")
+    with pytest.raises(ConfigError, match=r'top.yaml: unknown key "setings" \(did you mean "settings"\?\); '
+                                          r"valid keys of the top level: settings, tokenizer$"):
+        load_pack_config(top)
     with pytest.raises(ConfigError, match=r'missing key "settings.dst_path"'):
         load_pack_config(_config(tmp_path, settings="  src_path: x\n  eod_token: z\n"))
     # values YAML types otherwise than text: an empty one is None, which str() would make the token "None"
