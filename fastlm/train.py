@@ -565,8 +565,6 @@ def train(cfg: Config, d: Dist) -> int:
     resume_from = resume_path(cfg, run_dir)
     if resume_from is None and cfg.run.resume in ("none", ""):
         check_fresh_run_dir(cfg, run_dir)
-    if d.is_main:  # (made once the config, the data and the checkpoint to resume have passed their checks)
-        make_run_dir(cfg, run_dir)
     if resume_from is not None:
         state = ckpt.read_train_state(resume_from)
         check_resume(cfg, state, resume_from, derived.steps)
@@ -579,6 +577,8 @@ def train(cfg: Config, d: Dist) -> int:
         note = schedule_change(cfg, state, start_step, derived.steps)
         if note and d.is_main:
             print(f"fastlm: note: {note}", flush=True)
+    if d.is_main:  # (made once the config, the data and the checkpoint to resume have passed their checks)
+        make_run_dir(cfg, run_dir)
 
     sampler = ResumableDistributedSampler(len(train_set), cfg.batch.micro_batch_size, d.world_size, d.rank,
                                           seed=cfg.run.seed, position=start_position)

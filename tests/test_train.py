@@ -103,6 +103,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     def fails(*overrides):
         r = train(tmp_path, *overrides, check=False, name="again")
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert not (tmp_path / "again").exists(), "a refused resume left a run folder"
         return r.stderr
 
     # another model: the keys that differ, saved and now, before any tensor is loaded
