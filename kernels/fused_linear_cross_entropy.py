@@ -78,11 +78,12 @@ def adds_products_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     once per device and dtype, the answer checked on numbers, not only on the absence of an error."""
     key = (device, dtype)
     if key not in _FP32_ADDMM:
-        try:
-            acc = torch.full((2, 2), 2.0, dtype=torch.float32, device=device)
-            a = torch.full((2, 3), 1.5, dtype=dtype, device=device)
-            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
-            _FP32_ADDMM[key] = bool((acc == 2.0 + 3 * 1.5 * 1.5).all())
+        try:  # the layouts of the real call: a chunk's logits transposed, times its rows of hidden
+            acc = torch.full((2, 4), 2.0, dtype=torch.float32, device=device)
+            logits = torch.full((3, 2), 1.5, dtype=dtype, device=device)
+            hidden = torch.full((3, 4), 0.5, dtype=dtype, device=device)
+            torch.addmm(acc, logits.t(), hidden, out_dtype=torch.float32, out=acc)
+            _FP32_ADDMM[key] = bool((acc == 2.0 + 3 * 1.5 * 0.5).all())
         except (RuntimeError, NotImplementedError, TypeError):  # no such overload here
             _FP32_ADDMM[key] = False
     return _FP32_ADDMM[key]

@@ -474,6 +474,26 @@ def test_fused_linear_cross_entropy_autocast(with_bias):
         assert b.grad.dtype == torch.float32 and torch.equal(b.grad, b16.grad.float())
 
 
+def test_the_fp32_accumulation_probe_believes_numbers_not_the_absence_of_errors(monkeypatch):
+    """adds_products_in_fp32 on stand-ins for torch.addmm: one with the fp32-output overload, one that
+    accepts the call but gets the sum wrong, one without the overload (CPU torch: its answer here)."""
+    flce = sys.modules["fastlm.kernels.fused_linear_cross_entropy"]
+    real_addmm = torch.addmm
+
+    def right(acc, a, b, *, out_dtype, out):
+        return out.copy_(acc + (a.float() @ b.float()).to(out_dtype))
+
+    def wrong(acc, a, b, *, out_dtype, out):  # e.g. an overload that ignores beta: drops acc
+        return out.copy_((a.float() @ b.float()).to(out_dtype))
+
+    assert not flce.adds_products_in_fp32(torch.device("cpu"), torch.float16)  # no such overload on CPU
+    for stand_in, expected in ((right, True), (wrong, False)):
+        monkeypatch.setattr(flce, "_FP32_ADDMM", {})
+        monkeypatch.setattr(torch, "addmm", stand_in)
+        assert flce.adds_products_in_fp32(torch.device("cpu"), torch.float16) is expected
+        monkeypatch.setattr(torch, "addmm", real_addmm)
+
+
 def test_default_chunk_rows():
     # The benchmark's shape, GPT-2 124M at 8 x 1024 tokens in bf16: a chunk about the size of hidden would
     # be 128 rows; with a weight gradient it is raised to 4096 rows (the grad_weight matmul's efficiency).
