@@ -159,16 +159,13 @@ def load_or_build_index(src: Path, index_path: Path | None, num_cpus: int, skip_
     return result["offsets"], result["lengths"], result["skipped_lines"], result["first_skipped"]
 
 
-def check_index_covers(src: Path, index_path: Path, offsets, num_cpus: int, skip_invalid: bool) -> None:
+def check_index_covers(src: Path, index_path: Path, offsets, scan: dict, skip_invalid: bool) -> None:
     """ValueError when an index read from disk leaves out a document of src: a line that holds a JSON
     object (an index of an older, shorter version of the file, or of another file) or, unless invalid
     lines are to be skipped, an invalid line (an index built with --skip-invalid). Packing would drop
-    those lines without a word. One native scan of the file (as fast as `wc -l`)."""
+    those lines without a word. scan: `scan_lines(src)`."""
     import numpy as np
 
-    from fastlm.index import build_index
-
-    scan = build_index(src, None, num_cpus, True, False, return_arrays=True)
     if not np.isin(offsets, scan["offsets"]).all():
         return  # an entry that is no valid line's start: the packer names it, more precisely than this
     left_out = ~np.isin(scan["offsets"], offsets)
@@ -193,8 +190,15 @@ def check_index_covers(src: Path, index_path: Path, offsets, num_cpus: int, skip
             f"true) as well, or fix the lines")
 
 
-def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: str, num_cpus: int,
-                      show_progress):
+def scan_lines(src: Path, num_cpus: int) -> dict:
+    """The valid lines of src (offsets, byte lengths) and its invalid ones: one native scan, as fast as
+    `wc -l`, that the checks of an index read from disk share."""
+    from fastlm.index import build_index
+
+    return build_index(src, None, num_cpus, True, False, return_arrays=True)
+
+
+def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: str, lines: dict):
     """Byte lengths for an index whose documents do not all end at line ends (the packer found one: see
     `mismatch`), taken from the JSONL; each indexed offset must start a valid line of it.
 
@@ -205,10 +209,7 @@ def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: s
     """
     import numpy as np
 
-    from fastlm.index import build_index
-
     mismatch = mismatch.removeprefix(f"{src}: ")  # the packer's message names the JSONL first
-    lines = build_index(src, None, num_cpus, True, show_progress, return_arrays=True)
     line_offsets = lines["offsets"]
     at = np.searchsorted(line_offsets, offsets)  # where each indexed offset falls among the line starts
     starts_line = at < len(line_offsets)
@@ -266,8 +267,9 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     offsets, lengths, index_skipped, index_first_skipped = load_or_build_index(
         job.src_path, job.index_path, job.num_cpus, job.skip_invalid, show_progress
     )
-    if index_from_disk:
-        check_index_covers(job.src_path, job.index_path, offsets, job.num_cpus, job.skip_invalid)
+    lines = scan_lines(job.src_path, job.num_cpus) if index_from_disk else None  # (a built index fits)
+    if lines is not None:
+        check_index_covers(job.src_path, job.index_path, offsets, lines, job.skip_invalid)
     if tokenizer.native:
         bpe, encoder = tokenizer.native_encoder(), None
     else:
@@ -300,8 +302,7 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     except _C.IndexMismatch as mismatch:
         if not index_from_disk:  # an index fastlm just built fits by construction: a real error
             raise
-        lengths = lengths_from_file(job.src_path, job.index_path, offsets, lengths, str(mismatch),
-                                    job.num_cpus, show_progress)
+        lengths = lengths_from_file(job.src_path, job.index_path, offsets, lengths, str(mismatch), lines)
         result = pack_with(lengths)
     t_end = time.perf_counter()
     seconds, pack_seconds = t_end - t0, t_end - t_pack

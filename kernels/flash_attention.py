@@ -648,8 +648,18 @@ _PLANS: dict[tuple, LaunchPlan] = {}
 MAX_PLANS = 512  # (as launch.MAX_SIGNATURES: varying shapes would grow the dict forever)
 
 
-def _keep_plan(key: tuple | None, recording: Recording | None) -> None:
-    plan = recording.plan() if recording is not None else None
+def _planned(key: tuple | None, tensors: tuple, launch) -> None:
+    """Replay the plan of `key` with `tensors`; else call launch(recording) (recording None without a key:
+    no plan applies) and keep the plan it recorded, if its launches were all direct."""
+    if key is None:
+        launch(None)
+        return
+    plan = _PLANS.get(key)
+    if plan is not None and plan(tensors):
+        return
+    recording = Recording(tensors)
+    launch(recording)
+    plan = recording.plan()
     if plan is not None:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
@@ -688,17 +698,11 @@ def _new_grads(q, k, v):
 def _forward(q, k, v, causal: bool, sm_scale: float):
     o, lse = _new_outputs(q)
     tensors = (q, k, v, o, lse)
-    plan_key = recording = None
-    if _plans_apply():
-        plan_key = ("forward", _layout(q, k, v), aligned(tensors), causal, sm_scale,
-                    _heavy_first(causal, q.shape[0] * q.shape[1]),
-                    torch.are_deterministic_algorithms_enabled())
-        plan = _PLANS.get(plan_key)
-        if plan is not None and plan(tensors):
-            return o, lse
-        recording = Recording(tensors)
-    _launch_forward(q, k, v, o, lse, causal, sm_scale, recording)
-    _keep_plan(plan_key, recording)
+    plan_key = (("forward", _layout(q, k, v), aligned(tensors), causal, sm_scale,
+                 _heavy_first(causal, q.shape[0] * q.shape[1]), torch.are_deterministic_algorithms_enabled())
+                if _plans_apply() else None)
+    _planned(plan_key, tensors,
+             lambda recording: _launch_forward(q, k, v, o, lse, causal, sm_scale, recording))
     return o, lse
 
 
@@ -805,16 +809,10 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
     if mode == "atomic":
         acc = dq if q.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
     tensors = (q, k, v, o, do, lse, delta, dq, dk, dv) + ((acc,) if acc is not None else ())
-    plan_key = recording = None
-    if _plans_apply():
-        plan_key = ("backward", mode, key, _layout(q, k, v, o, lse, do), aligned(tensors), sm_scale,
-                    torch.are_deterministic_algorithms_enabled())
-        plan = _PLANS.get(plan_key)
-        if plan is not None and plan(tensors):
-            return dq, dk, dv
-        recording = Recording(tensors)
-    _launch_backward(mode, do, q, k, v, o, lse, delta, dq, dk, dv, acc, causal, sm_scale, key, recording)
-    _keep_plan(plan_key, recording)
+    plan_key = (("backward", mode, key, _layout(q, k, v, o, lse, do), aligned(tensors), sm_scale,
+                 torch.are_deterministic_algorithms_enabled()) if _plans_apply() else None)
+    _planned(plan_key, tensors, lambda recording: _launch_backward(
+        mode, do, q, k, v, o, lse, delta, dq, dk, dv, acc, causal, sm_scale, key, recording))
     return dq, dk, dv
 
 
