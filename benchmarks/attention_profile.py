@@ -10,11 +10,13 @@ forward-only TFLOP/s of both, and the host (Python) cost of one forward + backwa
 measured on a shape too small to keep the GPU busy, with the functions that spend it.
 
 --compiled-block: gpt124m's transformer block compiled as training compiles it (per block, bf16 autocast),
-with fastlm's attention as the model calls it (a custom op under torch.compile, the block one graph), behind
-torch.compiler.disable (the model's call until 2026-11-26: graph breaks, the kernels launched eagerly),
-with the Triton kernels traced into the graph (fullgraph: dynamo captures the autotuned kernels, inductor
-launches them), and with SDPA; milliseconds per forward + backward at the training batch (16), and how far
-each variant's output and input gradient are from the model's.
+with fastlm's attention as the model calls it (flash_attention_qkv on the packed projection: a custom op
+under torch.compile, the block one graph, one gradient for the projection), over the split q, k, v views
+(flash_attention's op: the model's call until 2026-11-27, whose backward concatenates three gradients),
+behind torch.compiler.disable (graph breaks, the kernels launched eagerly), with the Triton kernels traced
+into the graph (fullgraph: dynamo captures the autotuned kernels, inductor launches them), and with SDPA;
+milliseconds per forward + backward at the training batch (16), and how far each variant's output and
+input gradient are from the model's.
 """
 
 from __future__ import annotations
@@ -171,29 +173,34 @@ def compiled_block(batches=(16,), reps=20):
 
     from fastlm import model as M
     from fastlm.config import load_config
-    from fastlm.kernels import flash_attention
+    from fastlm.kernels import flash_attention, flash_attention_qkv
 
     fa = sys.modules["fastlm.kernels.flash_attention"]
 
-    def traced(q, k, v, causal=True):  # the autograd.Function itself: dynamo traces into the Triton launches
-        return fa._FlashAttention.apply(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]))
+    def split(qkv, n_head, n_kv_head):  # flash_attention's op over the views, as a split gives them
+        return flash_attention(*fa._split_qkv(qkv, n_head, n_kv_head), causal=True)
+
+    def traced(qkv, n_head, n_kv_head):  # the autograd.Function itself: dynamo traces the Triton launches
+        head_dim = qkv.shape[-1] // (n_head + 2 * n_kv_head)
+        return fa._FlashAttentionQKV.apply(qkv, n_head, n_kv_head, True, 1.0 / math.sqrt(head_dim))
 
     config = Path(__file__).resolve().parents[1] / "configs" / "gpt124m.yaml"
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; gpt124m block, bf16 autocast")
-    # (name, attention impl, what the model calls for "triton", fullgraph)
-    variants = (("custom op (the model's path)", "triton", flash_attention, True),
+    # (name, attention impl, what the model calls for "triton" on the packed projection, fullgraph)
+    variants = (("packed custom op (the model's path)", "triton", flash_attention_qkv, True),
+                ("custom op over split views (3 gradients concatenated)", "triton", split, True),
                 ("eager attention (torch.compiler.disable)", "triton",
-                 torch.compiler.disable(flash_attention), False),
+                 torch.compiler.disable(flash_attention_qkv), False),
                 ("traced Triton kernels (fullgraph)", "triton", traced, True),
                 ("SDPA", "sdpa", None, True))
-    model_flash = M._flash_attention
+    model_flash = M._flash_attention_qkv
     for batch in batches:
         outputs = {}
         for name, impl, flash, fullgraph in variants:
             cfg = load_config(config, [f"model.attention={impl}"]).model
             torch.manual_seed(0)
             block = M.Block(cfg).cuda()
-            M._flash_attention = (lambda f=flash: f) if flash is not None else model_flash
+            M._flash_attention_qkv = (lambda f=flash: f) if flash is not None else model_flash
             torch._dynamo.reset()
             block.compile(fullgraph=fullgraph)
             gen = torch.Generator(device="cuda").manual_seed(0)
@@ -225,7 +232,7 @@ def compiled_block(batches=(16,), reps=20):
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) / reps * 1e3
             print(f"  B{batch} {name}: {ms:.2f} ms per fwd+bwd (3 first calls, compiling: {first:.0f} s)")
-        M._flash_attention = model_flash
+        M._flash_attention_qkv = model_flash
         ref = outputs.get(variants[0][0])
         for name, other in outputs.items():
             if ref is None or name == variants[0][0]:

@@ -3,7 +3,8 @@
 Reads top to bottom: config -> rotary embedding -> attention -> MLP -> block -> GPT. Shapes use
 B (batch), T (sequence), C (n_embd), H / Hkv (query / key-value heads), D (head dim), V (padded vocab).
 
-Implementation choices are plain `if`s on the config: attention "triton" (fastlm.kernels.flash_attention),
+Implementation choices are plain `if`s on the config: attention "triton" (fastlm.kernels.flash_attention, or
+flash_attention_qkv on the packed projection where no rotary embedding or KV cache splits it first),
 "sdpa" (PyTorch's scaled_dot_product_attention) or "manual" (explicit softmax); loss "fused"
 (fastlm.kernels.fused_linear_cross_entropy: the LM head and the loss in one chunked pass) or "torch".
 "auto" picks Triton and fused on CUDA, SDPA and torch elsewhere.
@@ -210,15 +211,22 @@ class Attention(nn.Module):
     def forward(self, x, rope, input_pos, mask):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([C, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_seq, D); `mask` hides unwritten slots
-        y = attention(q, k, v, mask, resolve_attention(self.cfg, x.device))
+        qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D): q's heads, then k's, then v's
+        impl = resolve_attention(self.cfg, x.device)
+        if impl == "triton" and rope is None and self.kv_cache is None and mask is None:
+            # the kernel takes the projection as it is, and its backward writes dq, dk and dv into one
+            # gradient of qkv's layout (attention over three views would leave autograd to concatenate them)
+            y = _flash_attention_qkv()(qkv, H, Hkv)
+        else:
+            q, k, v = qkv.split([C, Hkv * D, Hkv * D], dim=-1)
+            q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.kv_cache is not None:
+                k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_seq, D); `mask` hides the rest
+            y = attention(q, k, v, mask, impl)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -229,6 +237,13 @@ def _flash_attention():
     from fastlm.kernels import flash_attention
 
     return flash_attention
+
+
+def _flash_attention_qkv():
+    """fastlm.kernels.flash_attention_qkv, imported on first use, as _flash_attention."""
+    from fastlm.kernels import flash_attention_qkv
+
+    return flash_attention_qkv
 
 
 def attention(q, k, v, mask, impl: str):

@@ -10,7 +10,8 @@ n_head % n_kv_head == 0; query head h reads kv head h // (n_head // n_kv_head). 
 laid out in memory as (batch, seq_q, n_head, head_dim) like SDPA's, so that merging the heads back,
 `out.transpose(1, 2).reshape(batch, seq_q, -1)`, is a view. Causal masking is aligned bottom-right: query i
 sees keys j <= i + seq_k - seq_q, which is the usual triangle when seq_q == seq_k and the KV-cached decoding
-mask when seq_q < seq_k.
+mask when seq_q < seq_k. `flash_attention_qkv` takes q, k, v packed in one (batch, seq, heads * head_dim)
+projection output and returns their gradient as one tensor of that layout (the same kernels on views).
 
 Numerics: scores, the online softmax and all accumulators are fp32; the probabilities (and in the backward the
 score gradients) are rounded to the input dtype before they meet v (q, k) in a matmul, as FlashAttention does.
@@ -396,14 +397,25 @@ def _bwd_prep_kernel(O, DO, DELTA, DQ,
     tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=row_ok[:, None])
 
 
-@triton.jit
-def _scale_cast_kernel(X, Y, n, scale, BLOCK: tl.constexpr):
-    """Y = (X * scale) in Y's dtype, elementwise over n values of two dense tensors with the same strides
-    (X and Y may be one tensor)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    x = tl.load(X + offs, mask=ok)
-    tl.store(Y + offs, (x * scale).to(Y.dtype.element_ty), mask=ok)
+@triton.jit(do_not_specialize=["n_head"])
+def _scale_cast_kernel(X, Y, scale, stride_xb, stride_xh, stride_xt, stride_yb, stride_yh, stride_yt,
+                       n_head, seq, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Y = (X * scale) in Y's dtype for two (batch, n_head, seq, HEAD_DIM) tensors, each with its own
+    strides (X and Y may be one tensor), BLOCK_R of the n_rows = batch * n_head * seq rows per program.
+    Atomic dq's last pass: from the fp32 accumulator into dq, which may be a strided view (the q part of a
+    packed gradient, flash_attention_qkv), so nothing here assumes dense storage."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < n_rows
+    t = rows % seq
+    bh = rows // seq
+    b = bh // n_head
+    h = bh % n_head
+    offs_d = tl.arange(0, HEAD_DIM)
+    x = tl.load(X + (b * stride_xb + h * stride_xh + t * stride_xt)[:, None] + offs_d[None, :],
+                mask=ok[:, None])
+    y = (x * scale).to(Y.dtype.element_ty)
+    tl.store(Y + (b * stride_yb + h * stride_yh + t * stride_yt)[:, None] + offs_d[None, :], y,
+             mask=ok[:, None])
 
 
 @triton.jit
@@ -631,7 +643,7 @@ _BWD_KV_ATOMIC = _Tuned(triton.autotune(configs=_BWD_KV_ATOMIC_CONFIGS, key=_TUN
 _PREP = CachedLauncher(_bwd_prep_kernel, direct=not _INTERPRET)
 _PREP_BLOCK_M = 64
 _SCALE_CAST = CachedLauncher(_scale_cast_kernel, direct=not _INTERPRET)
-_SCALE_CAST_BLOCK = 2048
+_SCALE_CAST_ROWS = 32  # rows of head_dim values per program (2,048 values at head_dim 64)
 # "auto": the mode chosen per tuning key, and the milliseconds per backward each mode took there
 DQ_CHOSEN: dict[tuple, str] = {}
 DQ_TIMES: dict[tuple, dict[str, float]] = {}
@@ -693,6 +705,23 @@ def _new_grads(q, k, v):
     a copy of whole rows, from (batch, heads, seq, head_dim) ones a transpose. A leaf's gradient gets its
     layout, which autograd then keeps without a copy. Shared with the custom op's fake implementation."""
     return tuple(torch.empty_like(t) for t in (q, k, v))
+
+
+def _split_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int):
+    """q (batch, n_head, seq, head_dim), k and v (batch, n_kv_head, seq, head_dim): views of a packed
+    (batch, seq, (n_head + 2 * n_kv_head) * head_dim) tensor whose last axis holds q's heads, then k's, then
+    v's, as a fused projection writes them."""
+    batch, seq, width = qkv.shape
+    heads = qkv.view(batch, seq, n_head + 2 * n_kv_head, width // (n_head + 2 * n_kv_head))
+    q, k, v = heads.split((n_head, n_kv_head, n_kv_head), dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _new_packed_grad(qkv: torch.Tensor) -> torch.Tensor:
+    """The gradient of a packed qkv, unwritten: dense, qkv's shape; dq, dk and dv are written into its
+    _split_qkv views. The projection that made qkv reads it as it is: no concatenation of three gradients,
+    which is what autograd does for a split. Shared with the custom op's fake implementation."""
+    return qkv.new_empty(qkv.shape)
 
 
 def _forward(q, k, v, causal: bool, sm_scale: float):
@@ -766,17 +795,19 @@ def backward_key(q_shape, seq_k: int, causal: bool, dtype: torch.dtype) -> tuple
     return (seq_q, seq_k, head_dim, causal, dtype, _heavy_first(causal, batch * n_head))
 
 
-def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
-    """dq, dk, dv, with dq computed as BWD_DQ says (on its first use, "auto" times both ways here)."""
+def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, qkv: torch.Tensor | None = None):
+    """dq, dk, dv, with dq computed as BWD_DQ says (on its first use, "auto" times both ways here). With
+    `qkv`, the packed input q, k and v are views of (flash_attention_qkv), the gradients are written into
+    one tensor of its shape and that tensor is returned instead."""
     key = backward_key(q.shape, k.shape[2], causal, q.dtype)
-    args = (do, q, k, v, o, lse, causal, sm_scale, key)
+    args = (do, q, k, v, o, lse, causal, sm_scale, key, qkv)
     mode = _dq_mode(key, q.device)
     if mode is not None:
-        return _backward_with(mode, *args)
+        return _backward_with(mode, *args)[0]
     times = {}
     for mode in _DQ_MODES:
         try:
-            grads = _backward_with(mode, *args)  # tunes and compiles this mode's kernels
+            grads, dq = _backward_with(mode, *args)  # tunes and compiles this mode's kernels
         except (OutOfResources, PTXASError):
             # e.g. no atomic tiling fits a GPU with less shared memory per block (99 KB on an RTX 4090 at
             # head_dim 128): that mode is out for this shape; "separate" (timed first) stays
@@ -784,8 +815,8 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
                 raise
             continue
         if mode == "separate":
-            kernel_grads = grads
-        elif not _dq_agrees(grads[0], kernel_grads[0], key):
+            kernel_grads, kernel_dq = grads, dq
+        elif not _dq_agrees(dq, kernel_dq, key):
             grads = kernel_grads
             continue
         start, end = _timing_event(), _timing_event()
@@ -800,20 +831,27 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     return grads  # the last mode that ran (either mode's gradients are right)
 
 
-def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float, key: tuple):
+def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float, key: tuple,
+                   qkv: torch.Tensor | None):
+    """(the gradients _backward returns, dq): new tensors on every call, the timed calls' included."""
     delta = torch.empty_like(lse)
-    dq, dk, dv = _new_grads(q, k, v)
-    # atomic dq: fp32 inputs accumulate in dq itself; else in an fp32 buffer of dq's strides (both dense:
-    # the last pass rounds it into dq elementwise, and the kernels take dq's strides for it)
+    if qkv is None:
+        dq, dk, dv = grads = _new_grads(q, k, v)
+    else:
+        grads = _new_packed_grad(qkv)
+        dq, dk, dv = _split_qkv(grads, q.shape[1], k.shape[1])
+    # atomic dq: fp32 inputs accumulate in dq itself; else in a dense fp32 buffer whose axes lie in memory
+    # in q's order (the last pass scales and rounds it into dq, each through its own strides)
     acc = None
     if mode == "atomic":
-        acc = dq if q.dtype == torch.float32 else torch.empty_like(dq, dtype=torch.float32)
+        acc = dq if q.dtype == torch.float32 else torch.empty_like(q, dtype=torch.float32)
     tensors = (q, k, v, o, do, lse, delta, dq, dk, dv) + ((acc,) if acc is not None else ())
-    plan_key = (("backward", mode, key, _layout(q, k, v, o, lse, do), aligned(tensors), sm_scale,
-                 torch.are_deterministic_algorithms_enabled()) if _plans_apply() else None)
+    # (the gradients' layout follows from the inputs' and whether they are packed)
+    plan_key = (("backward", mode, key, _layout(q, k, v, o, lse, do), qkv is None, aligned(tensors),
+                 sm_scale, torch.are_deterministic_algorithms_enabled()) if _plans_apply() else None)
     _planned(plan_key, tensors, lambda recording: _launch_backward(
         mode, do, q, k, v, o, lse, delta, dq, dk, dv, acc, causal, sm_scale, key, recording))
-    return dq, dk, dv
+    return grads, dq
 
 
 def _launch_backward(mode: str, do, q, k, v, o, lse, delta, dq, dk, dv, acc, causal: bool, sm_scale: float,
@@ -824,25 +862,27 @@ def _launch_backward(mode: str, do, q, k, v, o, lse, delta, dq, dk, dv, acc, cau
     group = n_head // n_kv_head
     precision = _precision(q.dtype)
     strides = (*_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(do))  # both kernels'
-    # the gradients' strides (atomic dq's fp32 accumulator is allocated like dq: it has dq's)
+    # the gradients' strides; atomic dq is summed into its fp32 accumulator (acc, its own strides)
     dq_strides = _bhs_strides(dq)
-    grad_strides = (*_bhs_strides(dk), *_bhs_strides(dv), *dq_strides)  # the dk/dv kernel's
+    sum_strides = dq_strides if acc is None else _bhs_strides(acc)
+    grad_strides = (*_bhs_strides(dk), *_bhs_strides(dv), *sum_strides)  # the dk/dv kernel's
 
     def kv_grid(meta):
         return _grid(_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head, heavy_first)
 
     if mode == "atomic":
         _PREP((batch * n_head, _cdiv(seq_q, _PREP_BLOCK_M)),
-              (o, do, delta, acc, *_bhs_strides(o), *_bhs_strides(do), *dq_strides, n_head, seq_q),
+              (o, do, delta, acc, *_bhs_strides(o), *_bhs_strides(do), *sum_strides, n_head, seq_q),
               {"HEAD_DIM": head_dim, "BLOCK_M": _PREP_BLOCK_M, "num_warps": 4}, recording)
         _BWD_KV_ATOMIC(key, kv_grid,
                        q, k, v, do, lse, delta, dk, dv, acc, sm_scale * _LOG2E, sm_scale, *strides,
                        *grad_strides, n_head, n_kv_head, group, seq_q, seq_k, recording=recording,
                        HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
                        ATOMIC_DQ=True)
-        n = acc.numel()
-        _SCALE_CAST((_cdiv(n, _SCALE_CAST_BLOCK),), (acc, dq, n, sm_scale),
-                    {"BLOCK": _SCALE_CAST_BLOCK, "num_warps": 4}, recording)
+        rows = batch * n_head * seq_q
+        _SCALE_CAST((_cdiv(rows, _SCALE_CAST_ROWS),),
+                    (acc, dq, sm_scale, *sum_strides, *dq_strides, n_head, seq_q, rows),
+                    {"HEAD_DIM": head_dim, "BLOCK_R": _SCALE_CAST_ROWS, "num_warps": 4}, recording)
         return
 
     def q_grid(meta):
@@ -882,6 +922,22 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+class _FlashAttentionQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, n_head, n_kv_head, causal, sm_scale):
+        o, lse = _forward(*_split_qkv(qkv, n_head, n_kv_head), causal, sm_scale)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.heads, ctx.causal, ctx.sm_scale = (n_head, n_kv_head), causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        q, k, v = _split_qkv(qkv, *ctx.heads)
+        dqkv = _backward(_last_dim_contiguous(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale, qkv=qkv)
+        return dqkv, None, None, None, None
+
+
 # Under torch.compile the same forward and backward run as two custom ops: opaque to dynamo and inductor
 # (fake implementations give the output shapes), so a compiled transformer block stays one graph around
 # the attention and its backward, where a torch.compiler.disable'd call would split it into several, each
@@ -910,6 +966,13 @@ _BACKWARD_NAME = f"flash_attention_backward_v{_OP_VERSION}"
 _LIB.define(f"{_FORWARD_NAME}(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale) -> (Tensor, Tensor)")
 _LIB.define(f"{_BACKWARD_NAME}(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, "
             "float sm_scale) -> (Tensor, Tensor, Tensor)")
+# the same for a packed qkv (flash_attention_qkv): its backward returns one gradient, laid out as qkv
+_QKV_FORWARD_NAME = f"flash_attention_qkv_forward_v{_OP_VERSION}"
+_QKV_BACKWARD_NAME = f"flash_attention_qkv_backward_v{_OP_VERSION}"
+_LIB.define(f"{_QKV_FORWARD_NAME}(Tensor qkv, int n_head, int n_kv_head, bool causal, float sm_scale) "
+            "-> (Tensor, Tensor)")
+_LIB.define(f"{_QKV_BACKWARD_NAME}(Tensor do, Tensor qkv, Tensor o, Tensor lse, int n_head, int n_kv_head, "
+            "bool causal, float sm_scale) -> Tensor")
 
 
 # torch.compiler.disable: a compiled graph calls these at run time, and dynamo must not trace the launches
@@ -923,11 +986,26 @@ def _backward_impl(do, q, k, v, o, lse, causal, sm_scale):
     return _backward(_last_dim_contiguous(do), q, k, v, o, lse, causal, sm_scale)
 
 
+@torch.compiler.disable
+def _qkv_forward_impl(qkv, n_head, n_kv_head, causal, sm_scale):
+    return _forward(*_split_qkv(qkv, n_head, n_kv_head), causal, sm_scale)
+
+
+@torch.compiler.disable
+def _qkv_backward_impl(do, qkv, o, lse, n_head, n_kv_head, causal, sm_scale):
+    q, k, v = _split_qkv(qkv, n_head, n_kv_head)
+    return _backward(_last_dim_contiguous(do), q, k, v, o, lse, causal, sm_scale, qkv=qkv)
+
+
 for _device in ("CUDA", "CPU"):  # (CPU tensors pass the device check only under Triton's interpreter)
     _LIB.impl(_FORWARD_NAME, _forward_impl, _device)
     _LIB.impl(_BACKWARD_NAME, _backward_impl, _device)
+    _LIB.impl(_QKV_FORWARD_NAME, _qkv_forward_impl, _device)
+    _LIB.impl(_QKV_BACKWARD_NAME, _qkv_backward_impl, _device)
 _forward_op = getattr(torch.ops.fastlm, _FORWARD_NAME).default
 _backward_op = getattr(torch.ops.fastlm, _BACKWARD_NAME).default
+_qkv_forward_op = getattr(torch.ops.fastlm, _QKV_FORWARD_NAME).default
+_qkv_backward_op = getattr(torch.ops.fastlm, _QKV_BACKWARD_NAME).default
 
 
 # The fakes must give the real outputs' layouts (tests: opcheck), and a change of layout raises _OP_VERSION.
@@ -959,6 +1037,43 @@ torch.library.register_autograd(f"fastlm::{_FORWARD_NAME}", _backward_rule, setu
                                 lib=_LIB)
 
 
+@torch.library.register_fake(f"fastlm::{_QKV_FORWARD_NAME}", lib=_LIB)
+def _qkv_forward_fake(qkv, n_head, n_kv_head, causal, sm_scale):
+    return _new_outputs(_split_qkv(qkv, n_head, n_kv_head)[0])
+
+
+@torch.library.register_fake(f"fastlm::{_QKV_BACKWARD_NAME}", lib=_LIB)
+def _qkv_backward_fake(do, qkv, o, lse, n_head, n_kv_head, causal, sm_scale):
+    return _new_packed_grad(qkv)
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    qkv, n_head, n_kv_head, causal, sm_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.heads, ctx.causal, ctx.sm_scale = (n_head, n_kv_head), causal, sm_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _qkv_backward_rule(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return _qkv_backward_op(do, qkv, o, lse, *ctx.heads, ctx.causal, ctx.sm_scale), None, None, None, None
+
+
+torch.library.register_autograd(f"fastlm::{_QKV_FORWARD_NAME}", _qkv_backward_rule,
+                                setup_context=_qkv_setup_context, lib=_LIB)
+
+
+def _scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not (isinstance(softmax_scale, numbers.Real) and 0 < softmax_scale < math.inf):
+        # the forward scales each row's max instead of every score, which needs a positive scale
+        raise ValueError(f"flash_attention: softmax_scale must be a positive finite number (or None for "
+                         f"1/sqrt(head_dim)), got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * softmax_scale [+ causal mask]) v with FlashAttention-2 tiling; differentiable.
@@ -968,16 +1083,45 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     as (batch, seq_q, n_head, head_dim) (heads merge back without a copy).
     """
     _check_inputs(q, k, v, causal)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (isinstance(softmax_scale, numbers.Real) and 0 < softmax_scale < math.inf):
-        # the forward scales each row's max instead of every score, which needs a positive scale
-        raise ValueError(f"flash_attention: softmax_scale must be a positive finite number (or None for "
-                         f"1/sqrt(head_dim)), got {softmax_scale!r}")
+    softmax_scale = _scale(softmax_scale, q.shape[-1])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if torch.compiler.is_compiling():
-        return _forward_op(q, k, v, bool(causal), float(softmax_scale))[0]
-    return _FlashAttention.apply(q, k, v, bool(causal), float(softmax_scale))  # less host time per call
+        return _forward_op(q, k, v, bool(causal), softmax_scale)[0]
+    return _FlashAttention.apply(q, k, v, bool(causal), softmax_scale)  # less host time per call
+
+
+def flash_attention_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int | None = None, causal: bool = True,
+                        softmax_scale: float | None = None) -> torch.Tensor:
+    """flash_attention of q, k, v packed in one tensor, as a transformer's fused projection makes them.
+
+    qkv: (batch, seq, (n_head + 2 * n_kv_head) * head_dim), its last axis holding q's heads, then k's, then
+    v's (n_kv_head defaults to n_head). Returns what flash_attention(q, k, v) returns, (batch, n_head, seq,
+    head_dim). The difference is in the backward: dq, dk and dv are written into one gradient of qkv's
+    shape, which the projection's backward reads as it is, where attention over the three views of a split
+    gets three gradients that autograd concatenates (a copy of the whole projection output per layer).
+    """
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"flash_attention_qkv: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if n_kv_head is None:
+        n_kv_head = n_head
+    for name, n in (("n_head", n_head), ("n_kv_head", n_kv_head)):
+        if not (isinstance(n, numbers.Integral) and n > 0):
+            raise ValueError(f"flash_attention_qkv: {name} must be a positive int, got {n!r}")
+    if qkv.dim() != 3:
+        raise ValueError(f"flash_attention_qkv: qkv must be 3-D (batch, seq, (n_head + 2 * n_kv_head) * "
+                         f"head_dim), got shape {tuple(qkv.shape)}")
+    heads = n_head + 2 * n_kv_head
+    if qkv.shape[-1] % heads:
+        raise ValueError(f"flash_attention_qkv: qkv's last axis ({qkv.shape[-1]}) must hold n_head + 2 * "
+                         f"n_kv_head = {heads} heads of one head_dim; it is not a multiple of {heads}")
+    qkv = qkv.contiguous()  # (a projection's output already is; the head views need dense rows)
+    q, k, v = _split_qkv(qkv, int(n_head), int(n_kv_head))
+    _check_inputs(q, k, v, causal)
+    softmax_scale = _scale(softmax_scale, q.shape[-1])
+    args = (qkv, int(n_head), int(n_kv_head), bool(causal), softmax_scale)
+    if torch.compiler.is_compiling():
+        return _qkv_forward_op(*args)[0]
+    return _FlashAttentionQKV.apply(*args)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

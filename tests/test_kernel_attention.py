@@ -21,7 +21,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastlm.kernels import attention_reference, flash_attention  # noqa: E402
+from fastlm.kernels import attention_reference, flash_attention, flash_attention_qkv  # noqa: E402
 from conftest import ROOT, assert_lowers_to_sm90  # noqa: E402
 
 FA = sys.modules["fastlm.kernels.flash_attention"]  # the package exports the function under its name
@@ -395,11 +395,11 @@ def test_auto_refuses_an_atomic_dq_that_disagrees(fault, dq_mode, monkeypatch):
     spy = FA._backward_with
 
     def faulty(mode, *args):
-        dq, dk, dv = spy(mode, *args)
+        (dq, dk, dv), _ = spy(mode, *args)  # (the gradients returned, and dq among them)
         if mode == "atomic":
             dq = dq * 1.1 if fault == "scaled" else dq.index_put((torch.tensor([0]),) * 3,
                                                                   torch.tensor(float("nan"), dtype=dq.dtype))
-        return dq, dk, dv
+        return (dq, dk, dv), dq
 
     monkeypatch.setattr(FA, "_backward_with", faulty)
     _auto_as_on_cuda(monkeypatch)
@@ -472,6 +472,84 @@ def test_custom_ops_fakes_match_the_real_ops_in_the_models_layout(dq_mode):
     o, lse = FA._forward_op(q, k, v, True, 0.2)
     do = torch.randn(batch, seq, n_head, head_dim, generator=gen).to(DEVICE, CASE_DTYPE).transpose(1, 2)
     torch.library.opcheck(FA._backward_op, (do, q, k, v, o, lse, True, 0.2))
+
+
+def _packed(batch, seq, n_head, n_kv_head, head_dim, seed, dtype=CASE_DTYPE):
+    """A packed projection output (batch, seq, (n_head + 2 n_kv_head) head_dim) and an output gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, seq, (n_head + 2 * n_kv_head) * head_dim, generator=gen).to(DEVICE, dtype)
+    do = torch.randn(batch, seq, n_head, head_dim, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    return qkv, do
+
+
+def _split_views(qkv, n_head, n_kv_head):
+    """q, k, v as the model takes them apart: split the last axis, view the heads, transpose."""
+    batch, seq, width = qkv.shape
+    head_dim = width // (n_head + 2 * n_kv_head)
+    parts = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+    return [t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in parts]
+
+
+# (batch, seq, n_head, n_kv_head, head_dim, causal)
+PACKED_CASES = {"mha_seq45": (2, 45, 2, 2, 32, True), "gqa4to2_seq37": (1, 37, 4, 2, 64, True),
+                "gqa4to1_seq50_noncausal": (2, 50, 4, 1, 32, False)}
+
+
+@pytest.mark.parametrize("dtype", sorted({CASE_DTYPE, torch.float16}, key=str), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("mode", ["separate", "atomic"])
+@pytest.mark.parametrize("case", list(PACKED_CASES), ids=list(PACKED_CASES))
+def test_packed_qkv_is_attention_over_its_views_with_one_dense_gradient(case, mode, dtype, dq_mode):
+    # flash_attention_qkv runs the same kernels on the same views as flash_attention over the split: the
+    # same output and dq, dk, dv, but written into one gradient laid out as qkv, which the projection's
+    # backward reads without a concatenation. Atomic dq in fp16/bf16 goes through a dense fp32 accumulator
+    # and a last pass into the q part of that gradient, whose rows lie (n_head + 2 n_kv_head) head_dim
+    # apart (fp32 inputs add into that q part itself).
+    ran = dq_mode(mode)
+    batch, seq, n_head, n_kv_head, head_dim, causal = PACKED_CASES[case]
+    qkv, do = _packed(batch, seq, n_head, n_kv_head, head_dim, seed=7, dtype=dtype)
+    packed = qkv.clone().requires_grad_()
+    out = flash_attention_qkv(packed, n_head, n_kv_head, causal=causal)
+    (grad,) = torch.autograd.grad(out, packed, do)
+    assert grad.shape == qkv.shape and grad.is_contiguous()
+    split = qkv.clone().requires_grad_()
+    want_out = flash_attention(*_split_views(split, n_head, n_kv_head), causal=causal)
+    (want_grad,) = torch.autograd.grad(want_out, split, do)
+    assert torch.equal(out, want_out)
+    assert out.transpose(1, 2).is_contiguous()  # stored (B, T, H, D), as flash_attention's
+    if mode == "atomic" and DEVICE == "cuda":  # atomic adds sum dq in varying order on a GPU
+        q_width = n_head * head_dim
+        assert torch.equal(grad[..., q_width:], want_grad[..., q_width:])
+        torch.testing.assert_close(grad[..., :q_width], want_grad[..., :q_width], atol=1e-2, rtol=1e-2)
+    else:
+        assert torch.equal(grad, want_grad)
+    # and both against the fp32 reference, with the usual tolerance of the dtype
+    q, k, v = _split_views(qkv, n_head, n_kv_head)
+    _check(q, k, v, do, causal)
+    assert set(ran) == {mode}
+
+
+def test_packed_qkv_custom_ops_fakes_match_the_real_ops(dq_mode):
+    # as test_custom_ops_fakes_match_the_real_ops_in_the_models_layout, for the packed ops: o stored (B, T,
+    # H, D), the one gradient dense in qkv's shape
+    dq_mode("separate")
+    qkv, do = _packed(2, 40, 4, 2, 32, seed=8)
+    torch.library.opcheck(FA._qkv_forward_op, (qkv, 4, 2, True, 0.2))
+    o, lse = FA._qkv_forward_op(qkv, 4, 2, True, 0.2)
+    torch.library.opcheck(FA._qkv_backward_op, (do, qkv, o, lse, 4, 2, True, 0.2))
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (((2, 8, 160), 2, 2), ValueError, r"last axis \(160\) must hold n_head \+ 2 \* n_kv_head = 6 heads"),
+    (((8, 192), 2, 2), ValueError, r"qkv must be 3-D .* got shape \(8, 192\)"),
+    (((2, 8, 192), 0, 2), ValueError, r"n_head must be a positive int, got 0"),
+    (((2, 8, 192), 3, 2.0), ValueError, r"n_kv_head must be a positive int, got 2.0"),
+    (((2, 8, 7 * 32), 3, 2), ValueError, r"n_head \(q.shape\[1\] = 3\) must be a multiple of n_kv_head"),
+    (((2, 8, 6 * 48), 2, 2), ValueError, r"head_dim must be one of .* got 48"),
+])
+def test_packed_qkv_invalid_inputs(args, error, match):
+    shape, n_head, n_kv_head = args
+    with pytest.raises(error, match=match):
+        flash_attention_qkv(torch.randn(*shape, device=DEVICE), n_head, n_kv_head)
 
 
 @pytest.mark.parametrize("mode", ["separate", "atomic"])
@@ -590,6 +668,16 @@ def test_kernels_lower_to_h100_code():
                 r = kernel_report.compile_report(kernel, config, head_dim, dtype, causal, aligned=False)
                 assert r.sass.strip(), (kernel, dtype)
                 assert r.shared_bytes <= 163 * 1024, (kernel, dtype, r.shared_bytes)
+        # atomic dq's last pass, from the fp32 accumulator into dq through both tensors' strides
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        jit = fa._scale_cast_kernel
+        constexprs = {{"HEAD_DIM": 64, "BLOCK_R": fa._SCALE_CAST_ROWS}}
+        types = {{"X": "*fp32", "Y": "*bf16", "scale": "fp32", **dict.fromkeys(constexprs, "constexpr")}}
+        signature = {{name: types.get(name, "i32") for name in jit.arg_names}}
+        src = ASTSource(fn=jit, signature=signature, constexprs=constexprs)
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4}}).asm["cubin"]
         print("LOWERED")
     """)
     assert_lowers_to_sm90(code)
@@ -684,6 +772,28 @@ def test_gpu_compiled_fullgraph_matches_eager(case, dq_mode):
     got = _out_and_grads(compiled, q, k, v, do, causal)
     # Same kernels, same autotuned config (chosen once per shape), same inputs: the same bits.
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, eager):
+        assert torch.equal(g, e), name
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_packed_qkv_compiled_fullgraph_matches_eager(dq_mode):
+    """The packed ops under torch.compile (what a compiled block without rotary embedding runs) give the
+    eager call's output and the one gradient, bit for bit."""
+    dq_mode("separate")
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    qkv = torch.randn(2, 300, 12 * 64, generator=gen, device="cuda").to(torch.bfloat16)
+    do = torch.randn(2, 300, 8, 64, generator=gen, device="cuda").to(torch.bfloat16).transpose(1, 2)
+
+    def run(fn):
+        x = qkv.clone().requires_grad_()
+        out = fn(x, 8, 2)
+        return [out, *torch.autograd.grad(out, x, do)]
+
+    eager = run(flash_attention_qkv)
+    torch._dynamo.reset()
+    got = run(torch.compile(flash_attention_qkv, fullgraph=True))
+    for name, g, e in zip(("out", "dqkv"), got, eager):
         assert torch.equal(g, e), name
 
 

@@ -1,5 +1,6 @@
 """The GPT model: shipped configs, initialisation, attention and loss implementations, KV-cached decoding."""
 
+import importlib
 import math
 
 import pytest
@@ -171,6 +172,33 @@ def test_attention_implementations_agree(preset):
     for impl in ("sdpa", "triton"):
         torch.testing.assert_close(results[impl][0], results["manual"][0], atol=LOGIT_ATOL, rtol=0)
         torch.testing.assert_close(results[impl][1], results["manual"][1], atol=GRAD_ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pos_encoding, packed", [("learned", True), ("none", True), ("rope", False)])
+def test_triton_attention_takes_the_projection_packed_unless_rope_splits_it(pos_encoding, packed,
+                                                                            monkeypatch):
+    """Without rotary embedding the block hands the qkv projection to flash_attention_qkv whole (one
+    gradient, no concatenation in the backward), eager and compiled; rope rotates q and k apart, so those
+    go to flash_attention as views. test_attention_implementations_agree checks both paths' numbers."""
+    fa = importlib.import_module("fastlm.kernels.flash_attention")
+    backward_with = fa._backward_with
+    seen = []
+
+    def spy(*args):
+        seen.append(args[-1] is not None)  # the packed qkv, or None
+        return backward_with(*args)
+
+    monkeypatch.setattr(fa, "_backward_with", spy)
+    cfg = load("gpt124m", attention="triton", pos_encoding=pos_encoding, n_layer=1, sequence_length=32,
+               n_head=2, n_embd=64, ffn_hidden=128)
+    model = GPT(cfg).to(DEVICE)
+    idx = torch.randint(0, cfg.vocab_size, (2, 20)).to(DEVICE)
+    model(idx, idx)[1].backward()
+    torch._dynamo.reset()
+    block = torch.compile(model.blocks[0], fullgraph=True)
+    rope = (model.rope_cos[:20], model.rope_sin[:20]) if pos_encoding == "rope" else None
+    block(torch.randn(2, 20, 64, device=DEVICE, requires_grad=True), rope, None, None).sum().backward()
+    assert seen == [packed, packed]
 
 
 def test_compiled_block_with_triton_attention_is_one_graph():
