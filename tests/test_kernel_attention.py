@@ -490,12 +490,16 @@ def _split_views(qkv, n_head, n_kv_head):
     return [t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in parts]
 
 
-# (batch, seq, n_head, n_kv_head, head_dim, causal)
-PACKED_CASES = {"mha_seq45": (2, 45, 2, 2, 32, True), "gqa4to2_seq37": (1, 37, 4, 2, 64, True),
-                "gqa4to1_seq50_noncausal": (2, 50, 4, 1, 32, False)}
+# (batch, seq, n_head, n_kv_head, head_dim, causal); head_dim 64 only: on a GPU each new head_dim compiles
+# every autotuning config again
+PACKED_CASES = {"mha_seq45": (2, 45, 2, 2, 64, True), "gqa4to2_seq37": (1, 37, 4, 2, 64, True),
+                "gqa4to1_seq40_noncausal": (2, 40, 4, 1, 64, False)}
+# fp32 adds atomic dq into dq itself; fp16/bf16 through the fp32 accumulator (fp16 on CPU: the
+# interpreter's bf16 matmuls are wrong)
+PACKED_DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", sorted({CASE_DTYPE, torch.float16}, key=str), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("mode", ["separate", "atomic"])
 @pytest.mark.parametrize("case", list(PACKED_CASES), ids=list(PACKED_CASES))
 def test_packed_qkv_is_attention_over_its_views_with_one_dense_gradient(case, mode, dtype, dq_mode):
@@ -522,9 +526,7 @@ def test_packed_qkv_is_attention_over_its_views_with_one_dense_gradient(case, mo
         torch.testing.assert_close(grad[..., :q_width], want_grad[..., :q_width], atol=1e-2, rtol=1e-2)
     else:
         assert torch.equal(grad, want_grad)
-    # and both against the fp32 reference, with the usual tolerance of the dtype
-    q, k, v = _split_views(qkv, n_head, n_kv_head)
-    _check(q, k, v, do, causal)
+    # (the split call is held to the fp32 reference by the tests above, the model's layout included)
     assert set(ran) == {mode}
 
 
