@@ -502,31 +502,39 @@ def _bwd_q_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _check_tensor(fn: str, name: str, t, dims: int, layout: str) -> None:
+    """A `dims`-D tensor (its axes: `layout`) of a supported dtype; else an error naming it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{fn}: {name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{fn}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def _check_device(fn: str, names: str, device: torch.device) -> None:
+    if device.type == "cpu":
+        if not _INTERPRET:
+            raise RuntimeError(
+                f"{fn}: {names} CPU tensors; the Triton kernels need a CUDA device. CPU runs only under "
+                "Triton's interpreter: set TRITON_INTERPRET=1 in the environment before importing "
+                "fastlm.kernels (slow; meant for tests)")
+    elif device.type != "cuda":
+        raise ValueError(f"{fn}: expected CUDA tensors (or CPU under TRITON_INTERPRET=1), "
+                         f"got device {device}")
+
+
 def _check_inputs(q, k, v, causal) -> None:
     """Raise a ValueError/TypeError naming the argument, what was expected and what was found."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"flash_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"flash_attention: {name} must be 4-D (batch, heads, seq, head_dim), "
-                             f"got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"flash_attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        _check_tensor("flash_attention", name, t, 4, "(batch, heads, seq, head_dim)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"flash_attention: q, k, v must have one dtype, got q {q.dtype}, k {k.dtype}, "
                         f"v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v must be on one device, got q {q.device}, k {k.device}, "
                          f"v {v.device}")
-    if q.device.type == "cpu":
-        if not _INTERPRET:
-            raise RuntimeError(
-                "flash_attention: q, k, v are CPU tensors; the Triton kernels need a CUDA device. CPU runs "
-                "only under Triton's interpreter: set TRITON_INTERPRET=1 in the environment before importing "
-                "fastlm.kernels (slow; meant for tests)")
-    elif q.device.type != "cuda":
-        raise ValueError(f"flash_attention: expected CUDA tensors (or CPU under TRITON_INTERPRET=1), "
-                         f"got device {q.device}")
+    _check_device("flash_attention", "q, k, v are", q.device)
     if k.shape != v.shape:
         raise ValueError(f"flash_attention: k and v must have the same shape, got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
@@ -712,9 +720,13 @@ def _split_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int):
     (batch, seq, (n_head + 2 * n_kv_head) * head_dim) tensor whose last axis holds q's heads, then k's, then
     v's, as a fused projection writes them."""
     batch, seq, width = qkv.shape
-    heads = qkv.view(batch, seq, n_head + 2 * n_kv_head, width // (n_head + 2 * n_kv_head))
-    q, k, v = heads.split((n_head, n_kv_head, n_kv_head), dim=2)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    head_dim = width // (n_head + 2 * n_kv_head)
+    stride_b, stride_t, stride_w = qkv.stride()
+    strides = (stride_b, head_dim * stride_w, stride_t, stride_w)
+    start = qkv.storage_offset()
+    # (one as_strided a view: a quarter of the host time of view, split and three transposes)
+    return tuple(qkv.as_strided((batch, heads, seq, head_dim), strides, start + first * head_dim * stride_w)
+                 for heads, first in ((n_head, 0), (n_kv_head, n_head), (n_kv_head, n_head + n_kv_head)))
 
 
 def _new_packed_grad(qkv: torch.Tensor) -> torch.Tensor:
@@ -1100,24 +1112,29 @@ def flash_attention_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int | None = 
     shape, which the projection's backward reads as it is, where attention over the three views of a split
     gets three gradients that autograd concatenates (a copy of the whole projection output per layer).
     """
-    if not isinstance(qkv, torch.Tensor):
-        raise TypeError(f"flash_attention_qkv: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    fn = "flash_attention_qkv"
+    _check_tensor(fn, "qkv", qkv, 3, "(batch, seq, (n_head + 2 * n_kv_head) * head_dim)")
+    _check_device(fn, "qkv is on", qkv.device)
     if n_kv_head is None:
         n_kv_head = n_head
     for name, n in (("n_head", n_head), ("n_kv_head", n_kv_head)):
         if not (isinstance(n, numbers.Integral) and n > 0):
-            raise ValueError(f"flash_attention_qkv: {name} must be a positive int, got {n!r}")
-    if qkv.dim() != 3:
-        raise ValueError(f"flash_attention_qkv: qkv must be 3-D (batch, seq, (n_head + 2 * n_kv_head) * "
-                         f"head_dim), got shape {tuple(qkv.shape)}")
+            raise ValueError(f"{fn}: {name} must be a positive int, got {n!r}")
     heads = n_head + 2 * n_kv_head
-    if qkv.shape[-1] % heads:
-        raise ValueError(f"flash_attention_qkv: qkv's last axis ({qkv.shape[-1]}) must hold n_head + 2 * "
-                         f"n_kv_head = {heads} heads of one head_dim; it is not a multiple of {heads}")
-    qkv = qkv.contiguous()  # (a projection's output already is; the head views need dense rows)
-    q, k, v = _split_qkv(qkv, int(n_head), int(n_kv_head))
-    _check_inputs(q, k, v, causal)
-    softmax_scale = _scale(softmax_scale, q.shape[-1])
+    batch, seq, width = qkv.shape
+    if width % heads:
+        raise ValueError(f"{fn}: qkv's last axis ({width}) must hold n_head + 2 * n_kv_head = {heads} heads "
+                         f"of one head_dim; it is not a multiple of {heads}")
+    head_dim = width // heads
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{fn}: head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim} "
+                         f"(qkv's last axis {width} / {heads} heads)")
+    if n_head % n_kv_head:
+        raise ValueError(f"{fn}: n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+    if batch == 0 or seq == 0:
+        raise ValueError(f"{fn}: empty input, qkv {tuple(qkv.shape)}")
+    softmax_scale = _scale(softmax_scale, head_dim)
+    qkv = qkv.contiguous()  # (a projection's output already is; the kernels need a unit last stride)
     args = (qkv, int(n_head), int(n_kv_head), bool(causal), softmax_scale)
     if torch.compiler.is_compiling():
         return _qkv_forward_op(*args)[0]

@@ -530,6 +530,27 @@ def test_packed_qkv_is_attention_over_its_views_with_one_dense_gradient(case, mo
     assert set(ran) == {mode}
 
 
+@pytest.mark.parametrize("where", ["offset", "strided"])
+def test_packed_qkv_takes_a_slice_or_a_strided_tensor(where, dq_mode):
+    # The head views are taken at qkv's storage offset and strides: a qkv that starts inside a larger
+    # tensor (a contiguous slice), or one that is not contiguous (made so first), gives what its copy gives
+    dq_mode("separate")
+    qkv, do = _packed(2, 33, 2, 2, 64, seed=11)
+    if where == "offset":
+        big = torch.cat([torch.randn_like(qkv[:1]), qkv]).requires_grad_()
+        given = big[1:]
+    else:
+        big = torch.cat([qkv, qkv], -1).requires_grad_()
+        given = big[..., :qkv.shape[-1]]
+    assert given.is_contiguous() == (where == "offset") and torch.equal(given, qkv)
+    results = []
+    for x in (given, qkv.clone().requires_grad_()):
+        out = flash_attention_qkv(x, 2, 2)
+        results.append((out, *torch.autograd.grad(out, x, do)))
+    for name, a, b in zip(("out", "dqkv"), *results):
+        assert torch.equal(a, b), name
+
+
 def test_packed_qkv_custom_ops_fakes_match_the_real_ops(dq_mode):
     # as test_custom_ops_fakes_match_the_real_ops_in_the_models_layout, for the packed ops: o stored (B, T,
     # H, D), the one gradient dense in qkv's shape
@@ -545,13 +566,15 @@ def test_packed_qkv_custom_ops_fakes_match_the_real_ops(dq_mode):
     (((8, 192), 2, 2), ValueError, r"qkv must be 3-D .* got shape \(8, 192\)"),
     (((2, 8, 192), 0, 2), ValueError, r"n_head must be a positive int, got 0"),
     (((2, 8, 192), 3, 2.0), ValueError, r"n_kv_head must be a positive int, got 2.0"),
-    (((2, 8, 7 * 32), 3, 2), ValueError, r"n_head \(q.shape\[1\] = 3\) must be a multiple of n_kv_head"),
-    (((2, 8, 6 * 48), 2, 2), ValueError, r"head_dim must be one of .* got 48"),
+    (((2, 8, 7 * 32), 3, 2), ValueError, r"n_head \(3\) must be a multiple of n_kv_head \(2\)"),
+    (((2, 8, 6 * 48), 2, 2), ValueError, r"head_dim must be one of .* got 48 \(qkv's last axis 288 / 6 "),
+    (((2, 0, 192), 2, 2), ValueError, r"empty input, qkv \(2, 0, 192\)"),
+    (((2, 8, 192), 2, 2, torch.float64), TypeError, r"qkv must be float16, bfloat16 or float32, got .*64"),
 ])
 def test_packed_qkv_invalid_inputs(args, error, match):
-    shape, n_head, n_kv_head = args
+    shape, n_head, n_kv_head, *dtype = args
     with pytest.raises(error, match=match):
-        flash_attention_qkv(torch.randn(*shape, device=DEVICE), n_head, n_kv_head)
+        flash_attention_qkv(torch.randn(*shape, device=DEVICE, dtype=(dtype or [None])[0]), n_head, n_kv_head)
 
 
 @pytest.mark.parametrize("mode", ["separate", "atomic"])
