@@ -14,6 +14,11 @@ replaced by a stand-in that launches nothing. It compares, in the same run:
 - and what a compiled model's graph calls instead, fastlm's forward and backward ops, against the same
   two functions declared with torch.library.custom_op (whose wrappers fastlm's ops leave out).
 
+And the attention of a model without rotary embedding both ways: on the packed projection
+(flash_attention_qkv, one gradient) against its split into q, k, v views (flash_attention, whose backward
+autograd concatenates), eager and as a compiled graph's ops. The packed way saves GPU time (no copy of the
+projection's gradient); these rows say what it costs or saves on the host.
+
 Tensors are tiny: on a GPU the caching allocator makes an allocation cost the same at any size, while on
 a CPU a large one would pay for fresh pages, which is not what a GPU host pays. It runs in a subprocess
 without Triton's interpreter (which would make the launches not direct) and without touching the kernels
@@ -111,8 +116,35 @@ SCRIPT = textwrap.dedent("""
                         sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return fa._backward(do, q, k, v, o, lse, causal, sm_scale)
 
+    # the model's attention without rope: on the packed projection, or split into views (its backward
+    # concatenates the three gradients)
+    projection = torch.randn(batch, seq, 3 * heads * head_dim, requires_grad=True)
+
+    def split(x):
+        views = [t.view(batch, seq, heads, head_dim).transpose(1, 2) for t in x.split(heads * head_dim, -1)]
+        return fastlm.kernels.flash_attention(*views)
+
+    def packed(x):
+        return fastlm.kernels.flash_attention_qkv(x, heads, heads)
+
+    for _ in range(7):
+        for name, attention in (("split", split), ("packed", packed)):
+            for _ in range(100):
+                projection.grad = None
+                attention(projection).backward(do)
+            n = 1000
+            start = time.perf_counter()
+            for _ in range(n):
+                projection.grad = None
+                attention(projection).backward(do)
+            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / n * 1e6)
+
     qd, kd, vd = (t.detach() for t in (q, k, v))
-    ops = {"ops": (fa._forward_op, fa._backward_op), "custom_op": (custom_forward, custom_backward)}
+    pd = projection.detach()
+    ops = {"ops": (fa._forward_op, fa._backward_op), "custom_op": (custom_forward, custom_backward),
+           "packed ops": (lambda q, k, v, causal, scale: fa._qkv_forward_op(pd, heads, heads, causal, scale),
+                          lambda do, q, k, v, o, lse, causal, scale: fa._qkv_backward_op(
+                              do, pd, o, lse, heads, heads, causal, scale))}
     for _ in range(7):
         for name, (forward, backward) in ops.items():
             def op_step():
@@ -145,5 +177,10 @@ def test_attention_host_path():
            higher_is_better=False)
     print(f"  host time beyond the floor: {us['plans'] - us['floor']:.0f} us with plans, "
           f"{us['no plans'] - us['floor']:.0f} us without")
-    record("attention ops of a compiled graph, host time per fwd+bwd (kernels stubbed out)", us["ops"], "us",
-           "the same ops declared with torch.library.custom_op", us["custom_op"], higher_is_better=False)
+    ops = "attention ops of a compiled graph, host time per fwd+bwd (kernels stubbed out)"
+    record(ops, us["ops"], "us", "the same ops declared with torch.library.custom_op", us["custom_op"],
+           higher_is_better=False)
+    record("attention on a packed qkv projection, host time per fwd+bwd (kernels stubbed out)", us["packed"],
+           "us", "split into q, k, v views (the backward concatenates)", us["split"], higher_is_better=False)
+    record(f"{ops}: the packed ops", us["packed ops"], "us", "the ops over split views", us["ops"],
+           higher_is_better=False)

@@ -723,10 +723,13 @@ def _split_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int):
     head_dim = width // (n_head + 2 * n_kv_head)
     stride_b, stride_t, stride_w = qkv.stride()
     strides = (stride_b, head_dim * stride_w, stride_t, stride_w)
-    start = qkv.storage_offset()
-    # (one as_strided a view: a quarter of the host time of view, split and three transposes)
-    return tuple(qkv.as_strided((batch, heads, seq, head_dim), strides, start + first * head_dim * stride_w)
-                 for heads, first in ((n_head, 0), (n_kv_head, n_head), (n_kv_head, n_head + n_kv_head)))
+    start, head = qkv.storage_offset(), head_dim * stride_w
+    kv_shape = (batch, n_kv_head, seq, head_dim)
+    # (one as_strided a view: a quarter of the host time of view, split and three transposes; each call of
+    # an op on the packed projection takes these views, the backward twice)
+    return (qkv.as_strided((batch, n_head, seq, head_dim), strides, start),
+            qkv.as_strided(kv_shape, strides, start + n_head * head),
+            qkv.as_strided(kv_shape, strides, start + (n_head + n_kv_head) * head))
 
 
 def _new_packed_grad(qkv: torch.Tensor) -> torch.Tensor:
