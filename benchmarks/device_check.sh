@@ -102,9 +102,9 @@ step_dp() {
 }
 
 step_probe() {
-  since "attention inside a compiled block: custom op (the model's) vs eager launches vs traced kernels vs SDPA"
+  since "attention inside a compiled block: the packed op (the model's) vs split views vs SDPA vs eager vs traced"
   { echo; echo "=== compiled gpt124m block ==="; } >> "$R/profile.txt"
-  timeout "$(limit 150)" $PY benchmarks/attention_profile.py --compiled-block >> "$R/profile.txt" 2>&1
+  timeout "$(limit 200)" $PY benchmarks/attention_profile.py --compiled-block >> "$R/profile.txt" 2>&1
   echo "exit $?" >> "$R/profile.txt"; tail -n 12 "$R/profile.txt"
 }
 
