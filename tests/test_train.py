@@ -1,6 +1,8 @@
 """Training end to end on CPU: one process and torchrun with 2 gloo ranks, exact resume, checkpoints,
 config errors, NaN detection, preemption, wandb offline, throughput records and plots."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -9,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -39,6 +42,24 @@ def train(tmp_path, *overrides, ranks=1, check=True, name="run", torchrun=False,
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def fails_at_start(tmp_path, *overrides, name="run") -> str:
+    """A run that must stop at start-up with exit status 1 and one clear line: fastlm.train.main called in
+    this process (a subprocess per case would pay interpreter and torch start-up, ~5 s each); returns its
+    stderr. An exception main() does not turn into that line propagates and fails the test, as a traceback
+    would in the subprocess. (train() runs the same through the real command line.)"""
+    from fastlm import train as fastlm_train
+
+    argv = [str(ROOT / "configs" / "tiny.yaml"), *BASE, f"run.output_dir={tmp_path}", f"run.name={name}",
+            *overrides]
+    err = io.StringIO()
+    # (keep_freed_host_memory would change malloc for the whole test process: nothing here trains)
+    with (mock.patch.object(fastlm_train, "keep_freed_host_memory", lambda: False),
+          contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO())):
+        status = fastlm_train.main(argv)
+    assert status == 1, err.getvalue()[-3000:]
+    return err.getvalue()
 
 
 def records(run_dir):
@@ -101,10 +122,9 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     step2 = tmp_path / "run" / "checkpoints" / "step_00000002"
 
     def fails(*overrides):
-        r = train(tmp_path, *overrides, check=False, name="again")
-        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        err = fails_at_start(tmp_path, *overrides, name="again")
         assert not (tmp_path / "again").exists(), "a refused resume left a run folder"
-        return r.stderr
+        return err
 
     # another model: the keys that differ, saved and now, before any tensor is loaded
     err = fails("target.steps=4", "model.n_embd=128", "model.n_kv_head=2", f"run.resume={step2}")
@@ -373,15 +393,18 @@ def test_an_empty_section_takes_overrides(tmp_path):
 def test_bad_runs_fail_with_the_key_and_leave_no_run_folder(tmp_path):
     """Mistakes found at start-up name the key at fault, show no traceback, and make no run folder."""
     def fails(*overrides, name="bad"):
-        r = train(tmp_path, *overrides, check=False, name=name)
-        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        err = fails_at_start(tmp_path, *overrides, name=name)
         left = tmp_path / name if name else tmp_path / "checkpoints"  # (name "": the run folder is tmp_path)
         assert not left.exists(), f"{left}: a run folder was left by a run that failed at start"
-        return r.stderr
+        return err
 
+    # the command itself: exit status 1, the line, no traceback
+    r = train(tmp_path, f"data.train_path={tmp_path}", check=False, name="bad")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "data.train_path names the folder" in r.stderr and not (tmp_path / "bad").exists()
+    # the other cases in this process
     garbage = tmp_path / "garbage.pbin"
     garbage.write_bytes(b"not a pbin at all" * 10)
-    assert "data.train_path names the folder" in fails(f"data.train_path={tmp_path}")
     assert f"data.val_path: {garbage}: " in fails(f"data.val_path={garbage}")
     assert "data.tokenizer_path: " in fails("data.tokenizer_path=nowhere")
     assert ("has ids up to 50,256 but model.vocab_size is 1,000; expected at least 50,257"
