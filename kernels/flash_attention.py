@@ -512,11 +512,12 @@ def _check_tensor(fn: str, name: str, t, dims: int, layout: str) -> None:
         raise TypeError(f"{fn}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
 
 
-def _check_device(fn: str, names: str, device: torch.device) -> None:
+def _check_device(fn: str, subject: str, device: torch.device) -> None:
+    """subject: "q, k, v are", "qkv is"."""
     if device.type == "cpu":
         if not _INTERPRET:
             raise RuntimeError(
-                f"{fn}: {names} CPU tensors; the Triton kernels need a CUDA device. CPU runs only under "
+                f"{fn}: {subject} on the CPU; the Triton kernels need a CUDA device. CPU runs only under "
                 "Triton's interpreter: set TRITON_INTERPRET=1 in the environment before importing "
                 "fastlm.kernels (slow; meant for tests)")
     elif device.type != "cuda":
@@ -860,7 +861,8 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
     acc = None
     if mode == "atomic":
         acc = dq if q.dtype == torch.float32 else torch.empty_like(q, dtype=torch.float32)
-    tensors = (q, k, v, o, do, lse, delta, dq, dk, dv) + ((acc,) if acc is not None else ())
+    # (fp32's accumulator is dq itself: each tensor once, or the recording could make no plan)
+    tensors = (q, k, v, o, do, lse, delta, dq, dk, dv) + ((acc,) if acc is not None and acc is not dq else ())
     # (the gradients' layout follows from the inputs' and whether they are packed)
     plan_key = (("backward", mode, key, _layout(q, k, v, o, lse, do), qkv is None, aligned(tensors),
                  sm_scale, torch.are_deterministic_algorithms_enabled()) if _plans_apply() else None)
@@ -1079,12 +1081,12 @@ torch.library.register_autograd(f"fastlm::{_QKV_FORWARD_NAME}", _qkv_backward_ru
                                 setup_context=_qkv_setup_context, lib=_LIB)
 
 
-def _scale(softmax_scale, head_dim: int) -> float:
+def _scale(softmax_scale, head_dim: int, fn: str) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not (isinstance(softmax_scale, numbers.Real) and 0 < softmax_scale < math.inf):
         # the forward scales each row's max instead of every score, which needs a positive scale
-        raise ValueError(f"flash_attention: softmax_scale must be a positive finite number (or None for "
+        raise ValueError(f"{fn}: softmax_scale must be a positive finite number (or None for "
                          f"1/sqrt(head_dim)), got {softmax_scale!r}")
     return float(softmax_scale)
 
@@ -1098,7 +1100,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     as (batch, seq_q, n_head, head_dim) (heads merge back without a copy).
     """
     _check_inputs(q, k, v, causal)
-    softmax_scale = _scale(softmax_scale, q.shape[-1])
+    softmax_scale = _scale(softmax_scale, q.shape[-1], "flash_attention")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if torch.compiler.is_compiling():
         return _forward_op(q, k, v, bool(causal), softmax_scale)[0]
@@ -1117,11 +1119,11 @@ def flash_attention_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int | None = 
     """
     fn = "flash_attention_qkv"
     _check_tensor(fn, "qkv", qkv, 3, "(batch, seq, (n_head + 2 * n_kv_head) * head_dim)")
-    _check_device(fn, "qkv is on", qkv.device)
+    _check_device(fn, "qkv is", qkv.device)
     if n_kv_head is None:
         n_kv_head = n_head
     for name, n in (("n_head", n_head), ("n_kv_head", n_kv_head)):
-        if not (isinstance(n, numbers.Integral) and n > 0):
+        if isinstance(n, bool) or not (isinstance(n, numbers.Integral) and n > 0):
             raise ValueError(f"{fn}: {name} must be a positive int, got {n!r}")
     heads = n_head + 2 * n_kv_head
     batch, seq, width = qkv.shape
@@ -1136,7 +1138,7 @@ def flash_attention_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int | None = 
         raise ValueError(f"{fn}: n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
     if batch == 0 or seq == 0:
         raise ValueError(f"{fn}: empty input, qkv {tuple(qkv.shape)}")
-    softmax_scale = _scale(softmax_scale, head_dim)
+    softmax_scale = _scale(softmax_scale, head_dim, fn)
     qkv = qkv.contiguous()  # (a projection's output already is; the kernels need a unit last stride)
     args = (qkv, int(n_head), int(n_kv_head), bool(causal), softmax_scale)
     if torch.compiler.is_compiling():

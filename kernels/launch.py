@@ -120,7 +120,10 @@ class Recording:
         self.launches: list[tuple] = []
         self.launchers: list[CachedLauncher] = []
         self.device = None
-        self.complete = True
+        # One tensor in two places (attention(x, x, x)) makes the places ambiguous: its launches would be
+        # recorded at the first, and a later call with distinct tensors there would be given that one in
+        # all of them. Such a call makes no plan (it may replay one made by a call without aliasing).
+        self.complete = len({id(t) for t in tensors}) == len(tensors)
 
     def missed(self) -> None:
         self.complete = False

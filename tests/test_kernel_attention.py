@@ -566,6 +566,7 @@ def test_packed_qkv_custom_ops_fakes_match_the_real_ops(dq_mode):
     (((8, 192), 2, 2), ValueError, r"qkv must be 3-D .* got shape \(8, 192\)"),
     (((2, 8, 192), 0, 2), ValueError, r"n_head must be a positive int, got 0"),
     (((2, 8, 192), 3, 2.0), ValueError, r"n_kv_head must be a positive int, got 2.0"),
+    (((2, 8, 192), True, 2), ValueError, r"n_head must be a positive int, got True"),
     (((2, 8, 7 * 32), 3, 2), ValueError, r"n_head \(3\) must be a multiple of n_kv_head \(2\)"),
     (((2, 8, 6 * 48), 2, 2), ValueError, r"head_dim must be one of .* got 48 \(qkv's last axis 288 / 6 "),
     (((2, 0, 192), 2, 2), ValueError, r"empty input, qkv \(2, 0, 192\)"),
@@ -573,8 +574,12 @@ def test_packed_qkv_custom_ops_fakes_match_the_real_ops(dq_mode):
 ])
 def test_packed_qkv_invalid_inputs(args, error, match):
     shape, n_head, n_kv_head, *dtype = args
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=f"^flash_attention_qkv: .*{match}"):
         flash_attention_qkv(torch.randn(*shape, device=DEVICE, dtype=(dtype or [None])[0]), n_head, n_kv_head)
+    if not dtype:
+        return
+    with pytest.raises(ValueError, match=r"^flash_attention_qkv: softmax_scale must be a positive finite"):
+        flash_attention_qkv(torch.randn(*shape, device=DEVICE), n_head, n_kv_head, softmax_scale=0.0)
 
 
 @pytest.mark.parametrize("mode", ["separate", "atomic"])

@@ -222,6 +222,8 @@ def test_no_plan_where_a_launch_was_not_direct_or_takes_an_unknown_tensor():
     # a launch through Triton (here: another specialization, n = 16 is divisible by 16) in the call
     assert _recorded_call(launchers, tensors, n=16).plan() is None
     assert Recording(tensors).plan() is None  # nothing launched
+    # one tensor in two of the call's places: which place a launch took it from is unknown
+    assert _recorded_call(launchers, (tensors[0], tensors[1], tensors[0])).plan() is None
 
 
 def test_a_plan_does_not_replay_under_a_hook_or_on_another_device():
@@ -434,6 +436,23 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
                 # round 0 makes the plans (the forward of "atomic dq" is base's), round 1 replays them
                 replayed = 2 if round else int(variant == "atomic dq")
                 assert replays() == before + replayed, (round, variant)
+
+        # attention of one tensor with itself, attention(x, x, x), then of distinct q, k, v in the same
+        # layout: the second call's launches take its own q, k and v (a plan recorded from the first
+        # would pass its q in all three places)
+        fa.BWD_DQ, fa.HEAVY_FIRST, fa._MAX_GRID_Y = "separate", True, 65535
+        torch.use_deterministic_algorithms(False)
+        fa._PLANS.clear()
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):  # (the first goes through Triton; the others are direct)
+            x = torch.randn(2, 4, 40, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+            fastlm.kernels.flash_attention(x, x, x).backward(torch.ones_like(x))
+        q, k, v = (torch.randn(2, 4, 40, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+                   for _ in range(3))
+        log.clear()
+        fastlm.kernels.flash_attention(q, k, v)
+        forward_args = [args for kernel, args in log if kernel != "triton"][0]
+        assert [a is t for a, t in zip(forward_args[9:12], (q, k, v))] == [True] * 3, forward_args[9:12]
 
         def hook(metadata):
             pass
