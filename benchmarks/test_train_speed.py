@@ -48,23 +48,33 @@ def synthetic_pbin(tmp_path_factory):
     return path
 
 
-def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: str, overrides=(),
-                        profile: bool = True, env: dict | None = None) -> float:
-    out = tmp_path / f"{name}-{compile_blocks}-{len(overrides)}-{len(env or ())}"
-    steps = PROFILE[1] if profile else STEPS
+def fastlm_run(name, data, out, launcher: str, steps: int, log: int, overrides=(),
+               env: dict | None = None) -> list[dict]:
+    """Train config `name` on `data` for `steps` steps under `launcher`, a record every `log` steps, no
+    evaluation or checkpoints; returns the train records of its metrics.jsonl."""
     start = {"python": [sys.executable],
              "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node", "1"]}
     cmd = [*start[launcher], "-m", "fastlm.train", str(ROOT / "configs" / f"{name}.yaml"),
-           f"data.train_path={data}",
-           "data.val_path=", f"run.output_dir={out}", f"target.steps={steps}", f"intervals.log={WARMUP}",
-           f"batch.micro_batch_size={MICRO[name]}", "batch.global_batch_tokens=0", "batch.grad_accum_steps=1",
-           f"logging.profile_steps=[{PROFILE[0]}, {PROFILE[1]}]" if profile else "logging.profile_steps=[]",
-           f"parallel.compile={str(compile_blocks).lower()}", "checkpoint.consolidated=false",
+           f"data.train_path={data}", "data.val_path=", f"run.output_dir={out}", f"target.steps={steps}",
+           f"intervals.log={log}", f"batch.micro_batch_size={MICRO[name]}", "checkpoint.consolidated=false",
            "intervals.checkpoint=0", "checkpoint.keep_last=1", "logging.console=false", *overrides]
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
     records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if r["event"] == "train" and WARMUP < r["step"] <= STEPS]
+    return [r for r in records if r["event"] == "train"]
+
+
+def fastlm_tokens_per_s(name, data, tmp_path, compile_blocks: bool, launcher: str, overrides=(),
+                        profile: bool = True, env: dict | None = None) -> float:
+    """fastlm's tokens/s at one micro batch per optimizer step (the baseline's batch): the median of the
+    windows after the first, which compiles."""
+    out = tmp_path / f"{name}-{compile_blocks}-{len(overrides)}-{len(env or ())}"
+    train = fastlm_run(
+        name, data, out, launcher, PROFILE[1] if profile else STEPS, WARMUP,
+        ["batch.global_batch_tokens=0", "batch.grad_accum_steps=1",
+         f"logging.profile_steps=[{PROFILE[0]}, {PROFILE[1]}]" if profile else "logging.profile_steps=[]",
+         f"parallel.compile={str(compile_blocks).lower()}", *overrides], env)
+    rates = [r["tokens_per_s"] for r in train if WARMUP < r["step"] <= STEPS]
     if profile:
         add_to_results_profile(out / name / "profile.txt", f"training {name} ({launcher})")
     return float(np.median(rates))
@@ -158,16 +168,8 @@ def test_gpt124m_as_shipped_with_accumulation(synthetic_pbin, tmp_path):
     if name not in _DEFAULT_RATE:
         _DEFAULT_RATE[name] = fastlm_tokens_per_s(name, synthetic_pbin, tmp_path, True, "torchrun",
                                                   profile=False)
-    out = tmp_path / "accumulation"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "fastlm.train", str(ROOT / "configs" / f"{name}.yaml"), f"data.train_path={synthetic_pbin}",
-           "data.val_path=", f"run.output_dir={out}", f"target.steps={ACCUM_STEPS}",
-           f"intervals.log={ACCUM_LOG}", f"batch.micro_batch_size={MICRO[name]}", "logging.profile_steps=[]",
-           "checkpoint.consolidated=false", "intervals.checkpoint=0", "checkpoint.keep_last=1",
-           "logging.console=false"]
-    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["event"] == "train"]
+    train = fastlm_run(name, synthetic_pbin, tmp_path / "accumulation", "torchrun", ACCUM_STEPS, ACCUM_LOG,
+                       ["logging.profile_steps=[]"])
     # the first window holds the compilation of every block; the step's batch must be the shipped one
     rates = [r["tokens_per_s"] for r in train if r["step"] > ACCUM_LOG]
     tokens_per_step = train[-1]["tokens"] // train[-1]["step"]

@@ -939,10 +939,21 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def _packed_forward(qkv, n_head, n_kv_head, causal, sm_scale):
+    """(o, lse) of attention over the head views of a packed qkv."""
+    return _forward(*_split_qkv(qkv, n_head, n_kv_head), causal, sm_scale)
+
+
+def _packed_backward(do, qkv, o, lse, n_head, n_kv_head, causal, sm_scale):
+    """The gradient of a packed qkv: one tensor of its shape (_backward with qkv)."""
+    q, k, v = _split_qkv(qkv, n_head, n_kv_head)
+    return _backward(_last_dim_contiguous(do), q, k, v, o, lse, causal, sm_scale, qkv=qkv)
+
+
 class _FlashAttentionQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, n_head, n_kv_head, causal, sm_scale):
-        o, lse = _forward(*_split_qkv(qkv, n_head, n_kv_head), causal, sm_scale)
+        o, lse = _packed_forward(qkv, n_head, n_kv_head, causal, sm_scale)
         ctx.save_for_backward(qkv, o, lse)
         ctx.heads, ctx.causal, ctx.sm_scale = (n_head, n_kv_head), causal, sm_scale
         return o
@@ -950,9 +961,7 @@ class _FlashAttentionQKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qkv, o, lse = ctx.saved_tensors
-        q, k, v = _split_qkv(qkv, *ctx.heads)
-        dqkv = _backward(_last_dim_contiguous(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale, qkv=qkv)
-        return dqkv, None, None, None, None
+        return _packed_backward(do, qkv, o, lse, *ctx.heads, ctx.causal, ctx.sm_scale), None, None, None, None
 
 
 # Under torch.compile the same forward and backward run as two custom ops: opaque to dynamo and inductor
@@ -1003,15 +1012,8 @@ def _backward_impl(do, q, k, v, o, lse, causal, sm_scale):
     return _backward(_last_dim_contiguous(do), q, k, v, o, lse, causal, sm_scale)
 
 
-@torch.compiler.disable
-def _qkv_forward_impl(qkv, n_head, n_kv_head, causal, sm_scale):
-    return _forward(*_split_qkv(qkv, n_head, n_kv_head), causal, sm_scale)
-
-
-@torch.compiler.disable
-def _qkv_backward_impl(do, qkv, o, lse, n_head, n_kv_head, causal, sm_scale):
-    q, k, v = _split_qkv(qkv, n_head, n_kv_head)
-    return _backward(_last_dim_contiguous(do), q, k, v, o, lse, causal, sm_scale, qkv=qkv)
+_qkv_forward_impl = torch.compiler.disable(_packed_forward)
+_qkv_backward_impl = torch.compiler.disable(_packed_backward)
 
 
 for _device in ("CUDA", "CPU"):  # (CPU tensors pass the device check only under Triton's interpreter)
