@@ -292,6 +292,12 @@ struct Lookup {
   std::string where;      // the path prefix at which a wrong type was found
   std::string found;      // description of the wrong value
   std::string expected;   // "a string" or "an object"
+  size_t column = 0;      // of the wrong value, or of the deepest object on the path (for a missing key)
+  // For a missing key: the deepest path level whose object was reached, and the keys that object has.
+  int deepest = -1;
+  std::vector<std::string> keys;
+  size_t more_keys = 0;   // keys beyond the kShownKeys kept
+  static constexpr size_t kShownKeys = 8;
 };
 
 class Parser {
@@ -337,9 +343,11 @@ class Parser {
     if (path_ != nullptr) {
       if (lookup_.state == Lookup::kMissing) {
         result_.fault = JsonFault::kMissingKey;
-        result_.message = "missing key " + path_->pattern();
+        result_.column = lookup_.column;
+        result_.message = "missing key " + path_->pattern() + " (" + describe_keys() + ")";
       } else if (lookup_.state == Lookup::kWrongType) {
         result_.fault = JsonFault::kNotAString;
+        result_.column = lookup_.column;
         result_.message = "expected " + lookup_.expected + " at " + lookup_.where + ", found " + lookup_.found;
       }
     }
@@ -377,6 +385,25 @@ class Parser {
       case 'n': return "null";
       default: return "a number";
     }
+  }
+
+  // What the object in which the path's next key was missing holds, for the missing-key message.
+  std::string describe_keys() const {
+    std::string owner = lookup_.deepest <= 0 ? "the line's object" : path_prefix(lookup_.deepest - 1);
+    if (lookup_.keys.empty()) return owner + " is empty";
+    std::string s = owner + " has keys ";
+    for (size_t i = 0; i < lookup_.keys.size(); ++i) s += (i > 0 ? ", \"" : "\"") + lookup_.keys[i] + "\"";
+    if (lookup_.more_keys > 0) s += " and " + std::to_string(lookup_.more_keys) + " more";
+    return s;
+  }
+
+  // A key as the message shows it: at most kShownKeyBytes bytes, cut at a character boundary.
+  static std::string shorten(const std::string& key) {
+    constexpr size_t kShownKeyBytes = 40;
+    if (key.size() <= kShownKeyBytes) return key;
+    size_t cut = kShownKeyBytes;
+    while (cut > 0 && (static_cast<unsigned char>(key[cut]) & 0xC0) == 0x80) --cut;
+    return key.substr(0, cut) + "...";
   }
 
   std::string path_prefix(int level) const {
@@ -463,6 +490,12 @@ class Parser {
   }
 
   bool parse_object(int depth, int level) {
+    if (level >= 0 && level >= lookup_.deepest) {  // a deeper object on the path, or a repeat of the last
+      lookup_.deepest = level;
+      lookup_.column = static_cast<size_t>(p_ - begin_) + 1;
+      lookup_.keys.clear();
+      lookup_.more_keys = 0;
+    }
     ++p_;  // '{'
     skip_ws();
     if (p_ < end_ && *p_ == '}') {
@@ -480,6 +513,10 @@ class Parser {
         key_.clear();
         if (!parse_string(&key_)) return false;
         match = key_ == path_->keys()[level];
+        if (level == lookup_.deepest) {  // not once a nested object on the path went deeper
+          if (lookup_.keys.size() < Lookup::kShownKeys) lookup_.keys.push_back(shorten(key_));
+          else ++lookup_.more_keys;
+        }
       } else if (!parse_string(nullptr)) {
         return false;
       }
@@ -524,6 +561,7 @@ class Parser {
 
   void set_wrong_type(int level, const char* expected) {
     lookup_.state = Lookup::kWrongType;
+    lookup_.column = static_cast<size_t>(p_ - begin_) + 1;
     lookup_.where = path_prefix(level);
     lookup_.expected = expected;
     lookup_.found = p_ < end_ ? kind_of(*p_) : "nothing";

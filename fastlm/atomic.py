@@ -43,13 +43,19 @@ def temp_name(dst: str | os.PathLike) -> str:
 
 class atomic_output:
     """`with atomic_output(dst) as tmp:` write the file at path `tmp` (a str); it is renamed onto `dst` when
-    the block succeeds and removed when anything fails (the rename included)."""
+    the block succeeds and removed when anything fails (the rename included). Missing folders on the way to
+    `dst` are created, and removed again on failure when still empty: a failed command leaves no trace."""
 
     def __init__(self, dst: str | os.PathLike):
         self.dst = os.fspath(dst)
         self.tmp = temp_name(self.dst)
+        self.created: list[str] = []  # folders this output made, deepest first
 
     def __enter__(self) -> str:
+        folder = os.path.abspath(os.path.dirname(self.dst) or ".")
+        while not os.path.exists(folder):
+            self.created.append(folder)
+            folder = os.path.dirname(folder)
         os.makedirs(os.path.dirname(self.dst) or ".", exist_ok=True)
         return self.tmp
 
@@ -69,6 +75,11 @@ class atomic_output:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+        for folder in self.created:
+            try:
+                os.rmdir(folder)
+            except OSError:  # something else was written there meanwhile: it stays
+                break
 
 
 def missing_file(path: str | os.PathLike, what: str) -> OSError:

@@ -95,6 +95,32 @@ def test_fault_column_points_at_the_problem():
     assert r["column"] == len(b'{"text": "ok", "n": ') + 1
 
 
+@pytest.mark.parametrize(
+    "line,pattern,column,words",
+    [
+        (b'{}', ".text", 1, "missing key .text (the line's object is empty)"),
+        (b'  {"txt": "a", "id": 3}', ".text", 3,
+         'missing key .text (the line\'s object has keys "txt", "id")'),
+        # the path stops at .meta: the keys shown are .meta's, the column is .meta's opening brace
+        (b'{"meta": {"title": "x"}, "other": 1}', ".meta.text", 10, '(.meta has keys "title")'),
+        (b'{"a": 1}', ".meta.text", 1, 'missing key .meta.text (the line\'s object has keys "a")'),
+        # a repeated key replaces the earlier value, as in jq: the keys are the last object's
+        (b'{"meta": {"a": 1}, "meta": {"b": 2}}', ".meta.text", 28, '(.meta has keys "b")'),
+        (b'{' + b", ".join(b'"k%d": %d' % (i, i) for i in range(12)) + b'}', ".text", 1,
+         '"k6", "k7" and 4 more)'),
+        (b'{"' + "\u00e9".encode() * 30 + b'": 1}', ".text", 1, '"' + "\u00e9" * 20 + '...")'),
+        (b'{"text": 5}', ".text", 10, "expected a string at .text, found a number"),
+        (b'{"meta": [1]}', ".meta.text", 10, "expected an object at .meta, found an array"),
+    ],
+)
+def test_lookup_faults_show_what_the_line_has(line, pattern, column, words):
+    """A missing key names the keys of the object in which it was looked for (the usual cause is a
+    jq_pattern that does not match the corpus); both lookup faults point at the object or value."""
+    r = extract(line, pattern)
+    assert r["column"] == column, r
+    assert words in r["message"], r
+
+
 @pytest.mark.parametrize("pattern", ["raw_content", ".", ".a..b", ".a[0]", ".a | .b", ""])
 def test_unsupported_patterns_say_what_is_supported(pattern):
     with pytest.raises(ValueError, match="supported patterns are `.key`"):

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastlm.cli import main as cli
+from fastlm.data.pbin import PackedFile
 from fastlm.pack import PackJob, load_pack_config, pack
 from fastlm.yamlconf import ConfigError
 
@@ -156,6 +157,20 @@ def test_bad_documents_name_file_and_line_and_write_nothing(tmp_path, line, word
         run_pack(tmp_path, src)
     assert f"{src}:4:" in str(err.value) and words in str(err.value)
     assert list(tmp_path.iterdir()) == [src], "no output, no temporary file"
+
+
+def test_output_folders_are_made_and_removed_again_on_failure(tmp_path, gpt2_hf):
+    """Missing folders on the way to dst_path are created; a pack that fails removes those it made (and
+    only those: an existing folder stays), so a failed command leaves nothing behind."""
+    good = write_jsonl(tmp_path / "good.jsonl", ["a", "b"])
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["a"], key="txt")
+    (tmp_path / "kept").mkdir()
+    dst = tmp_path / "kept" / "new" / "deeper" / "out.pbin"
+    with pytest.raises(ValueError, match='missing key .text \\(the line\'s object has keys "txt"\\)'):
+        pack(PackJob(src_path=bad, dst_path=dst, tokenizer_path=GPT2), show_progress=False)
+    assert list((tmp_path / "kept").iterdir()) == []
+    pack(PackJob(src_path=good, dst_path=dst, tokenizer_path=GPT2), show_progress=False)
+    assert len(PackedFile(dst)) == 2
 
 
 def test_skip_invalid_skips_and_reports(tmp_path, gpt2_hf, capsys):
