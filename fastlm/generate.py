@@ -277,6 +277,10 @@ class Generator:
         if cfg.pos_encoding == "learned" and self.context > cfg.sequence_length:
             raise ConfigError(f"settings.sequence_length {self.context} exceeds the model's learned "
                               f"positions ({cfg.sequence_length})")
+        try:  # one prompt's caches at least: a context that cannot fit fails here, not at the first prompt
+            self.model.check_cache_memory(1, self.context, self.dtype)
+        except ValueError as err:
+            raise ConfigError(f"settings.sequence_length {self.context:,}: {err}") from None
         if self.context > cfg.sequence_length:
             print(f"fastlm: note: settings.sequence_length {self.context} is longer than the "
                   f"{cfg.sequence_length} tokens the model of {settings.model_path} was trained on; past "

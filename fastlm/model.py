@@ -182,6 +182,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: free memory on a GPU, MemAvailable of the host for
+    the CPU; None where it cannot be told."""
+    if device.type == "cuda":  # free on the device + what torch's caching allocator holds unused
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    return None
+
+
 class KVCache(nn.Module):
     """Static key/value buffers for decoding: (B, Hkv, max_seq, D), written at `input_pos`."""
 
@@ -370,12 +387,18 @@ class GPT(nn.Module):
         return n
 
     def setup_caches(self, batch: int, max_seq: int, dtype=None) -> None:
-        """Allocate static KV caches for decoding `batch` sequences of up to `max_seq` tokens."""
+        """Allocate static KV caches for decoding `batch` sequences of up to `max_seq` tokens.
+
+        Caches larger than the memory the device has available are a ValueError that shows the
+        arithmetic, raised before anything is allocated (on CPU a huge allocation would otherwise succeed
+        lazily and end in swapping or the OOM killer, on CUDA in an out-of-memory error deep in torch)."""
         if max_seq > self.cfg.sequence_length and self.cfg.pos_encoding == "learned":
             raise ValueError(f"max_seq {max_seq} exceeds the learned position table "
                              f"({self.cfg.sequence_length})")
         device = self.tok_emb.weight.device
         dtype = dtype or self.tok_emb.weight.dtype
+        self.check_cache_memory(batch, max_seq, dtype)
+        self.clear_caches()
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch, self.cfg.n_kv_head, max_seq, self.cfg.head_dim, dtype,
                                           device)
@@ -383,6 +406,25 @@ class GPT(nn.Module):
             cos, sin = rope_cache(max_seq, self.cfg.head_dim, self.cfg.rope_theta, device=device)
             self.rope_cos, self.rope_sin = cos, sin
         self.max_seq = max_seq
+
+    def check_cache_memory(self, batch: int, max_seq: int, dtype: torch.dtype) -> None:
+        """ValueError, with the arithmetic, when KV caches for `batch` sequences of `max_seq` tokens would
+        not fit in the memory the device has available (caches this model holds count as available)."""
+        cfg, itemsize = self.cfg, dtype.itemsize
+        need = 2 * cfg.n_layer * batch * cfg.n_kv_head * max_seq * cfg.head_dim * itemsize
+        device = self.tok_emb.weight.device
+        available = available_memory(device)
+        if available is None or need <= available + self._cache_bytes():
+            return
+        raise ValueError(
+            f"KV caches for {batch} sequence(s) of {max_seq:,} tokens need {need / 2**30:,.1f} GiB (k and v: "
+            f"2 x {cfg.n_layer} layers x {batch} x {cfg.n_kv_head} kv heads x {max_seq:,} tokens x "
+            f"{cfg.head_dim} x {itemsize} bytes) but {device} has {available / 2**30:,.1f} GiB available; "
+            f"expected a shorter context (sequence_length) or fewer sequences at once")
+
+    def _cache_bytes(self) -> int:
+        caches = [b.attn.kv_cache for b in self.blocks if b.attn.kv_cache is not None]
+        return sum(c.k.nbytes + c.v.nbytes for c in caches)
 
     def clear_caches(self) -> None:
         for block in self.blocks:

@@ -443,3 +443,27 @@ def test_errors_name_the_setting_or_flag_they_come_from(tiny_run, tmp_path):
                  str(tmp_path)).startswith(f"error: --tokenizer: {tmp_path}: no tokenizer found")
     assert error("--config_file_path", str(cfg), "--checkpoint", str(tiny_run)).startswith(
         f"error: {cfg}: settings.eod_token: eod_token '<eos>' is not in the vocabulary of")
+
+
+def test_a_context_too_big_for_memory_is_refused_before_allocating(tiny_run, monkeypatch):
+    """KV caches are checked against the memory available before they are allocated: a context that cannot
+    fit even one prompt is a config error at start; a batch that cannot fit is an error that shows the
+    arithmetic and leaves the caches of the last batch as they were."""
+    import fastlm.model
+
+    with pytest.raises(ConfigError, match=r"settings\.sequence_length 1,000,000,000,000: KV caches for 1 "
+                                          r"sequence\(s\) of 1,000,000,000,000 tokens need [\d,.]+ GiB"):
+        make_generator(tiny_run, sequence_length=10**12)
+    gen = make_generator(tiny_run, sequence_length=64, max_new_tokens=2)
+    cfg = gen.model.cfg
+    one = 2 * cfg.n_layer * cfg.n_kv_head * 64 * cfg.head_dim * 4  # one sequence's k and v, fp32
+    monkeypatch.setattr(fastlm.model, "available_memory", lambda device: 2 * one)
+    gen.generate([[1, 2, 3]])
+    kept = gen.model.blocks[0].attn.kv_cache
+    arithmetic = (rf"KV caches for 4 sequence\(s\) of 64 tokens need .* \(k and v: 2 x {cfg.n_layer} layers "
+                  rf"x 4 x {cfg.n_kv_head} kv heads x 64 tokens x {cfg.head_dim} x 4 bytes\) but cpu has")
+    with pytest.raises(ValueError, match=arithmetic):
+        gen.generate([[1, 2, 3]] * 4)
+    assert gen.model.blocks[0].attn.kv_cache is kept
+    gen.generate([[1, 2, 3]] * 3)  # the caches held count as available: 1 held + 2 free
+    assert gen.model.blocks[0].attn.kv_cache.k.shape[0] == 3
