@@ -127,6 +127,12 @@ class Tokenizer:
             return f"pre-tokenizer {pre.get('type')!r} is not ByteLevel"
         if pre.get("add_prefix_space", True) or not pre.get("use_regex", True):
             return "ByteLevel pre-tokenizer with add_prefix_space or without its regex"
+        missing = sorted(b for b, symbol in bytes_to_unicode().items() if symbol not in self._vocab)
+        if missing:
+            # (a BpeTrainer run without the byte-level initial alphabet leaves out bytes its corpus lacks;
+            # tokenizers then drops such bytes or maps them to the unk token)
+            return (f"the vocab lacks the byte-level symbols of {len(missing)} of the 256 bytes (byte "
+                    f"{missing[0]} first)")
         post = spec.get("post_processor")
         if post is not None and post.get("type") != "ByteLevel":
             return f"post-processor {post.get('type')!r} adds tokens"

@@ -478,6 +478,26 @@ def test_added_token_ids_that_tokenizers_reassigns_use_the_library(tmp_path):
     assert job.dst_path.read_bytes() == reference_pbin(expected_docs(hf, texts))
 
 
+def test_a_byte_level_vocab_without_every_byte_uses_the_library(tmp_path):
+    """A byte-level BPE trained without the byte-level initial alphabet lacks the symbols of bytes its
+    corpus never had; tokenizers drops such bytes, so fastlm defers to it instead of refusing the file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["lorem ipsum dolor sit amet"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False))
+    hf.save(str(tmp_path / "bl.json"))
+    texts = ["lorem ipsum", "dolor \u00e9 sit \x00 amet", ""]
+    src = write_jsonl(tmp_path / "b.jsonl", texts)
+    job = PackJob(src_path=src, dst_path=tmp_path / "b.pbin", tokenizer_path=tmp_path / "bl.json")
+    summary = pack(job, show_progress=False)
+    assert summary["tokenizer_path_used"] == "tokenizers"
+    assert "the vocab lacks the byte-level symbols of" in summary["tokenizer"]
+    assert job.dst_path.read_bytes() == reference_pbin(expected_docs(hf, texts, eod=0), summary["token_size"])
+
+
 def test_one_byte_tokens_through_the_library(tmp_path):
     """A WordPiece tokenizer with fewer than 256 ids: library path, 1-byte tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
