@@ -147,9 +147,8 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dst", help=".pbin file to write")
     p.add_argument("--tokenizer", help="tokenizer.json or a folder holding it")
     p.add_argument("--index", dest="index_path", help="raw index of --src (built when missing)")
-    p.add_argument("--jq-pattern", "--jq_pattern", default=".text",
-                   help="field holding the text (default .text)")
-    p.add_argument("--eod-token", "--eod_token", default="<|endoftext|>")
+    p.add_argument("--jq-pattern", "--jq_pattern", help="field holding the text (default .text)")
+    p.add_argument("--eod-token", "--eod_token", help="end-of-document token (default <|endoftext|>)")
     p.add_argument("--num-cpus", "--num_cpus", type=positive_int, default=None,
                    help="threads (default: all usable CPUs)")
     p.add_argument("--skip-invalid", "--skip_invalid", action="store_true", default=None,

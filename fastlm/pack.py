@@ -355,13 +355,22 @@ def job_from_args(args: argparse.Namespace) -> PackJob:
         if flags:
             raise ConfigError(f"give either a config file or --src/--dst/--tokenizer, "
                               f"not both (got --{flags[0]})")
+        # what the config holds is set there: a flag that would be ignored is refused
+        for attr, flag, key in (("index_path", "--index", "index_path"), ("jq_pattern", "--jq-pattern",
+                                "jq_pattern"), ("eod_token", "--eod-token", "eod_token")):
+            if getattr(args, attr) is not None:
+                raise ConfigError(f"{flag} is given with the config file {args.config}; set settings.{key} "
+                                  f"in that file instead (with a config, only --num-cpus, --skip-invalid, "
+                                  f"--file_existence_policy and --quiet apply)")
         job = load_pack_config(args.config)
     else:
         missing = [f"--{f}" for f in ("src", "dst", "tokenizer") if not getattr(args, f)]
         if missing:
             raise ConfigError(f"without a config file, {', '.join(missing)} must be given")
         job = PackJob(src_path=Path(args.src), dst_path=Path(args.dst), tokenizer_path=Path(args.tokenizer),
-                      jq_pattern=args.jq_pattern, eod_token=args.eod_token, num_cpus=usable_cpus(),
+                      jq_pattern=".text" if args.jq_pattern is None else args.jq_pattern,
+                      eod_token="<|endoftext|>" if args.eod_token is None else args.eod_token,
+                      num_cpus=usable_cpus(),
                       index_path=Path(args.index_path) if args.index_path else None)
     if args.num_cpus is not None:
         job.num_cpus = args.num_cpus

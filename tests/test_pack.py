@@ -262,6 +262,22 @@ def test_config_errors_are_clear(tmp_path):
         load_pack_config(_config(tmp_path, settings="  src_path: x\n  dst_path: y\n  eod_token: ' '\n"))
 
 
+def test_flags_that_a_config_file_sets_are_refused_with_it(tmp_path, capsys):
+    """With a config, --src/--dst/--tokenizer and the flags for what the config holds (--index,
+    --jq-pattern, --eod-token) are errors naming the setting to change, not silently ignored; the run
+    flags (--num-cpus, --skip-invalid, --file_existence_policy) apply on top of the config."""
+    cfg = _config(tmp_path)
+    for flag, key in (("--src", None), ("--index", "index_path"), ("--jq-pattern", "jq_pattern"),
+                      ("--eod-token", "eod_token")):
+        assert cli(["data", "pack_encoded_data", str(cfg), flag, "x"]) == 1
+        err = capsys.readouterr().err
+        assert (f"not both (got {flag})" if key is None
+                else f"{flag} is given with the config file {cfg}; set settings.{key} in that file") in err
+    assert not (tmp_path / "o.pbin").exists()
+    assert cli(["data", "pack_encoded_data", str(cfg), "--num-cpus", "1", "--quiet"]) == 0
+    assert "1 thread" in capsys.readouterr().out
+
+
 def test_settings_from_the_environment_take_their_types(tmp_path, monkeypatch):
     monkeypatch.setenv("PACK_CPUS", "3")
     monkeypatch.setenv("PACK_SKIP", "true")
@@ -412,7 +428,7 @@ def test_interrupted_pack_leaves_no_destination(tmp_path, sig):
     assert not dst.exists()
     if sig != signal.SIGKILL:  # Ctrl-C, or SIGTERM (a job scheduler, `kill`): 128 + the signal
         assert proc.returncode == 128 + sig and b"interrupted" in err
-        assert list(dst.parent.iterdir()) == [], "the temporary file is removed"
+        assert not dst.parent.exists(), "the temporary file and the folder made for it are removed"
 
 
 def test_library_fallback_gives_identical_ids(tmp_path):
