@@ -237,7 +237,10 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
 
     if not job.src_path.is_file():
         raise missing_file(job.src_path, "source JSONL file")
-    inputs = {"the source JSONL file": job.src_path, "the tokenizer": job.tokenizer_path,
+    tokenizer_file = Path(job.tokenizer_path)
+    if tokenizer_file.is_dir():  # (a folder: the file in it is what is read)
+        tokenizer_file = tokenizer_file / "tokenizer.json"
+    inputs = {"the source JSONL file": job.src_path, "the tokenizer": tokenizer_file,
               "the raw index": job.index_path}
     for what, path in inputs.items():  # (an override would destroy the input before reading it)
         if path is not None and same_file(path, job.dst_path):

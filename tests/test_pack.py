@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -593,10 +594,13 @@ def test_a_pack_never_overwrites_its_own_inputs(tmp_path, capsys):
     src = write_jsonl(tmp_path / "a.jsonl", ["one", "two"])
     index = tmp_path / "a.idx"
     assert cli(["data", "create_raw_index", "--quiet", "--index_path", str(index), str(src)]) == 0
-    for dst, what in ((src, "the source JSONL file"), (index, "the raw index"),
-                      (GPT2 / "tokenizer.json", "the tokenizer")):
+    tok = tmp_path / "tok"  # a copy: were the check broken, the test would overwrite it
+    shutil.copytree(GPT2, tok)
+    for dst, what, tokenizer in ((src, "the source JSONL file", tok), (index, "the raw index", tok),
+                                 (tok / "tokenizer.json", "the tokenizer", tok / "tokenizer.json"),
+                                 (tok / "tokenizer.json", "the tokenizer", tok)):  # given as its folder
         before = dst.read_bytes()
-        job = PackJob(src_path=src, dst_path=dst, tokenizer_path=GPT2 / "tokenizer.json", index_path=index,
+        job = PackJob(src_path=src, dst_path=dst, tokenizer_path=tokenizer, index_path=index,
                       file_existence_policy="override")
         with pytest.raises(ValueError, match=rf"the output \.pbin would replace {what}"):
             pack(job, show_progress=False)
