@@ -398,6 +398,11 @@ def test_merge_packed(tmp_path):
     assert dst.read_bytes() == pbin_bytes(a + b + a, 2)  # data-relative, as Modalities 0.5 writes it
     with pytest.raises(FileExistsError):
         merge_packed(dst, [tmp_path / "a.pbin"])
+    before = (tmp_path / "a.pbin").read_bytes()
+    for policy in ("override", "skip", "error"):  # no policy lets the output replace a source
+        with pytest.raises(ValueError, match=r"a\.pbin: the merged output would replace its source"):
+            merge_packed(tmp_path / "a.pbin", [tmp_path / "b.pbin", tmp_path / "a.pbin"], policy)
+    assert (tmp_path / "a.pbin").read_bytes() == before
 
 
 def test_merge_packed_rejects_mismatches_without_leaving_output(tmp_path):

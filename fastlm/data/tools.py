@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fastlm.atomic import atomic_output, should_write
+from fastlm.atomic import atomic_output, same_file, should_write
 from fastlm.data.pbin import HEADER_SIZE, PACK_HINT, PackedFile
 from fastlm import _C
 
@@ -83,6 +83,10 @@ def merge_packed(
     if not sources:
         raise ValueError("merge_packed needs at least one source file")
     dst = Path(dst)
+    for source in sources:  # (as every command: no policy lets the output replace an input)
+        if same_file(source, dst):
+            raise ValueError(f"{dst}: the merged output would replace its source {source}; expected another "
+                             f"path for the output")
     if not should_write(dst, file_existence_policy):
         return None
     packed = [PackedFile(s) for s in sources]
