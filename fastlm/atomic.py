@@ -52,10 +52,7 @@ class atomic_output:
         self.created: list[str] = []  # folders this output made, deepest first
 
     def __enter__(self) -> str:
-        folder = os.path.abspath(os.path.dirname(self.dst) or ".")
-        while not os.path.exists(folder):
-            self.created.append(folder)
-            folder = os.path.dirname(folder)
+        self.created = missing_folders(self.dst)
         os.makedirs(os.path.dirname(self.dst) or ".", exist_ok=True)
         return self.tmp
 
@@ -75,11 +72,26 @@ class atomic_output:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
-        for folder in self.created:
-            try:
-                os.rmdir(folder)
-            except OSError:  # something else was written there meanwhile: it stays
-                break
+        remove_folders(self.created)
+
+
+def missing_folders(path: str | os.PathLike) -> list[str]:
+    """The folders on the way to file `path` that do not exist yet, deepest first."""
+    missing = []
+    folder = os.path.abspath(os.path.dirname(os.fspath(path)) or ".")
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_folders(folders: list[str]) -> None:
+    """Remove `folders` (deepest first, as missing_folders lists them) while they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # something else was written there meanwhile: it stays
+            break
 
 
 def missing_file(path: str | os.PathLike, what: str) -> OSError:

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastlm.atomic import (FILE_EXISTENCE_POLICIES, atomic_output, capped_threads, missing_file, same_file,
-                           should_write)
+from fastlm.atomic import (FILE_EXISTENCE_POLICIES, atomic_output, capped_threads, missing_file,
+                           missing_folders, remove_folders, same_file, should_write)
 from fastlm.progress import progress_bar
 from fastlm.yamlconf import ConfigError, check_keys, coerce_value, load_yaml, usable_cpus
 
@@ -232,7 +232,6 @@ def lengths_from_file(src: Path, index_path: Path, offsets, lengths, mismatch: s
 
 def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     """Run a pack job; returns the summary (documents, tokens, token_size, seconds, ...)."""
-    from fastlm import _C
     from fastlm.tokenizer import Tokenizer
 
     if not job.src_path.is_file():
@@ -267,12 +266,37 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
                 f"tokenizer.json as it is: add {token!r} to its added_tokens (special: true), or drop it "
                 f"from the config")
     index_from_disk = job.index_path is not None and job.index_path.exists()
+    # an index built on the fly for a pack that then fails goes too, with the folders made for it: a failed
+    # pack writes nothing
+    index_folders = missing_folders(job.index_path) if job.index_path is not None else []
+    try:
+        return _pack_indexed(job, tokenizer, eod_id, index_from_disk, show_progress, t0)
+    except BaseException:
+        if job.index_path is not None and not index_from_disk:
+            try:
+                os.unlink(job.index_path)
+            except FileNotFoundError:
+                pass
+            remove_folders(index_folders)
+        raise
+
+
+def _pack_indexed(job: PackJob, tokenizer, eod_id: int, index_from_disk: bool, show_progress,
+                  t0: float) -> dict:
+    """pack() once its inputs are checked: index (read or built), then pack."""
+    from fastlm import _C
+
     offsets, lengths, index_skipped, index_first_skipped = load_or_build_index(
         job.src_path, job.index_path, job.num_cpus, job.skip_invalid, show_progress
     )
     lines = scan_lines(job.src_path, job.num_cpus) if index_from_disk else None  # (a built index fits)
     if lines is not None:
         check_index_covers(job.src_path, job.index_path, offsets, lines, job.skip_invalid)
+        # invalid lines that an index built with --skip-invalid left out never reach the packer: they are
+        # reported as skipped here (the packer reports the invalid lines the index does hold)
+        index_skipped = max(0, lines["skipped_lines"] - (len(offsets) - len(lines["offsets"])))
+        if index_skipped:  # (the first of them are among the scan's first invalid lines)
+            index_first_skipped = list(lines["first_skipped"])
     if tokenizer.native:
         bpe, encoder = tokenizer.native_encoder(), None
     else:
@@ -290,7 +314,7 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
                 )
                 if packed["documents"] == 0 and packed["skipped"] + index_skipped > 0:
                     # (raised inside: the temporary file is removed, nothing is written)
-                    first = (packed["first_skipped"] + index_first_skipped)[:1]
+                    first = sorted(packed["first_skipped"] + index_first_skipped)[:1]
                     why = f"; line {first[0][0]}: {first[0][1]}" if first else ""
                     raise ValueError(
                         f"{job.src_path}: every line was skipped as invalid{why}; nothing was written. "
@@ -311,7 +335,8 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
     seconds, pack_seconds = t_end - t0, t_end - t_pack
     # lines skipped while indexing on the fly count too (they never reach the packer)
     result["invalid_lines"] = result.pop("skipped") + index_skipped
-    result["first_skipped"] = sorted(index_first_skipped + result["first_skipped"])[:10]
+    first = {n: why for n, why in index_first_skipped + result["first_skipped"]}  # (a line once)
+    result["first_skipped"] = sorted(first.items())[:10]
     result.update(
         skipped=False,
         dst_path=str(job.dst_path),

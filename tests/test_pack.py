@@ -190,6 +190,42 @@ def test_skip_invalid_skips_and_reports(tmp_path, gpt2_hf, capsys):
             == reference_pbin(expected_docs(gpt2_hf, ["one", "two", "three"])))
 
 
+def test_skip_invalid_reports_the_lines_an_index_from_disk_left_out(tmp_path, gpt2_hf, capsys):
+    """An index built with --skip-invalid leaves invalid lines out (line 2: not JSON); the packer never
+    sees those, yet they are skipped lines of the source and the summary counts them with the invalid
+    lines the index does hold (line 4: valid JSON without the key)."""
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b'{"text": "one"}\n{"text": \n{"text": "two"}\n{"nope": "x"}\n{"text": "three"}\n')
+    index = tmp_path / "bad.idx"
+    assert cli(["data", "create_raw_index", "--quiet", "--skip-invalid", "--index_path", str(index),
+                str(src)]) == 0
+    capsys.readouterr()
+    assert cli(["data", "pack_encoded_data", "--src", str(src), "--index", str(index), "--dst",
+                str(tmp_path / "out.pbin"), "--tokenizer", str(GPT2), "--skip-invalid", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 invalid line(s)" in out and "line 2 (" in out and "line 4 (" in out, out
+    assert ((tmp_path / "out.pbin").read_bytes()
+            == reference_pbin(expected_docs(gpt2_hf, ["one", "two", "three"])))
+
+
+def test_a_failed_pack_removes_the_index_it_built(tmp_path):
+    """The index built on the fly (index_path missing) belongs to the pack: when the pack fails it goes,
+    with the folders made for it; an index that was there before stays."""
+    src = write_jsonl(tmp_path / "a.jsonl", ["a"], key="txt")
+    index = tmp_path / "new" / "a.idx"
+    job = PackJob(src_path=src, dst_path=tmp_path / "out" / "a.pbin", tokenizer_path=GPT2, index_path=index)
+    with pytest.raises(ValueError, match="missing key .text"):
+        pack(job, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+    index = tmp_path / "a.idx"
+    assert cli(["data", "create_raw_index", "--quiet", "--index_path", str(index), str(src)]) == 0
+    before = index.read_bytes()
+    job = PackJob(src_path=src, dst_path=tmp_path / "a.pbin", tokenizer_path=GPT2, index_path=index)
+    with pytest.raises(ValueError, match="missing key .text"):
+        pack(job, show_progress=False)
+    assert index.read_bytes() == before and not job.dst_path.exists()
+
+
 def test_tutorial_config_with_relative_paths_and_missing_index(tmp_path, gpt2_hf, monkeypatch):
     (tmp_path / "data" / "raw").mkdir(parents=True)
     src = tmp_path / "data" / "raw" / "lorem.jsonl"
