@@ -9,9 +9,11 @@ would add ~7 ms to a command that indexes 200 MB in ~90 ms.
 
 from __future__ import annotations
 
+import errno
 import os
 
 FILE_EXISTENCE_POLICIES = ("error", "skip", "override")
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write that fails for want of room
 
 
 def should_write(dst: str | os.PathLike, policy: str) -> bool:
@@ -65,7 +67,26 @@ class atomic_output:
                 self._discard()
                 raise
         self._discard()
+        if self._about_writing(exc):
+            raise self._named(exc) from exc
         return False  # the error goes on
+
+    def _about_writing(self, exc: BaseException) -> bool:
+        """Whether `exc` is a failure to write the output (a full disk, a folder without write access)
+        rather than an error about the input."""
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        return isinstance(exc, (OSError, RuntimeError, ValueError)) and self.tmp in str(exc)
+
+    def _named(self, exc: BaseException) -> OSError:
+        """The error naming the destination (the temporary file is an implementation detail)."""
+        if isinstance(exc, OSError) and exc.strerror:
+            detail = exc.strerror
+        else:  # the native writers' "<temporary path>: what failed: why"
+            detail = str(exc).replace(f"{self.tmp}: ", "").replace(self.tmp, "the temporary file")
+        err = OSError(f"{self.dst}: cannot be written: {detail}")
+        err.errno = getattr(exc, "errno", None)
+        return err
 
     def _discard(self) -> None:
         try:

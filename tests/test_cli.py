@@ -92,3 +92,33 @@ def test_packing_memory_does_not_grow_with_the_corpus(tmp_path):
     # 12x the corpus: the index grows by ~16 bytes per document (a few hundred KB here), nothing else
     # may scale with it. Holding the texts or tokens would add 60+ MB.
     assert large - small < 25, (small, large)
+
+
+def test_a_full_disk_or_unwritable_folder_names_the_output_not_its_temporary_file(tmp_path, capsys):
+    """Every command writes through a temporary file: a write that fails (here the temporary name is a
+    link to /dev/full, where every write fails with ENOSPC, as on a full disk) is one line naming the
+    output and the cause, with no traceback and nothing left behind; an output folder that cannot be
+    written to (/proc) likewise."""
+    import os
+
+    from fastlm.atomic import temp_name
+
+    src = MODALITIES / "lorem_ipsum.jsonl"
+    commands = {
+        "x.idx": ["data", "create_raw_index", "--quiet", "--index_path", "{dst}", str(src)],
+        "x.pbin": ["data", "pack_encoded_data", "--quiet", "--src", str(src), "--dst", "{dst}", "--tokenizer",
+                   str(GPT2)],
+        "m.pbin": ["data", "merge_packed_data", "{dst}", str(MODALITIES / "lorem_ipsum.pbin")],
+    }
+    for name, argv in commands.items():
+        dst = tmp_path / name
+        os.symlink("/dev/full", temp_name(dst))  # (the commands run in this process: the same pid)
+        assert cli([a.format(dst=dst) for a in argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {dst}: cannot be written: ") and "No space left on device" in err, err
+        assert ".tmp-" not in err and "Traceback" not in err
+        assert list(tmp_path.iterdir()) == [], "the temporary file is removed"
+    for name, argv in commands.items():
+        assert cli([a.format(dst=f"/proc/{name}") for a in argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: /proc/{name}: cannot be written: ") and ".tmp-" not in err, err
