@@ -34,6 +34,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def file_path(text: str) -> str:
+    """argparse type of a file to write: a path that ends in a separator names a folder."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"expected the path of a file to write, found the folder path "
+                                         f"{text!r}")
+    return text
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that it unwinds the same way: a
     temporary output is removed, nothing partial is left."""
@@ -144,9 +152,10 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     building the CLI does not import the packer)."""
     p.add_argument("config", nargs="?", help="pack config YAML (the tutorial's format)")
     p.add_argument("--src", help="JSONL file (one-off run without a config)")
-    p.add_argument("--dst", help=".pbin file to write")
+    p.add_argument("--dst", type=file_path, help=".pbin file to write")
     p.add_argument("--tokenizer", help="tokenizer.json or a folder holding it")
-    p.add_argument("--index", dest="index_path", help="raw index of --src (built when missing)")
+    p.add_argument("--index", dest="index_path", type=file_path,
+                   help="raw index of --src (built when missing)")
     p.add_argument("--jq-pattern", "--jq_pattern", help="field holding the text (default .text)")
     p.add_argument("--eod-token", "--eod_token", help="end-of-document token (default <|endoftext|>)")
     p.add_argument("--num-cpus", "--num_cpus", type=positive_int, default=None,
@@ -204,7 +213,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _args_create_raw_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("src_path", help="the JSONL file")
-    p.add_argument("--index_path", "--index-path", help="the .idx to write (default: SRC with .idx)")
+    p.add_argument("--index_path", "--index-path", type=file_path,
+                   help="the .idx to write (default: SRC with .idx)")
     p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
                    default="error", help="when the index exists: error (default), skip or override")
     p.add_argument("--skip-invalid", "--skip_invalid", action="store_true", help="skip invalid lines")
@@ -219,7 +229,7 @@ def _args_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _args_merge(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dst", help="the .pbin to write")
+    p.add_argument("dst", type=file_path, help="the .pbin to write")
     p.add_argument("sources", nargs="+", help="the .pbin files to merge, in order")
     p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
                    default="error")

@@ -112,6 +112,9 @@ def load_pack_config(path: str | os.PathLike) -> PackJob:
         value = coerce_value(section.get(key, default), str, f"{source}: {where}")
         if not value.strip():
             raise ConfigError(f"{source}: {where} is empty")
+        if key in ("dst_path", "index_path") and value.endswith(("/", os.sep)):
+            raise ConfigError(f"{source}: {where} must be the path of a file to write, found the folder path "
+                              f"{value!r}")
         return value
 
     return PackJob(

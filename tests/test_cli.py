@@ -122,3 +122,28 @@ def test_a_full_disk_or_unwritable_folder_names_the_output_not_its_temporary_fil
         assert cli([a.format(dst=f"/proc/{name}") for a in argv]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: /proc/{name}: cannot be written: ") and ".tmp-" not in err, err
+
+
+def test_an_output_path_ending_in_a_separator_is_refused(tmp_path, capsys):
+    """`--dst out/` names a folder: it is an error, not a file called `out`."""
+    import pytest
+
+    from fastlm.pack import load_pack_config
+    from fastlm.yamlconf import ConfigError
+
+    src = str(MODALITIES / "lorem_ipsum.jsonl")
+    for argv in (["data", "pack_encoded_data", "--src", src, "--dst", f"{tmp_path}/new/", "--tokenizer",
+                  str(GPT2)],
+                 ["data", "create_raw_index", "--index_path", f"{tmp_path}/new/", src],
+                 ["data", "merge_packed_data", f"{tmp_path}/new/", str(MODALITIES / "lorem_ipsum.pbin")]):
+        with pytest.raises(SystemExit) as stop:
+            cli(argv)
+        assert stop.value.code == 2
+        assert f"expected the path of a file to write, found the folder path '{tmp_path}/new/'" in \
+            capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"settings:\n  src_path: {src}\n  dst_path: {tmp_path}/new/\n  eod_token: x\n"
+                   f"tokenizer:\n  config:\n    pretrained_model_name_or_path: {GPT2}\n")
+    with pytest.raises(ConfigError, match=r"settings\.dst_path must be the path of a file to write"):
+        load_pack_config(cfg)
+    assert list(tmp_path.iterdir()) == [cfg]
