@@ -62,6 +62,11 @@ def test_continuous_golden_and_too_short(tmp_path):
         PackedMemMapDatasetContinuous(GOLDEN / "lorem_ipsum.pbin", 7989)
     with pytest.raises(ValueError, match="holds 7,989"):
         PackedMemMapDatasetDocumentAligned(GOLDEN / "lorem_ipsum.pbin", 7989)
+    for bad in (0, 1.5, True, "512"):  # at construction, not at the first len() or index
+        for dataset in (PackedMemMapDatasetContinuous, PackedMemMapDatasetDocumentAligned):
+            with pytest.raises(ValueError, match=rf"sequence_length must be an integer >= 1, got {bad!r}"):
+                dataset(GOLDEN / "lorem_ipsum.pbin", bad)
+    assert len(PackedMemMapDatasetContinuous(GOLDEN / "lorem_ipsum.pbin", np.int64(512))) == len(ds)
 
 
 def reference_aligned_starts(lengths, S):

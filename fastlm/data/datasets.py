@@ -12,6 +12,7 @@ returned as `{sample_key: np.ndarray[int64]}`, a fresh copy that a collate funct
 from __future__ import annotations
 
 import array
+import numbers
 import os
 
 import numpy as np
@@ -26,13 +27,18 @@ def continuous_sample_count(num_tokens: int, sequence_length: int, reuse_last_ta
     (e.g. 68,414,190 tokens at S = 512 give 133,621). Without it they are disjoint: N // (S + 1).
     Zero when N < S + 1.
     """
-    if sequence_length < 1:
-        raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
+    _check_sequence_length(sequence_length)
     if num_tokens < sequence_length + 1:
         return 0
     if reuse_last_target:
         return (num_tokens - 1) // sequence_length
     return num_tokens // (sequence_length + 1)
+
+
+def _check_sequence_length(sequence_length) -> None:
+    if (isinstance(sequence_length, bool) or not isinstance(sequence_length, numbers.Integral)
+            or sequence_length < 1):
+        raise ValueError(f"sequence_length must be an integer >= 1, got {sequence_length!r}")
 
 
 def _check_enough_tokens(packed: PackedFile, sequence_length: int) -> None:
@@ -67,8 +73,7 @@ class PackedMemMapDatasetContinuous:
         sample_key: str = "input_ids",
         reuse_last_target: bool = True,
     ):
-        if sequence_length < 1:
-            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
+        _check_sequence_length(sequence_length)
         self.packed = PackedFile(raw_data_path)
         self.sequence_length = sequence_length
         self.sample_key = sample_key
@@ -143,8 +148,7 @@ class PackedMemMapDatasetDocumentAligned:
     """
 
     def __init__(self, raw_data_path: str | os.PathLike, sequence_length: int, sample_key: str = "input_ids"):
-        if sequence_length < 1:
-            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
+        _check_sequence_length(sequence_length)
         self.packed = PackedFile(raw_data_path)
         self.sequence_length = sequence_length
         self.sample_key = sample_key
