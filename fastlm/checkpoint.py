@@ -206,9 +206,16 @@ def save(run_dir: Path, step: int, model, optimizer, train_state: dict, keep_las
     return final
 
 
+def holds_checkpoint(path: Path) -> bool:
+    """Whether the folder holds a whole checkpoint's files (DCP .metadata, written when every shard is,
+    and train_state.json, written last): what a folder given by path must have, whatever its name."""
+    return (path / ".metadata").is_file() and (path / "train_state.json").is_file()
+
+
 def is_complete(path: Path) -> bool:
-    return STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file() and (
-        path / "train_state.json").is_file()
+    """A complete checkpoint of a run's checkpoints folder: the files, under the step_NNNNNNNN name a save
+    gives its temporary folder only when done (a scan skips a temporary folder that has the files)."""
+    return STEP_DIR.match(path.name) is not None and holds_checkpoint(path)
 
 
 def _step_of(path: Path) -> int:
@@ -250,7 +257,7 @@ def read_train_state(path: Path) -> dict:
     """train_state.json of the checkpoint at `path` (step, tokens, data position, world size, config),
     checked: read before any tensor, so that a broken checkpoint is named before DCP loads anything."""
     path = Path(path)
-    if not is_complete(path):
+    if not holds_checkpoint(path):
         raise FileNotFoundError(
             f"{path}: not a complete fastlm checkpoint (expected DCP .metadata and train_state.json)"
         )

@@ -51,7 +51,8 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
-def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                writes_files: bool = True) -> int:
     """Run a verb; bad input and I/O problems print one clear line (no traceback) and exit 1. SIGTERM and
     Ctrl-C stop it leaving no partial output (exit 143, 130). Set FASTLM_TRACEBACK=1 to see the traceback
     too."""
@@ -62,13 +63,13 @@ def run_guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
     except ValueError:  # not the main thread: leave the handler alone
         previous = None
     try:
-        return _run_verb(fn, args)
+        return _run_verb(fn, args, writes_files)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run_verb(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def _run_verb(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace, writes_files: bool) -> int:
     try:
         status = fn(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe must end in the handler below
@@ -80,8 +81,8 @@ def _run_verb(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt as stop:
-        print("\ninterrupted: no partial file was left (outputs are renamed into place only when complete)",
-              file=sys.stderr)
+        print("\ninterrupted" + (": no partial file was left (outputs are renamed into place only when "
+                                  "complete)" if writes_files else ""), file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     except (ValueError, OSError) as err:
         if os.environ.get("FASTLM_TRACEBACK"):

@@ -74,7 +74,9 @@ def check_ranges(settings: GenerationSettings, where: dict[str, str]) -> None:
     """ConfigError for a sampling setting out of its range; `where` names each setting (the config key or
     the command-line flag it came from)."""
     s = settings
-    checks = (("max_new_tokens", s.max_new_tokens >= 0, "an integer >= 0"),
+    checks = (("sequence_length", s.sequence_length == 0 or s.sequence_length >= 2,
+               "0 (the model's own) or an integer >= 2 (a prompt token and one to generate)"),
+              ("max_new_tokens", s.max_new_tokens >= 0, "an integer >= 0"),
               ("temperature", math.isfinite(s.temperature) and s.temperature >= 0,
                "a finite number >= 0 (0: greedy)"),
               ("top_k", s.top_k >= 0, "an integer >= 0 (0: no top-k filter)"),
@@ -122,7 +124,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> GP
     path = Path(path)
     if path.is_dir() and (path / "model.safetensors").is_file():
         path = path / "model.safetensors"
-    elif path.is_dir() and not ckpt.is_complete(path):
+    elif path.is_dir() and not ckpt.holds_checkpoint(path):
         latest = ckpt.find_latest(path)
         if latest is None and path.name == "checkpoints":  # RUN/checkpoints: the run's latest checkpoint
             latest = ckpt.find_latest(path.parent)
@@ -303,6 +305,7 @@ class Generator:
         self._decode = (torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if use_compile
                         else decode_one_token)
         self._batch = 0
+        self.notes: list[str] = []  # of the last generate() call
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -320,7 +323,9 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], on_token=None) -> list[list[int]]:
-        """Continuations (ids) of each prompt. on_token(row, id) is called as tokens are chosen.
+        """Continuations (ids) of each prompt. on_token(row, id) is called as tokens are chosen. Notes for
+        the user (a row that reached the context) are left in `self.notes`, for the caller to print where
+        they do not cut into streamed text.
 
         One host sync per token (the chosen ids, which the caller streams anyway): which rows are done
         and the token history (for sliding the window) are kept on the host. A finished row keeps being
@@ -332,7 +337,8 @@ class Generator:
         would get alone; with slide, the full rows keep the newest half of their windows and the others
         all of theirs, which is also what each would do alone."""
         s, model = self.s, self.model
-        rows = [list(self._fit(p)) for p in prompts]  # each row's tokens so far (copies: they grow)
+        self.notes = []
+        rows = [list(self.fit_prompt(p)) for p in prompts]  # each row's tokens so far (copies: they grow)
         B = len(rows)
         if B != self._batch:
             model.setup_caches(B, self.context, dtype=self.dtype)
@@ -364,8 +370,8 @@ class Generator:
                         if full[b]:
                             done[b] = True
                             which = f"row {b} " if B > 1 else ""
-                            print(f"fastlm: {which}reached the context of {self.context} tokens; stopping "
-                                  f"(settings.context_full: slide keeps going)", file=sys.stderr)
+                            self.notes.append(f"fastlm: {which}reached the context of {self.context} tokens; "
+                                              f"stopping (settings.context_full: slide keeps going)")
                     if all(done):
                         break
                 else:  # slide: a full row keeps the newest half of its window, the others all of theirs
@@ -390,7 +396,7 @@ class Generator:
         tokens, pad_lens = tokens.to(self.device), pad_lens.to(self.device)
         return prefill(self.model, tokens, pad_lens), pad_lens, width
 
-    def _fit(self, ids: list[int]) -> list[int]:
+    def fit_prompt(self, ids: list[int]) -> list[int]:
         room = self.context - 1
         if len(ids) <= room:
             return ids or [self.eod_id]
@@ -433,16 +439,27 @@ def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout, stderr=None)
     stderr = sys.stderr if stderr is None else stderr
     tty = stdin.isatty()
     failed = False
+    line_no = 0
     while True:
         if tty:
             stdout.write("enter prompt> ")
             stdout.flush()
         line = stdin.readline()
+        line_no += 1
         if not line or (tty and not line.strip()):
             break
         if not line.strip():  # a blank line of piped input: no prompt
             continue
         prompt = line.rstrip("\r\n")
+        if line_no == 1:
+            prompt = prompt.removeprefix("\ufeff")  # a UTF-8 file's byte-order mark
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:  # bytes that are not UTF-8, which stdin kept as surrogates
+            print(f"error: input line {line_no} is not valid UTF-8 (at character {err.start + 1}); "
+                  f"expected UTF-8 text", file=stderr)
+            failed = True
+            continue
         if not tty:
             stdout.write(f"enter prompt> {prompt}\n")
         prompt_ids: list[int] = []
@@ -472,6 +489,8 @@ def interactive(gen: Generator, stdin=sys.stdin, stdout=sys.stdout, stderr=None)
             continue
         stdout.write(stream_text(gen.tokenizer, ids, printed, prompt_ids, final=True, head=head)[0] + "\n")
         stdout.flush()
+        for note in gen.notes:  # after the streamed line, not inside it
+            print(note, file=stderr)
     return 1 if failed else 0
 
 
@@ -513,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastlm.cli import run_guarded
 
     args = build_parser().parse_args(argv)
-    return run_guarded(_run, args)
+    return run_guarded(_run, args, writes_files=False)
 
 
 def setting_origins(args) -> dict[str, str]:
@@ -528,17 +547,46 @@ def setting_origins(args) -> dict[str, str]:
     return origins
 
 
+def batch_file_prompts(path: str) -> list[tuple[int, str]]:
+    """(line number, prompt) of each non-blank line of a --batch-file: UTF-8 (a byte-order mark is
+    skipped), LF or CRLF line ends. A file that is not UTF-8 or holds no prompt is a ValueError naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise OSError(f"--batch-file {path}: cannot be read: {err.strerror or err}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"--batch-file {path}: line {line} is not valid UTF-8 (byte "
+                         f"0x{data[err.start]:02x}); expected UTF-8 text, one prompt per line") from None
+    prompts = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if not prompts:
+        raise ValueError(f"--batch-file {path} holds no prompt (every line is blank); expected one prompt "
+                         f"per line")
+    return prompts
+
+
 def _run(args) -> int:
-    gen = Generator(settings_from_args(args), setting_origins(args))
+    origins = [f"--prompt #{i + 1}" for i in range(len(args.prompt or []))]
     prompts = list(args.prompt or [])
     if args.batch_file:
-        prompts += [line.rstrip("\n")
-                    for line in Path(args.batch_file).read_text(encoding="utf-8").splitlines()
-                    if line.strip()]
+        for line_no, line in batch_file_prompts(args.batch_file):
+            origins.append(f"--batch-file {args.batch_file} line {line_no}")
+            prompts.append(line)
+    gen = Generator(settings_from_args(args), setting_origins(args))
     if not prompts or args.interactive:
         return interactive(gen)
     prompt_ids = [gen.encode(p) for p in prompts]
+    for origin, ids in zip(origins, prompt_ids):  # (before any generation: which prompt does not fit)
+        try:
+            gen.fit_prompt(ids)
+        except ValueError as err:
+            raise ValueError(f"{origin}: {err}") from None
     outputs = gen.generate(prompt_ids)
+    for note in gen.notes:
+        print(note, file=sys.stderr)
     for prompt, ids_in, ids in zip(prompts, prompt_ids, outputs):
         ids = [t for t in ids if t != gen.eod_id]
         completion = continuation_text(gen.tokenizer, ids_in, ids)

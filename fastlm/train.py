@@ -346,7 +346,7 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     path = Path(cfg.run.resume)
     if not path.exists():
         raise FileNotFoundError(f"{cfg.source}: run.resume names {path}, which does not exist")
-    if not ckpt.is_complete(path) and ckpt.checkpoint_root(path).is_dir():
+    if not ckpt.holds_checkpoint(path) and ckpt.checkpoint_root(path).is_dir():
         latest = ckpt.find_latest(path)
         raise ConfigError(
             f"{cfg.source}: run.resume names the run folder {path}, not a checkpoint; resume its newest "

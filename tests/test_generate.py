@@ -73,7 +73,7 @@ class FixedGenerator:
     """Stands in for Generator in `interactive`: 'generates' fixed ids, streamed through on_token."""
 
     def __init__(self, tokenizer: Tokenizer, ids: list[int]):
-        self.tokenizer, self.ids, self.prompts = tokenizer, ids, []
+        self.tokenizer, self.ids, self.prompts, self.notes = tokenizer, ids, [], []
         self.eod_id = tokenizer.token_to_id("<|endoftext|>")
 
     def encode(self, text: str) -> list[int]:
@@ -307,7 +307,10 @@ def test_sampling_settings_are_checked(tmp_path):
                           ("temperature: -1", rf"settings\.temperature {temperature} -1"),
                           ("temperature: .nan", rf"settings\.temperature {temperature} nan"),
                           ("top_k: -5", r"settings\.top_k must be an integer >= 0 .*found -5"),
-                          ("max_new_tokens: -1", rf"settings\.max_new_tokens {count} -1")):
+                          ("max_new_tokens: -1", rf"settings\.max_new_tokens {count} -1"),
+                          ("sequence_length: -5", r"settings\.sequence_length must be 0 \(the model's own\) "
+                                                  r"or an integer >= 2 .*found -5"),
+                          ("sequence_length: 1", r"settings\.sequence_length must be 0 .*found 1")):
         cfg.write_text(f"settings:\n  model_path: x\n  {line}\n")
         with pytest.raises(ConfigError, match=rf"{cfg}: {message}"):
             load_generation_config(cfg)
@@ -334,7 +337,7 @@ def test_cuda_device_without_cuda_is_a_config_error(tiny_run, monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
 
 
-def test_a_row_of_a_batch_stops_only_when_its_own_context_is_full(tiny_run, capsys):
+def test_a_row_of_a_batch_stops_only_when_its_own_context_is_full(tiny_run):
     # context 64: a 60-token prompt has room for 5 tokens, a 5-token one for 60; batched, the short row
     # must go on (prefilled again from its own history) and get what it gets alone
     long_prompt, short_prompt = list(range(1000, 1060)), list(range(2000, 2005))
@@ -342,8 +345,9 @@ def test_a_row_of_a_batch_stops_only_when_its_own_context_is_full(tiny_run, caps
     alone = gen.generate([short_prompt])[0]
     assert len(alone) == 30
     long_out, short_out = gen.generate([long_prompt, short_prompt])
+    assert gen.notes == ["fastlm: row 0 reached the context of 64 tokens; stopping (settings.context_full: "
+                         "slide keeps going)"]
     assert short_out == alone and long_out == gen.generate([long_prompt])[0] and len(long_out) == 5
-    assert "fastlm: row 0 reached the context of 64 tokens" in capsys.readouterr().err
     # the long row ends early at its eod (here: its first token) and the short row still goes on
     eod = gen.tokenizer.library().id_to_token(long_out[0])
     gen = make_generator(tiny_run, temperature=0.0, max_new_tokens=30, eod_token=eod)
@@ -467,3 +471,72 @@ def test_a_context_too_big_for_memory_is_refused_before_allocating(tiny_run, mon
     assert gen.model.blocks[0].attn.kv_cache is kept
     gen.generate([[1, 2, 3]] * 3)  # the caches held count as available: 1 held + 2 free
     assert gen.model.blocks[0].attn.kv_cache.k.shape[0] == 3
+
+
+def test_batch_files_are_utf8_lines_named_in_errors(tmp_path):
+    """--batch-file: one prompt per non-blank line, LF or CRLF, a byte-order mark skipped; a file that is
+    not UTF-8 or holds no prompt is an error naming it (an empty file must not fall back to reading
+    stdin)."""
+    from fastlm.generate import batch_file_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"\xef\xbb\xbfThe\r\n\r\nHello world\r\n")
+    assert batch_file_prompts(str(f)) == [(1, "The"), (3, "Hello world")]
+    f.write_bytes(b"ok\nfine\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=rf"--batch-file {f}: line 3 is not valid UTF-8 \(byte 0xff\)"):
+        batch_file_prompts(str(f))
+    for data in (b"", b"\n \n\t\n"):
+        f.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"--batch-file {f} holds no prompt"):
+            batch_file_prompts(str(f))
+
+
+def test_a_batch_prompt_that_does_not_fit_is_named(tiny_run, tmp_path, capsys):
+    from fastlm.generate import main
+
+    lines = tmp_path / "p.txt"
+    lines.write_text("short\n\n" + "word " * 100 + "\n")
+    base = ["--checkpoint", str(tiny_run), "--tokenizer", str(GPT2), "--device", "cpu",
+            "--max-new-tokens", "2"]
+    assert main(base + ["--prompt", "hi", "--prompt", "word " * 100]) == 1
+    assert capsys.readouterr().err.startswith("error: --prompt #2: the prompt has 101 tokens but the context")
+    assert main(base + ["--prompt", "hi", "--batch-file", str(lines)]) == 1
+    assert f"error: --batch-file {lines} line 3: the prompt has 101 tokens" in capsys.readouterr().err
+
+
+def test_interactive_notes_and_bad_lines_do_not_cut_into_the_text(tiny_run):
+    """The note that the context is full comes after the streamed line, not inside it; a piped line that
+    is not UTF-8 (kept by stdin as surrogates) is an error naming it, and the loop goes on."""
+    gen = make_generator(tiny_run, sequence_length=8, max_new_tokens=20, stop_at_eod=False)
+    both = io.StringIO()  # stdout and stderr in one stream, in the order written
+    status = interactive(gen, stdin=io.StringIO("Hello\n\udcff\udcfe bad\nYo\n"), stdout=both, stderr=both)
+    lines = both.getvalue().splitlines()
+    assert status == 1
+    assert lines[0] == "enter prompt> Hello" and lines[1].startswith("Hello")
+    assert lines[2] == ("fastlm: reached the context of 8 tokens; stopping (settings.context_full: slide "
+                        "keeps going)")
+    assert lines[3] == "error: input line 2 is not valid UTF-8 (at character 1); expected UTF-8 text"
+    assert lines[4] == "enter prompt> Yo" and lines[5].startswith("Yo")
+
+
+def test_ctrl_c_while_generating_mentions_no_files(capsys):
+    from fastlm.cli import run_guarded
+
+    def stop(_args):
+        raise KeyboardInterrupt
+
+    assert run_guarded(stop, None, writes_files=False) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"
+    assert run_guarded(stop, None) == 130
+    assert "no partial file was left" in capsys.readouterr().err
+
+
+def test_a_checkpoint_folder_loads_under_any_name(trained_run, tmp_path):
+    """A checkpoint folder given by path is one by its files (DCP .metadata, train_state.json), whatever its
+    name: a copy under another name loads (only a run's scan for its latest checkpoint goes by name)."""
+    elsewhere = tmp_path / "my_checkpoint"
+    shutil.copytree(trained_run / "checkpoints" / "step_00000003", elsewhere)
+    copied = load_model(elsewhere, torch.device("cpu"), torch.float32)
+    original = load_model(trained_run / "checkpoints" / "step_00000003", torch.device("cpu"), torch.float32)
+    for (name, a), b in zip(copied.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b), name
