@@ -691,25 +691,28 @@ def train(cfg: Config, d: Dist) -> int:
             logger.advance()
             profiler.after_step(step)
 
-            if step % cfg.intervals.log == 0 or step == derived.steps:
-                if window_steps:  # empty when every step of the window was skipped
-                    losses, norms = sync_window()  # the one host sync of the log interval
-                    now = time.perf_counter()
-                    elapsed, t_last = now - t_last, now
-                    tok_s = steps_timed * derived.tokens_per_step / elapsed
-                    mfu, _ = model.estimate_mfu(tok_s / d.world_size, d.device)
-                    record = {"event": "train", "step": step, "tokens": tokens_seen,
-                              "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": norms[-1],
-                              "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / d.world_size,
-                              "mfu": mfu, "step_time_s": elapsed / steps_timed}
-                    if d.device.type == "cuda":
-                        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-                    logger.log(record)
-                    profiler.note_step_time(record["step_time_s"])
-                    window_steps, window_losses, window_norms, steps_timed = [], [], [], 0
-                if stop.agreed(d):
-                    stopped_early = True
-                    break
+            at_log = step % cfg.intervals.log == 0 or step == derived.steps
+            # A stop request is looked at after every step on one process (a flag) and at log steps across
+            # ranks (a collective, and a host sync); one that comes at the target lets the run finish.
+            stopping = step != derived.steps and (at_log or not d.enabled) and stop.agreed(d)
+            if (at_log or stopping) and window_steps:  # (empty when every step of the window was skipped)
+                losses, norms = sync_window()  # the one host sync of the log interval
+                now = time.perf_counter()
+                elapsed, t_last = now - t_last, now
+                tok_s = steps_timed * derived.tokens_per_step / elapsed
+                mfu, _ = model.estimate_mfu(tok_s / d.world_size, d.device)
+                record = {"event": "train", "step": step, "tokens": tokens_seen,
+                          "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": norms[-1],
+                          "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / d.world_size,
+                          "mfu": mfu, "step_time_s": elapsed / steps_timed}
+                if d.device.type == "cuda":
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+                logger.log(record)
+                profiler.note_step_time(record["step_time_s"])
+                window_steps, window_losses, window_norms, steps_timed = [], [], [], 0
+            if stopping:
+                stopped_early = True
+                break
             if cfg.intervals.eval and step % cfg.intervals.eval == 0 and step != derived.steps:
                 run_eval(step)
                 t_last, steps_timed = time.perf_counter(), 0  # throughput counts training time only
@@ -731,6 +734,9 @@ def train(cfg: Config, d: Dist) -> int:
             path = ckpt.save_consolidated(run_dir, model, model_cfg)
             if d.is_main:
                 print(f"fastlm: done at step {step}; consolidated model in {path}", flush=True)
+        if stop.requested and d.is_main:
+            print(f"fastlm: a stop signal came in the run's last steps; the run finished (step {step})",
+                  flush=True)
         return 0
     finally:
         profiler.close(step)

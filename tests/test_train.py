@@ -711,6 +711,42 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert len(saved) == 1 and 2 <= int(saved[0][5:]) < 500
 
 
+@pytest.mark.parametrize("signal_at", [3, 6])
+def test_a_stop_signal_is_seen_after_the_step_and_one_at_the_target_lets_the_run_finish(tmp_path, signal_at,
+                                                                                           monkeypatch):
+    """One process looks at a stop request after every step, not only at log steps (a preemption's grace
+    period may be shorter than a log interval): SIGTERM in step 3 of 6 with a log interval of 100 saves
+    step 3, with that window's train record. One in the last step lets the run finish as any other: final
+    eval, consolidated model, exit status 0."""
+    from fastlm import train as fastlm_train
+
+    steps = []
+    step_once = fastlm_train.optimizer_step
+
+    def optimizer_step(*args, **kwargs):
+        steps.append(len(steps) + 1)
+        if steps[-1] == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the run's StopRequest: it sets a flag
+        return step_once(*args, **kwargs)
+
+    monkeypatch.setattr(fastlm_train, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(fastlm_train, "keep_freed_host_memory", lambda: False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        status = fastlm_train.main([str(ROOT / "configs" / "tiny.yaml"), *BASE, f"run.output_dir={tmp_path}",
+                                    "run.name=sig", "target.steps=6", "intervals.log=100"])
+    events = [(r["event"], r["step"]) for r in records(tmp_path / "sig")]
+    if signal_at == 3:
+        assert status == 128 + signal.SIGTERM and steps == [1, 2, 3]
+        assert events == [("train", 3), ("checkpoint", 3)]
+        assert not (tmp_path / "sig" / "model.safetensors").exists()
+    else:
+        assert status == 0, out.getvalue()[-2000:]
+        assert events == [("train", 6), ("eval", 6), ("checkpoint", 6)]
+        assert (tmp_path / "sig" / "model.safetensors").is_file()
+        assert "a stop signal came in the run's last steps; the run finished (step 6)" in out.getvalue()
+
+
 def test_wandb_offline_writes_its_run_folder(tmp_path):
     train(tmp_path, "target.steps=2", "logging.wandb_mode=offline", f"logging.wandb_dir={tmp_path}",
           name="wb")
