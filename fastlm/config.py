@@ -245,7 +245,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     except ConfigError as err:  # a key set on the command line: name the override, not only the file
         text = str(err)
         subject = re.sub(r"\(did you mean [^)]*\)", "", text)  # the key at fault, not the one suggested
-        for item in overrides:
+        for item in reversed(overrides):  # (a key given twice: the last one is in effect)
             key = item.partition("=")[0].strip()
             if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", subject):  # optim.lr, not optim.lr_x
                 raise ConfigError(f"override {item!r} (on {source}): "
@@ -312,7 +312,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: data.train_path is empty; expected the training .pbin (from fastlm data "
                           f"pack_encoded_data)")
     name = cfg.run.name
-    if not name.strip() or name.strip() in (".", "..") or Path(name).is_absolute():
+    if (not name.strip() or name.strip() in (".", "..") or Path(name).is_absolute()
+            or ".." in Path(name).parts):  # (a/../../x: a folder outside output_dir)
         # the run folder is output_dir/name: an empty name would put one run's files among all runs' folders
         raise ConfigError(f"{src}: run.name must name a folder under run.output_dir ({cfg.run.output_dir}), "
                           f"found {name!r}")

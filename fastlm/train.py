@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -77,8 +79,6 @@ def make_deterministic() -> None:
     benchmarking, inductor's deterministic mode (no on-device benchmarking that changes numerics), and
     fastlm's Triton kernels take a fixed configuration instead of the fastest one measured (the attention
     and cross-entropy kernels follow torch.are_deterministic_algorithms_enabled())."""
-    import os
-
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -184,20 +184,23 @@ class Logger:
 
 
 def drop_records_after(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl (atomically) without the records of steps after `step`. Lines that are not
-    records (a line cut short by a crash) are kept as they are, each ending in a newline."""
+    """Rewrite metrics.jsonl (atomically) without the records of steps after `step`, and without lines that
+    are not JSON (a record cut short by a crash: the resumed run's records would otherwise follow it, and
+    the file would hold a broken line in its middle). Other JSON lines are kept as they are."""
     from fastlm.atomic import atomic_output
 
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
     kept = []
     for line in lines:
         try:
-            rec_step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
-            rec_step = None
+            record = json.loads(line)
+        except ValueError:
+            continue
+        rec_step = record.get("step") if isinstance(record, dict) else None
         if not (isinstance(rec_step, int) and rec_step > step):
             kept.append(line)
-    if len(kept) == len(lines):
+    if len(kept) == len(lines) and (not text or text.endswith("\n")):
         return
     with atomic_output(path) as tmp:
         Path(tmp).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
@@ -213,8 +216,6 @@ def start_wandb(cfg: Config, run_dir: Path, resumed: bool):
             f"(pip install wandb), or set logging.wandb_mode: disabled"
         ) from None
     if cfg.logging.wandb_mode == "online":
-        import os
-
         if not os.environ.get("WANDB_API_KEY") and not wandb.api.api_key:
             raise ConfigError(
                 f"{cfg.source}: logging.wandb_mode is online but no W&B API key is set (WANDB_API_KEY or "
@@ -355,6 +356,17 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     return path
 
 
+def remove_if_nothing_kept(run_dir: Path) -> None:
+    """After a run that failed early: remove the run folder it made when the folder holds nothing but an
+    empty metrics.jsonl (no record, checkpoint, model, profile or W&B id), so that the failed start leaves
+    nothing behind."""
+    if not run_dir.is_dir():
+        return
+    entries = list(run_dir.iterdir())
+    if all(p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size == 0 for p in entries):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def make_run_dir(cfg: Config, run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -479,13 +491,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         d = setup_distributed(cfg.run.device, cfg.source)
+        run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        fresh = d.is_main and not run_dir.exists()
         try:
             return train(cfg, d)
+        except BaseException:
+            if fresh:
+                remove_if_nothing_kept(run_dir)
+            raise
         finally:
             teardown_distributed()
     except (ConfigError, FloatingPointError, FileNotFoundError, ValueError) as err:
         # bad input or a diverged run: one clear line, no traceback (FASTLM_TRACEBACK=1 shows it)
-        import os
         import traceback
 
         if os.environ.get("FASTLM_TRACEBACK"):
@@ -517,6 +534,13 @@ def train(cfg: Config, d: Dist) -> int:
     if d.device.type != "cuda" and cfg.precision != "fp32":
         raise ConfigError(f"{cfg.source}: precision {cfg.precision} needs a CUDA device; "
                           f"set precision: fp32 on CPU")
+    if d.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        for key, impl, choice in (("attention", resolve_attention(cfg.model, d.device), "sdpa"),
+                                  ("loss", resolve_loss(cfg.model, d.device), "torch")):
+            if impl in ("triton", "fused"):
+                raise ConfigError(f"{cfg.source}: model.{key} is {impl}, whose Triton kernels need a CUDA "
+                                  f"device, but this run is on {d.device.type}; set model.{key}: auto "
+                                  f"({choice} off CUDA) or {choice}")
     dtype = DTYPES[cfg.precision]
     if cfg.run.deterministic:
         make_deterministic()

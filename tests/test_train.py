@@ -411,9 +411,37 @@ def test_bad_runs_fail_with_the_key_and_leave_no_run_folder(tmp_path):
             in fails("model.vocab_size=1000"))
     assert "data.train_path is empty; expected the training .pbin" in fails("data.train_path=")
     assert "run.name must name a folder under run.output_dir" in fails("run.name=", name="")
+    assert "run.name must name a folder under run.output_dir" in fails("run.name=../escape", name="../escape")
+    assert "run.name must name a folder under run.output_dir" in fails("run.name=a/../../x", name="a/../../x")
+    # a key given twice: the last one is in effect, and is the one quoted
+    with pytest.raises(ConfigError, match=r"^override 'target.steps=-3' \(on .*\): target.steps must not be "
+                                          r"negative, found -3"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["target.steps=2", "target.steps=-3"])
+    # the Triton kernels on a CPU run (outside the interpreter the tests use): an error at start, no folder
+    for key, impl in (("attention", "triton"), ("loss", "fused")):
+        with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}):
+            err = fails(f"model.{key}={impl}", name="kern")
+        assert (f"model.{key} is {impl}, whose Triton kernels need a CUDA device, but this run is on cpu"
+                in err)
+    assert not (tmp_path / "kern").exists() and not (tmp_path / "escape").exists()
     (tmp_path / "a_file").write_text("x")
     err = fails(f"run.output_dir={tmp_path / 'a_file'}")
     assert f"cannot make the run folder {tmp_path / 'a_file' / 'bad'} (run.output_dir" in err, err
+
+
+def test_a_run_that_fails_after_making_its_folder_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A failure after the run folder is made (here W&B online without an API key; also a first batch
+    with ids beyond the vocabulary) removes the folder the run made while it holds nothing but an empty
+    metrics.jsonl; a folder that was there before stays."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "no_wandb_login"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a key
+    err = fails_at_start(tmp_path, "logging.wandb_mode=online", name="w")
+    assert "logging.wandb_mode is online but no W&B API key is set" in err
+    assert not (tmp_path / "w").exists()
+    (tmp_path / "kept").mkdir()
+    fails_at_start(tmp_path, "logging.wandb_mode=online", name="kept")
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_data_with_ids_beyond_the_vocabulary_names_the_file_and_sample(tmp_path):
@@ -818,6 +846,22 @@ def test_plot_keeps_the_last_record_of_a_step_and_writes_the_format_asked(tmp_pa
     write({"event": "checkpoint", "step": 5, "path": "x"})
     with pytest.raises(ValueError, match="no training or evaluation records to plot"):
         plot_run(run)
+
+
+def test_resuming_drops_a_record_cut_short(tmp_path):
+    """A run killed while writing a record leaves a line cut short at the end of metrics.jsonl; the run
+    that resumes drops it (with the records after its checkpoint) before appending, so that the file has
+    no broken line in its middle."""
+    from fastlm.train import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"event": "train", "step": n, "loss": 1.0}) for n in (1, 2, 3)]
+    for cut in ('{"event": "train", "step": 4, "lo', '{"event": "tra\n'):
+        path.write_text("\n".join(good) + "\n" + cut)
+        drop_records_after(path, 3)
+        assert path.read_text() == "\n".join(good) + "\n"
+    drop_records_after(path, 2)
+    assert path.read_text() == "\n".join(good[:2]) + "\n"
 
 
 def test_plot_skips_a_last_record_cut_short_and_names_what_is_wrong(tmp_path, capsys):
