@@ -116,7 +116,7 @@ def dcp_io(fn, state: dict, path, reader: SafeReader | None = None) -> None:
 
     if fn is dcp.load:
         reader = reader or SafeReader(str(path))
-        reader.read_metadata()
+        check_files(path, reader.read_metadata())
         kwargs = {"storage_reader": reader}
     else:
         kwargs = {"checkpoint_id": str(path)}
@@ -134,7 +134,26 @@ def dcp_io(fn, state: dict, path, reader: SafeReader | None = None) -> None:
 
 
 class CheckpointFilesError(ValueError):
-    """A checkpoint's file is missing or unreadable (DCP's failure was an OSError)."""
+    """A checkpoint's file is missing, truncated or unreadable (DCP's failure was an OSError)."""
+
+
+def check_files(path, metadata) -> None:
+    """CheckpointFilesError naming the first data file that the metadata needs and the folder lacks, or
+    that ends before the last byte the metadata places in it (a save cut short, a partial copy): checked
+    from file sizes before DCP reads anything, which would fail with an EOFError that names no file."""
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        file = Path(path) / name
+        if not file.is_file():
+            raise CheckpointFilesError(f"{path}: the checkpoint's data file {name} is missing (its .metadata "
+                                       f"lists it); the checkpoint is damaged")
+        size = file.stat().st_size
+        if size < end:
+            raise CheckpointFilesError(f"{file}: holds {size:,} bytes but the checkpoint's .metadata places "
+                                       f"data up to byte {end:,}: the file is truncated (a save cut short, "
+                                       f"or a partial copy); the checkpoint is damaged")
 
 
 def _barrier():

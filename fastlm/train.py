@@ -592,7 +592,12 @@ def train(cfg: Config, d: Dist) -> int:
     if resume_from is not None:
         state = ckpt.read_train_state(resume_from)
         check_resume(cfg, state, resume_from, derived.steps)
-        ckpt.load(resume_from, model, optimizer)
+        try:
+            ckpt.load(resume_from, model, optimizer)
+        except ckpt.CheckpointFilesError as err:
+            older = [p for p in ckpt.complete_checkpoints(run_dir) if p.name < resume_from.name]
+            hint = f"; HINT: resume the checkpoint before it with run.resume={older[-1]}" if older else ""
+            raise ckpt.CheckpointFilesError(f"{err}{hint}") from None
         start_step, tokens_seen = state["step"], state["tokens"]
         # checkpoints of older fastlm versions lack data_position: their step x this run's samples per step
         start_position = state.get("data_position", start_step * samples_per_step)

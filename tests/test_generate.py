@@ -252,9 +252,22 @@ def test_a_checkpoint_missing_a_shard_is_called_damaged_not_a_misfit(trained_run
     shutil.copytree(trained_run / "checkpoints" / "step_00000003", step)
     for shard in step.glob("*.distcp"):
         shard.unlink()
-    with pytest.raises(ValueError, match=r"^the checkpoint is damaged or incomplete: .*step_00000003: "
-                                         r"loading the checkpoint failed on 1 rank\(s\); the first failure: "
-                                         r"FileNotFoundError"):
+    with pytest.raises(ValueError, match=r"^the checkpoint is damaged or incomplete: .*step_00000003: the "
+                                         r"checkpoint's data file __0_0.distcp is missing"):
+        load_model(step, torch.device("cpu"), torch.float32)
+
+
+def test_a_truncated_checkpoint_file_is_named(trained_run, tmp_path):
+    """A data file cut short (a save or a copy that did not finish) is named with its size and the size
+    the metadata needs, before DCP reads it (DCP's own failure is an EOFError that names no file)."""
+    step = tmp_path / "step_00000003"
+    shutil.copytree(trained_run / "checkpoints" / "step_00000003", step)
+    shard = step / "__0_0.distcp"
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    expected = (rf"^the checkpoint is damaged or incomplete: {shard}: holds 100 bytes but the checkpoint's "
+                r".metadata places data up to byte [\d,]+: the file is truncated")
+    with pytest.raises(ValueError, match=expected):
         load_model(step, torch.device("cpu"), torch.float32)
 
 

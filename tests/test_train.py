@@ -462,6 +462,17 @@ def test_resume_auto_refuses_a_run_whose_checkpoints_are_all_damaged(tmp_path):
     assert sorted(losses(tmp_path / "run")) == [1, 2]  # the run's record is untouched
 
 
+def test_resume_from_a_truncated_checkpoint_names_the_file_and_the_one_before(tmp_path):
+    train(tmp_path, "target.steps=4", "intervals.checkpoint=2", name="run")
+    shard = tmp_path / "run" / "checkpoints" / "step_00000004" / "__0_0.distcp"
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    err = fails_at_start(tmp_path, "target.steps=6", "run.resume=auto", name="run")
+    assert f"{shard}: holds 100 bytes but the checkpoint's .metadata places data up to byte" in err, err
+    assert (f"HINT: resume the checkpoint before it with "
+            f"run.resume={tmp_path / 'run' / 'checkpoints' / 'step_00000002'}") in err, err
+
+
 def test_a_warmup_as_long_as_the_run_is_noted(tmp_path):
     r = train(tmp_path, "target.steps=3", "schedule.warmup_steps=10", name="warm")
     assert ("fastlm: note: schedule.warmup_steps (10) is not below the run's 3 steps: the learning rate "
