@@ -325,7 +325,7 @@ class Parser {
         case 't': case 'f': kind = "a boolean"; break;
         case 'n': kind = "null"; break;
         default:
-          if (*p_ == '-' || (*p_ >= '0' && *p_ <= '9')) kind = "a number";
+          if (*p_ == '-' || (*p_ >= '0' && *p_ <= '9') || *p_ == 'N' || *p_ == 'I') kind = "a number";
       }
       if (kind == nullptr) return fail_at(p_, "invalid JSON: expected '{' but found " + describe_byte(p_, end_));
       // Validate the value anyway so that garbage is reported as invalid JSON first.
@@ -424,6 +424,10 @@ class Parser {
       case 't': return parse_literal("true");
       case 'f': return parse_literal("false");
       case 'n': return parse_literal("null");
+      // Not JSON, but Python's json module writes and reads them (a float field of a pandas or json.dumps
+      // dump), and so does Modalities' indexer: a document is not refused over a field it never reads.
+      case 'N': return parse_literal("NaN");
+      case 'I': return parse_literal("Infinity");
       default: return parse_number();
     }
   }
@@ -440,6 +444,7 @@ class Parser {
   bool parse_number() {
     const unsigned char* start = p_;
     if (p_ < end_ && *p_ == '-') ++p_;
+    if (p_ < end_ && *p_ == 'I') return parse_literal("Infinity");  // -Infinity (see parse_value)
     if (p_ >= end_ || *p_ < '0' || *p_ > '9') {
       return fail(start, "invalid JSON: expected a value but found " + describe_byte(start, end_));
     }

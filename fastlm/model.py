@@ -26,6 +26,7 @@ from fastlm.yamlconf import ConfigError, check_keys, coerce_value
 IGNORE_INDEX = -100
 
 ATTENTION_IMPLS = ("auto", "triton", "sdpa", "manual")
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what fastlm.kernels.flash_attention takes (without importing it)
 LOSS_IMPLS = ("auto", "fused", "torch")
 
 
@@ -89,6 +90,17 @@ class ModelConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"must be one of {' | '.join(allowed)}, found {getattr(self, key)!r}")
+        for key in ("dropout", "rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                bad(key, f"must be a number, found {value!r}")
+        for key in ("bias", "tie_weights"):
+            if not isinstance(getattr(self, key), bool):
+                bad(key, f"must be true or false, found {getattr(self, key)!r}")
+        if self.attention == "triton" and self.head_dim not in TRITON_HEAD_DIMS:
+            bad("attention", f"is triton, whose kernels take head dims {TRITON_HEAD_DIMS}, but n_embd / "
+                             f"n_head = {self.n_embd} / {self.n_head} = {self.head_dim}; expected sdpa or "
+                             f"auto (which takes sdpa for this head dim), or another n_head")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", f"must be in [0, 1), found {self.dropout!r}")
         for key, ok, expected in (("rope_theta", self.rope_theta > 0, "> 0"),
@@ -140,7 +152,7 @@ def _copy_full(param: torch.Tensor, value: torch.Tensor) -> None:
 def resolve_attention(cfg: ModelConfig, device: torch.device) -> str:
     if cfg.attention != "auto":
         return cfg.attention
-    return "triton" if device.type == "cuda" else "sdpa"
+    return "triton" if device.type == "cuda" and cfg.head_dim in TRITON_HEAD_DIMS else "sdpa"
 
 
 def resolve_loss(cfg: ModelConfig, device: torch.device) -> str:
@@ -478,9 +490,11 @@ class GPT(nn.Module):
                                               ignore_index=IGNORE_INDEX)
             return None, loss
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
-        return logits, loss
+        # the mean over the targets that count, 0 when none does (a fully padded batch: as the fused loss,
+        # where F.cross_entropy's mean would be NaN and poison the step)
+        total = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return logits, total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
     def estimate_mfu(self, tokens_per_s: float, device=None) -> tuple[float | None, str]:
         return estimate_mfu(self, tokens_per_s, device)

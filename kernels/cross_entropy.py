@@ -34,6 +34,8 @@ fused linear cross-entropy) -> `_CrossEntropyFunction` (autograd) -> `cross_entr
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import triton
 import triton.language as tl
@@ -167,6 +169,21 @@ def check_reduction(reduction: str, op: str) -> None:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def refuse_create_graph(op: str) -> None:
+    """In a backward: RuntimeError when asked to build a graph (create_graph=True turns grad mode on inside
+    it). The gradient is the kernel's, with none: a second derivative through it would be dropped silently."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: backward with create_graph=True (a second derivative) is not supported: "
+                           f"the gradient comes from a Triton kernel, without a graph. HINT: use "
+                           f"torch.nn.functional.cross_entropy where second derivatives are needed")
+
+
+def check_ignore_index(ignore_index, op: str) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{op}: ignore_index must be an int (a target value to leave out), got "
+                        f"{ignore_index!r}")
+
+
 def grad_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, n_valid) as fp32 one-element tensors on the targets' device, without a host sync.
     scale is 1/n_valid for "mean" and 1 otherwise; n_valid is clamped to 1 so that a batch of only
@@ -288,6 +305,7 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
         raise ValueError(f"{op}: logits have an empty vocabulary dimension, shape {tuple(logits.shape)}")
     check_targets(targets, n_rows, op)
     check_reduction(reduction, op)
+    check_ignore_index(ignore_index, op)
     check_device(logits, targets, op=op)
     if block is not None and (block < 16 or block & (block - 1)):
         raise ValueError(f"{op}: block must be a power of two >= 16, got {block}")
@@ -326,6 +344,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_create_graph("cross_entropy")
         if ctx.used:
             raise RuntimeError("cross_entropy: backward ran twice through the same graph; the stored "
                                "gradient is scaled in place to save memory. HINT: recompute the loss "

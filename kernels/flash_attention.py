@@ -922,6 +922,16 @@ def _launch_backward(mode: str, do, q, k, v, o, lse, delta, dq, dk, dv, acc, cau
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _refuse_create_graph(fn: str) -> None:
+    """A backward asked to build a graph (create_graph=True: grad mode is on inside it) fails here: the
+    kernels' gradients carry none, so a second derivative through them would be dropped without a word."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{fn}: backward with create_graph=True (a second derivative) is not supported: "
+                           f"the Triton kernels compute the gradient without a graph. HINT: use "
+                           f"torch.nn.functional.scaled_dot_product_attention where second derivatives "
+                           f"are needed")
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale):
@@ -933,6 +943,7 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        _refuse_create_graph("flash_attention")
         q, k, v, o, lse = ctx.saved_tensors
         do = _last_dim_contiguous(do)
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
@@ -960,6 +971,7 @@ class _FlashAttentionQKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        _refuse_create_graph("flash_attention_qkv")
         qkv, o, lse = ctx.saved_tensors
         return _packed_backward(do, qkv, o, lse, *ctx.heads, ctx.causal, ctx.sm_scale), None, None, None, None
 
@@ -1083,10 +1095,17 @@ torch.library.register_autograd(f"fastlm::{_QKV_FORWARD_NAME}", _qkv_backward_ru
                                 setup_context=_qkv_setup_context, lib=_LIB)
 
 
+def _causal(causal, fn: str) -> bool:
+    if not isinstance(causal, bool):  # ("no" would be truthy: causal attention, silently)
+        raise TypeError(f"{fn}: causal must be True or False, got {causal!r}")
+    return bool(causal)
+
+
 def _scale(softmax_scale, head_dim: int, fn: str) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not (isinstance(softmax_scale, numbers.Real) and 0 < softmax_scale < math.inf):
+    if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)
+            or not 0 < softmax_scale < math.inf):
         # the forward scales each row's max instead of every score, which needs a positive scale
         raise ValueError(f"{fn}: softmax_scale must be a positive finite number (or None for "
                          f"1/sqrt(head_dim)), got {softmax_scale!r}")
@@ -1102,11 +1121,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     as (batch, seq_q, n_head, head_dim) (heads merge back without a copy).
     """
     _check_inputs(q, k, v, causal)
+    causal = _causal(causal, "flash_attention")
     softmax_scale = _scale(softmax_scale, q.shape[-1], "flash_attention")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if torch.compiler.is_compiling():
-        return _forward_op(q, k, v, bool(causal), softmax_scale)[0]
-    return _FlashAttention.apply(q, k, v, bool(causal), softmax_scale)  # less host time per call
+        return _forward_op(q, k, v, causal, softmax_scale)[0]
+    return _FlashAttention.apply(q, k, v, causal, softmax_scale)  # less host time per call
 
 
 def flash_attention_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int | None = None, causal: bool = True,
@@ -1142,7 +1162,7 @@ def flash_attention_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int | None = 
         raise ValueError(f"{fn}: empty input, qkv {tuple(qkv.shape)}")
     softmax_scale = _scale(softmax_scale, head_dim, fn)
     qkv = qkv.contiguous()  # (a projection's output already is; the kernels need a unit last stride)
-    args = (qkv, int(n_head), int(n_kv_head), bool(causal), softmax_scale)
+    args = (qkv, int(n_head), int(n_kv_head), _causal(causal, fn), softmax_scale)
     if torch.compiler.is_compiling():
         return _qkv_forward_op(*args)[0]
     return _FlashAttentionQKV.apply(*args)

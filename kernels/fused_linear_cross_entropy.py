@@ -48,8 +48,8 @@ import math
 
 import torch
 
-from .cross_entropy import (LOGIT_DTYPES, check_device, check_reduction, check_targets, grad_scale, launch,
-                            next_power_of_2)
+from .cross_entropy import (LOGIT_DTYPES, check_device, check_ignore_index, check_reduction, check_targets,
+                            grad_scale, launch, next_power_of_2, refuse_create_graph)
 
 OP = "fused_linear_cross_entropy"
 # A chunk's grad_weight update (K = rows) makes 2 * rows flops per (V, D) element and moves ~12 bytes for it
@@ -89,7 +89,7 @@ def adds_products_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     return _FP32_ADDMM[key]
 
 
-def _validate(hidden, weight, targets, bias, reduction, chunk_rows, weight_dtype=None):
+def _validate(hidden, weight, targets, bias, reduction, chunk_rows, weight_dtype=None, ignore_index=-100):
     """weight_dtype: the dtype the weight will be cast to (autocast), in place of its own."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
@@ -116,6 +116,7 @@ def _validate(hidden, weight, targets, bias, reduction, chunk_rows, weight_dtype
                              f"{' ' + str(bias.dtype) if isinstance(bias, torch.Tensor) else ''}")
     check_targets(targets, hidden.shape[0], OP)
     check_reduction(reduction, OP)
+    check_ignore_index(ignore_index, OP)
     check_device(hidden, weight, targets, *(() if bias is None else (bias,)), op=OP)
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool)
                                    or chunk_rows < 1):
@@ -211,6 +212,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_create_graph(OP)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.reduction == "none":
             hidden, weight, bias, targets = ctx.saved_tensors
@@ -258,7 +260,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     n_rows = targets.numel()  # not reshape(-1, D): ambiguous when there are no elements
     hidden2d = hidden.reshape(n_rows, hidden.shape[-1])
     targets1d = targets.reshape(n_rows)
-    _validate(hidden2d, weight, targets1d, bias, reduction, chunk_rows, weight_dtype)
+    _validate(hidden2d, weight, targets1d, bias, reduction, chunk_rows, weight_dtype, ignore_index)
     loss = _FusedLinearCrossEntropyFunction.apply(hidden2d, weight, bias, targets1d, ignore_index, reduction,
                                                   chunk_rows, torch.is_grad_enabled())
     return loss.reshape(out_shape) if reduction == "none" else loss

@@ -95,6 +95,19 @@ def test_fault_column_points_at_the_problem():
     assert r["column"] == len(b'{"text": "ok", "n": ') + 1
 
 
+def test_python_json_float_literals_are_accepted_where_the_text_is_not():
+    """json.dumps writes NaN, Infinity and -Infinity for such floats (not JSON, but Python's json and
+    Modalities' indexer read them): a document is kept when another field holds one; as the text they are
+    a number, not a string; other spellings stay invalid."""
+    for value in (b"NaN", b"Infinity", b"-Infinity", b"[NaN, {\"x\": -Infinity}]"):
+        r = extract(b'{"score": ' + value + b', "text": "kept"}')
+        assert r["fault"] == "ok" and r["text"] == b"kept", (value, r)
+    r = extract(b'{"text": NaN}')
+    assert r["fault"] == "not_a_string" and "found a number" in r["message"]
+    for bad in (b"nan", b"Inf", b"-Inf", b"NaNa", b"+Infinity", b"-NaN"):
+        assert extract(b'{"score": ' + bad + b', "text": "x"}')["fault"] == "invalid_json", bad
+
+
 @pytest.mark.parametrize(
     "line,pattern,column,words",
     [
@@ -128,7 +141,8 @@ def test_unsupported_patterns_say_what_is_supported(pattern):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    # (floats include NaN and ±Infinity, which json.dumps writes as such)
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
     lambda children: (st.lists(children, max_size=4)
                       | st.dictionaries(st.text(max_size=5), children, max_size=4)),
     max_leaves=12,

@@ -664,7 +664,7 @@ def test_invalid_inputs(kwargs, error, match):
         flash_attention(*_qkv(**kwargs))
 
 
-@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf"), "0.125"])
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf"), "0.125", True])
 def test_softmax_scale_must_be_positive(scale):
     with pytest.raises(ValueError, match=r"softmax_scale must be a positive finite number.* got "):
         flash_attention(*_qkv(), softmax_scale=scale)
@@ -853,3 +853,25 @@ def test_gpu_auto_dq_mode_times_both(dq_mode):
     ran.clear()
     _out_and_grads(flash_attention, q, k, v, do, True)
     assert ran == [FA.DQ_CHOSEN[key]]
+
+
+@pytest.mark.parametrize("causal", ["no", 0, None])
+def test_causal_must_be_a_bool(causal):
+    # ("no" is truthy: it would have run causal attention)
+    with pytest.raises(TypeError, match=rf"flash_attention: causal must be True or False, got {causal!r}"):
+        flash_attention(*_qkv(), causal=causal)
+    qkv, _ = _packed(1, 8, 2, 2, 32, seed=0)
+    with pytest.raises(TypeError, match=r"flash_attention_qkv: causal must be True or False"):
+        flash_attention_qkv(qkv, 2, 2, causal=causal)
+
+
+def test_a_double_backward_is_an_error_not_a_silent_zero():
+    """The kernels' gradients carry no graph: with create_graph=True a second derivative raises instead of
+    being dropped (the first gradient would not require grad, and a penalty on it would add nothing)."""
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    qkv = _packed(1, 8, 2, 2, 32, seed=0)[0].requires_grad_()
+    for fn, out, x in (("flash_attention", flash_attention(q, k, v), q),
+                       ("flash_attention_qkv", flash_attention_qkv(qkv, 2, 2), qkv)):
+        with pytest.raises(RuntimeError, match=rf"^{fn}: backward with create_graph=True \(a second "
+                                               r"derivative\) is not supported"):
+            torch.autograd.grad(out.sum(), x, create_graph=True)

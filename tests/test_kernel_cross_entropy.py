@@ -312,6 +312,10 @@ def test_cross_entropy_out_of_range_target_is_nan():
     (torch.randn(4, 10, device="meta"), torch.zeros(4, dtype=torch.int64, device="meta"), {}, RuntimeError,
      "unsupported device"),
     (torch.randn(4, 10), torch.zeros(4, dtype=torch.int64, device="meta"), {}, ValueError, "one device"),
+    (torch.randn(4, 10), torch.zeros(4, dtype=torch.int64), {"ignore_index": None}, TypeError,
+     "ignore_index must be an int"),
+    (torch.randn(4, 10), torch.zeros(4, dtype=torch.int64), {"ignore_index": torch.tensor(-100)}, TypeError,
+     "ignore_index must be an int"),
 ])
 def test_cross_entropy_input_errors(logits, targets, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -515,6 +519,7 @@ def test_default_chunk_rows():
     (lambda h, w, t: (h, w, t, {"reduction": "max"}), ValueError, "'max'"),
     (lambda h, w, t: (h, w, t, {"bias": torch.zeros(3)}), ValueError, "bias must be"),
     (lambda h, w, t: (h, w, t, {"chunk_rows": 0}), ValueError, "chunk_rows"),
+    (lambda h, w, t: (h, w, t, {"ignore_index": None}), TypeError, "ignore_index must be an int"),
 ])
 def test_fused_linear_cross_entropy_input_errors(make, error, match):
     hidden, weight, targets = flce_inputs()
@@ -692,3 +697,19 @@ def test_grad_weight_products_are_added_in_fp32_on_gpu(monkeypatch):
     # than one bf16 rounding of the result (relative 2^-8 of the largest magnitude).
     slack = ref.abs().max().item() * 2.0 ** -8
     assert max_err(direct["fused"][2], ref) <= max_err(rounded["fused"][2], ref) + slack
+
+
+def test_a_double_backward_is_an_error_not_a_silent_zero():
+    """The kernels' gradients carry no graph: asked for a second derivative (create_graph=True, e.g. a
+    gradient penalty), both losses raise instead of returning a first gradient that does not require grad,
+    whose second-order terms autograd would then drop without a word."""
+    logits = torch.randn(4, 10, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 10, (4,), device=DEVICE)
+    hidden, weight, flce_targets = flce_inputs()
+    hidden.requires_grad_()
+    for loss, x in ((cross_entropy(logits, targets), logits),
+                    (fused_linear_cross_entropy(hidden, weight, flce_targets), hidden)):
+        with pytest.raises(RuntimeError, match=r"backward with create_graph=True \(a second derivative\) is "
+                                               r"not supported"):
+            torch.autograd.grad(loss, x, create_graph=True)
+        torch.autograd.grad(loss, x)  # (the refusal came before the backward used its stored gradient)

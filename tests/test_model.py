@@ -78,6 +78,43 @@ def test_config_errors():
             ModelConfig.from_dict({key: value}, "x.yaml")
 
 
+def test_config_types_and_the_triton_head_dims():
+    """A config built in Python gets the checks a YAML file gets: numbers must be numbers and switches
+    bools (a string "no" would be truthy); attention triton needs a head dim its kernels take (auto falls
+    back to sdpa for others), which is the kernels' own list."""
+    from fastlm.kernels.flash_attention import SUPPORTED_HEAD_DIMS
+    from fastlm.model import TRITON_HEAD_DIMS, resolve_attention
+
+    small = dict(vocab_size=100, sequence_length=16, n_layer=1, n_head=2, n_embd=64)
+    number, switch = "must be a number", "must be true or false"
+    for key, value, words in (("dropout", "0.1", number), ("rope_theta", "1e4", number),
+                              ("norm_eps", None, number), ("bias", "no", switch), ("tie_weights", 1, switch)):
+        with pytest.raises(ConfigError, match=rf"model.{key} {words}, found {value!r}"):
+            ModelConfig(**small, **{key: value})
+    assert TRITON_HEAD_DIMS == SUPPORTED_HEAD_DIMS
+    with pytest.raises(ConfigError, match=r"model.attention is triton, whose kernels take head dims .* but "
+                                          r"n_embd / n_head = 96 / 2 = 48"):
+        ModelConfig(**{**small, "n_embd": 96}, attention="triton")
+    cfg = ModelConfig(**{**small, "n_embd": 96})  # auto
+    assert resolve_attention(cfg, torch.device("cuda")) == "sdpa"
+    assert resolve_attention(ModelConfig(**small), torch.device("cuda")) == "triton"
+
+
+def test_both_losses_of_a_fully_ignored_batch_are_zero():
+    """A micro batch whose targets are all ignored (all padding) has loss 0 on both paths, not NaN on the
+    torch path (F.cross_entropy's mean over nothing), which would poison the step's gradient."""
+    idx = torch.randint(0, 100, (1, 8), device=DEVICE)
+    targets = torch.full((1, 8), -100, device=DEVICE)
+    for loss_impl in ("torch", "fused"):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=100, sequence_length=8, n_layer=1, n_head=2, n_embd=64,
+                                loss=loss_impl)).to(DEVICE)
+        loss = model(idx, targets)[1]
+        loss.backward()
+        assert loss.item() == 0.0, loss_impl
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_sdpa_attention_aligns_the_causal_mask_bottom_right():
     """Queries that are the last Tq of Tk positions (a chunk after a cached prefix): the manual path's
     bottom-right triangle; SDPA's own is_causal would align it top-left."""
