@@ -1,5 +1,6 @@
-"""Benchmark plumbing: every result is a measurement of fastlm next to its baseline from the same run,
-printed as a ratio and, when FASTLM_BENCH_OUT names a folder, saved there as JSON."""
+"""Benchmark plumbing: every result is a measurement of fastlm next to its baseline from the same run (or,
+marked measured_baseline=False, a quoted figure), printed as a ratio (again at the end of pytest's report)
+and, when FASTLM_BENCH_OUT names a folder, saved there as JSON."""
 
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ REDPAJAMA = EXAMPLE / "data" / "raw"
 GPT2 = EXAMPLE / "tokenizer"
 
 _RESULTS: list[dict] = []
+_LINES: list[str] = []  # the printed comparisons, repeated in pytest's report (shown without -s too)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LINES:
+        terminalreporter.section("fastlm against its baselines")
+        for line in _LINES:
+            terminalreporter.write_line(line)
+        if not os.environ.get("FASTLM_BENCH_OUT"):
+            terminalreporter.write_line("(not saved: FASTLM_BENCH_OUT=benchmarks/results keeps them as JSON)")
 
 
 def machine() -> dict:
@@ -51,6 +62,7 @@ def record(name: str, value: float, unit: str, baseline: str, baseline_value: fl
     line = (f"{name}: fastlm {value:,.4g} {unit} vs {baseline} {baseline_value:,.4g} {unit} "
             f"-> {ratio:.2f}x{verdict}")
     print("\n" + line)
+    _LINES.append(line)
     _RESULTS.append({"name": name, "unit": unit, "fastlm": value, "baseline": baseline,
                      "baseline_value": baseline_value, "advantage": ratio, "bar": bar, **extra})
     _write_results()

@@ -5,8 +5,9 @@ before fastlm.kernels is imported). Rows are few to keep this file fast; vocabul
 65,600 > 64K, neither a power of two) plus small odd ones, so the kernels' vocabulary loops see one and
 several blocks with a ragged last one.
 
-Accuracy rule (DESIGN.md): against a float64 reference on the same input values, the kernel's error is at
-most ACCURACY_FACTOR x the error of torch's own computation at the input's precision, plus a small floor.
+Accuracy rule (the project's, after flash-attention's): against a float64 reference on the same input
+values, the kernel's error is at most ACCURACY_FACTOR x the error of torch's own computation at the
+input's precision, plus a small floor.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def test_redpajama_equals_tokenizers(tmp_path, gpt2_hf, split):
     summary, dst = run_pack(tmp_path, src, jq_pattern=".raw_content", num_cpus=2)
     assert dst.read_bytes() == reference_pbin(expected_docs(gpt2_hf, texts))
     if split == "train":
-        assert summary["tokens"] == 786_370  # DESIGN.md: the tutorial's train split, 512 EODs included
+        assert summary["tokens"] == 786_370  # the tutorial's train split as Modalities packs it (512 EODs)
     assert summary["documents"] == 512
 
 

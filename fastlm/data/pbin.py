@@ -1,6 +1,6 @@
 """Packed token files (.pbin) and raw JSONL indexes (.idx), byte-compatible with Modalities.
 
-.pbin layout (see DESIGN.md, "Packed MemMap file"):
+.pbin layout (Modalities' "Packed MemMap" file):
 
     | uint64 LE data-segment length in bytes | uint32 LE token size (1, 2 or 4) |
     | data segment: token ids, little-endian |
