@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks for a fresh GPU machine that already has PyTorch and Triton and no network:
 #   benchmarks/device_check.sh RESULTS_DIR [SECONDS]
-# (FASTLM_COMMIT=<hash> names the commit in the results when the tree was copied without its git history.)
+# FASTLM_COMMIT=<hash> names the commit in the results: give it as a literal from the machine that has the
+# history (a copied tree's own git metadata may name an older commit; on 2026-11-27 it named the last landed one).
 # Installs fastlm without touching its dependencies, runs the GPU tests (the Triton kernels compiled for
 # real, bf16 included), an attention profile, the GPU benchmarks (training ones with a step profile), the
 # README's main job, a compiled-block probe of the attention and the per-rank cost of the two
@@ -49,16 +50,18 @@ fi
 step_tests() {
   since "GPU tests: kernels compiled for real (fp32, fp16, bf16), the model, a deterministic resume"
   # Each test process compiles its own kernels (every autotune config, CPU-bound): spread them over the
-  # cores (an H100 machine's 16 took 174 s with 8 processes). SIGINT at the limit: pytest still reports
-  # what failed.
+  # cores (an H100 machine's 16 took 174 s with 8 processes). -v names each test as it ends: a limit
+  # that interrupts pytest's final summary (as one did while xdist's workers waited on inductor's
+  # compile-worker pools to exit, which TORCHINDUCTOR_COMPILE_THREADS=1 leaves out) loses no failure.
   local xdist=""
   $PY -c "import xdist" 2>/dev/null && xdist="-n $(( $(nproc) < 16 ? $(nproc) : 16 ))"
-  timeout -s INT -k 20 "$(limit 180)" $PY -m pytest -q -p no:cacheprovider $xdist --durations=8 -rfEs \
+  TORCHINDUCTOR_COMPILE_THREADS=1 timeout -s INT -k 20 "$(limit 180)" \
+    $PY -m pytest -v -p no:cacheprovider $xdist --durations=8 -rfEs \
     --tb=short -W ignore::pytest_benchmark.logger.PytestBenchmarkWarning \
     tests/test_kernel_attention.py tests/test_kernel_cross_entropy.py tests/test_kernel_launch.py \
     tests/test_model.py \
     "tests/test_train.py::test_gpu_deterministic_run_resumes_bit_for_bit" > "$R/tests.log" 2>&1
-  echo "exit $?" >> "$R/tests.log"; tail -n 25 "$R/tests.log"
+  echo "exit $?" >> "$R/tests.log"; grep -E "FAILED|ERROR" "$R/tests.log" | head -n 20; tail -n 8 "$R/tests.log"
 }
 
 bench() {  # bench CAP FILES...: one pytest session per group, so each group writes its own JSON

@@ -226,6 +226,8 @@ def test_triton_attention_takes_the_projection_packed_unless_rope_splits_it(pos_
         return backward_with(*args)
 
     monkeypatch.setattr(fa, "_backward_with", spy)
+    # one dq mode: on a GPU "auto" would time both modes on the first backward, calling the spy many times
+    monkeypatch.setattr(fa, "BWD_DQ", "separate")
     cfg = load("gpt124m", attention="triton", pos_encoding=pos_encoding, n_layer=1, sequence_length=32,
                n_head=2, n_embd=64, ffn_hidden=128)
     model = GPT(cfg).to(DEVICE)
