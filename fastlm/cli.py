@@ -176,7 +176,12 @@ def _run(args: argparse.Namespace) -> int:
                          "fastlm run --config_file_path CONFIG.yaml [key=value ...]")
     # (with the flag, a first positional is an override: python -m fastlm.train sorts that out)
     flag = ["--config_file_path", args.config_file_path] if args.config_file_path else []
-    return train_main([*flag, *([args.config] if args.config else []), *args.overrides])
+    status = train_main([*flag, *([args.config] if args.config else []), *args.overrides])
+    from fastlm import train
+
+    if train.USED_PROCESS_GROUP:  # a rank of a multi-process run ends as python -m fastlm.train's do
+        train.exit_process(status)
+    return status
 
 
 def _generate_text(args: argparse.Namespace) -> int:

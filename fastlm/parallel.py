@@ -71,7 +71,14 @@ def setup_distributed(device_pref: str = "auto", source: str = "config") -> Dist
 
 
 def teardown_distributed() -> None:
+    """Leave the process group once every rank is done: a rank that destroyed it while another was still at
+    work (rank 0 writing the consolidated model) aborted in gloo's teardown now and then (SIGABRT, so that
+    torchrun reported a finished run as failed)."""
     if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # (a rank that failed or was stopped: leave anyway)
+            pass
         dist.destroy_process_group()
 
 

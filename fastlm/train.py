@@ -486,11 +486,16 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+USED_PROCESS_GROUP = False  # whether main() ran with a process group (see exit_process)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         d = setup_distributed(cfg.run.device, cfg.source)
+        global USED_PROCESS_GROUP
+        USED_PROCESS_GROUP = USED_PROCESS_GROUP or d.enabled
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
         fresh = d.is_main and not run_dir.exists()
         try:
@@ -774,5 +779,21 @@ def train(cfg: Config, d: Dist) -> int:
         logger.close()
 
 
+def exit_process(status: int) -> None:
+    """End a training command's process with `status`. After a run with a process group, the Python exit
+    handlers run and the interpreter's own teardown is skipped: on CPU/gloo a process of a finished
+    multi-rank run aborted now and then in C++ destructors at interpreter exit (SIGABRT, "terminate called
+    without an active exception", a few runs in a hundred), and torchrun then reported the run as failed
+    and stopped the other ranks. Every file the run writes is closed by then."""
+    if not USED_PROCESS_GROUP:
+        sys.exit(status)
+    import atexit
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # (inductor's compile workers, wandb, ...: what a normal exit would run)
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

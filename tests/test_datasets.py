@@ -1,5 +1,7 @@
 """Block datasets over .pbin files: counts, contents, and the document-aligned rule against a plain loop."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,33 @@ def test_readers_are_exported_by_the_package_without_importing_torch():
     import sys
 
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sampler_ranks_take_disjoint_shares_and_bad_arguments_are_refused():
+    """Each micro step the ranks take disjoint slices of one stream that covers every sample once per
+    epoch; a rank outside [0, world_size), a batch or world below 1 or a negative position is an error
+    (rank 2 of 2 used to read rank 0's next samples: duplicates, silently)."""
+    from fastlm.data.loader import ResumableDistributedSampler as Sampler
+
+    for n, world, micro in ((10, 2, 2), (11, 3, 1), (17, 2, 4)):
+        ranks = [Sampler(n, micro, world, r, seed=1) for r in range(world)]
+        steps = -(-n // (world * micro))
+        taken = [np.concatenate([s.next_micro_batch() for _ in range(steps)]) for s in ranks]
+        stream = np.concatenate([np.concatenate([t[i * micro:(i + 1) * micro] for t in taken])
+                                 for i in range(steps)])
+        assert sorted(stream[:n].tolist()) == list(range(n))  # the first epoch: every sample, once
+    for kwargs, words in ((dict(rank=2), "rank must be an integer in [0, world_size = 2), got 2"),
+                          (dict(rank=-1), "got -1"), (dict(micro_batch_size=0), "micro_batch_size must be"),
+                          (dict(world_size=0, rank=0), "world_size must be"), (dict(position=-3), "position"),
+                          (dict(rank=1.0), "got 1.0")):
+        args = dict(num_samples=10, micro_batch_size=2, world_size=2, rank=0) | kwargs
+        with pytest.raises(ValueError, match=re.escape(words)):
+            Sampler(**args)
+
+
+def test_a_float_sample_index_is_refused():
+    ds = PackedMemMapDatasetContinuous(GOLDEN / "lorem_ipsum.pbin", 512)
+    assert ds[np.int64(1)]["input_ids"].tolist() == ds[1]["input_ids"].tolist()
+    for bad in (1.5, 1.0, True):
+        with pytest.raises(TypeError, match="sample index must be an integer"):
+            ds[bad]

@@ -51,7 +51,9 @@ def _check_enough_tokens(packed: PackedFile, sequence_length: int) -> None:
 
 
 def _normalize_index(i, n: int, path) -> int:
-    i = int(i)  # accepts numpy integers; rejects slices and floats with TypeError
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral):  # (int(1.5) would silently give 1)
+        raise TypeError(f"sample index must be an integer, got {i!r}")
+    i = int(i)  # (numpy integers)
     if not -n <= i < n:
         raise IndexError(f"sample {i} out of range for the {n:,} samples of {path}")
     return i % n

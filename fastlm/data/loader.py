@@ -8,6 +8,7 @@ the stream position. Resuming at any position (also with another world size) con
 
 from __future__ import annotations
 
+import numbers
 import queue
 import threading
 
@@ -20,6 +21,13 @@ class ResumableDistributedSampler:
                  seed: int = 0, shuffle: bool = True, position: int = 0):
         if num_samples < 1:
             raise ValueError("the dataset has no samples")
+        for name, value, low in (("micro_batch_size", micro_batch_size, 1), ("world_size", world_size, 1),
+                                 ("position", position, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
+            # (rank 2 of 2 would read rank 0's next samples: duplicates, silently)
+            raise ValueError(f"rank must be an integer in [0, world_size = {world_size}), got {rank!r}")
         self.num_samples, self.micro_batch_size = num_samples, micro_batch_size
         self.world_size, self.rank = world_size, rank
         self.seed, self.shuffle = seed, shuffle
