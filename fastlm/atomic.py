@@ -89,11 +89,7 @@ class atomic_output:
         return err
 
     def _discard(self) -> None:
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
-        remove_folders(self.created)
+        discard(self.tmp, self.created)
 
 
 def missing_folders(path: str | os.PathLike) -> list[str]:
@@ -104,6 +100,16 @@ def missing_folders(path: str | os.PathLike) -> list[str]:
         missing.append(folder)
         folder = os.path.dirname(folder)
     return missing
+
+
+def discard(path: str | os.PathLike, folders: list[str]) -> None:
+    """Remove the file at `path` (if there) and then `folders`, the ones made for it (see missing_folders),
+    while they are empty: what a failed output leaves."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    remove_folders(folders)
 
 
 def remove_folders(folders: list[str]) -> None:

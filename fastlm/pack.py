@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastlm.atomic import (FILE_EXISTENCE_POLICIES, atomic_output, capped_threads, missing_file,
-                           missing_folders, remove_folders, same_file, should_write)
+from fastlm.atomic import (FILE_EXISTENCE_POLICIES, atomic_output, capped_threads, discard, missing_file,
+                           missing_folders, same_file, should_write)
 from fastlm.progress import progress_bar
 from fastlm.yamlconf import ConfigError, check_keys, coerce_value, load_yaml, usable_cpus
 
@@ -276,11 +276,7 @@ def pack(job: PackJob, show_progress: bool | None = None) -> dict:
         return _pack_indexed(job, tokenizer, eod_id, index_from_disk, show_progress, t0)
     except BaseException:
         if job.index_path is not None and not index_from_disk:
-            try:
-                os.unlink(job.index_path)
-            except FileNotFoundError:
-                pass
-            remove_folders(index_folders)
+            discard(job.index_path, index_folders)
         raise
 
 

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .launch import CachedLauncher
+from .launch import CachedLauncher, refuse_create_graph
 
 REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -167,15 +167,6 @@ def check_targets(targets: torch.Tensor, n_rows: int, op: str) -> None:
 def check_reduction(reduction: str, op: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def refuse_create_graph(op: str) -> None:
-    """In a backward: RuntimeError when asked to build a graph (create_graph=True turns grad mode on inside
-    it). The gradient is the kernel's, with none: a second derivative through it would be dropped silently."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"{op}: backward with create_graph=True (a second derivative) is not supported: "
-                           f"the gradient comes from a Triton kernel, without a graph. HINT: use "
-                           f"torch.nn.functional.cross_entropy where second derivatives are needed")
 
 
 def check_ignore_index(ignore_index, op: str) -> None:
@@ -344,7 +335,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        refuse_create_graph("cross_entropy")
+        refuse_create_graph("cross_entropy", "torch.nn.functional.cross_entropy")
         if ctx.used:
             raise RuntimeError("cross_entropy: backward ran twice through the same graph; the stored "
                                "gradient is scaled in place to save memory. HINT: recompute the loss "

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from .launch import CachedLauncher, LaunchPlan, Recording, aligned
+from .launch import CachedLauncher, LaunchPlan, Recording, aligned, refuse_create_graph
 
 # Read once: @triton.jit decides at import time whether the kernels are compiled or interpreted.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -922,16 +922,6 @@ def _launch_backward(mode: str, do, q, k, v, o, lse, delta, dq, dk, dv, acc, cau
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _refuse_create_graph(fn: str) -> None:
-    """A backward asked to build a graph (create_graph=True: grad mode is on inside it) fails here: the
-    kernels' gradients carry none, so a second derivative through them would be dropped without a word."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"{fn}: backward with create_graph=True (a second derivative) is not supported: "
-                           f"the Triton kernels compute the gradient without a graph. HINT: use "
-                           f"torch.nn.functional.scaled_dot_product_attention where second derivatives "
-                           f"are needed")
-
-
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale):
@@ -943,7 +933,7 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        _refuse_create_graph("flash_attention")
+        refuse_create_graph("flash_attention", "torch.nn.functional.scaled_dot_product_attention")
         q, k, v, o, lse = ctx.saved_tensors
         do = _last_dim_contiguous(do)
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
@@ -971,7 +961,7 @@ class _FlashAttentionQKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        _refuse_create_graph("flash_attention_qkv")
+        refuse_create_graph("flash_attention_qkv", "torch.nn.functional.scaled_dot_product_attention")
         qkv, o, lse = ctx.saved_tensors
         return _packed_backward(do, qkv, o, lse, *ctx.heads, ctx.causal, ctx.sm_scale), None, None, None, None
 
@@ -1098,7 +1088,7 @@ torch.library.register_autograd(f"fastlm::{_QKV_FORWARD_NAME}", _qkv_backward_ru
 def _causal(causal, fn: str) -> bool:
     if not isinstance(causal, bool):  # ("no" would be truthy: causal attention, silently)
         raise TypeError(f"{fn}: causal must be True or False, got {causal!r}")
-    return bool(causal)
+    return causal
 
 
 def _scale(softmax_scale, head_dim: int, fn: str) -> float:

@@ -49,7 +49,8 @@ import math
 import torch
 
 from .cross_entropy import (LOGIT_DTYPES, check_device, check_ignore_index, check_reduction, check_targets,
-                            grad_scale, launch, next_power_of_2, refuse_create_graph)
+                            grad_scale, launch, next_power_of_2)
+from .launch import refuse_create_graph
 
 OP = "fused_linear_cross_entropy"
 # A chunk's grad_weight update (K = rows) makes 2 * rows flops per (V, D) element and moves ~12 bytes for it
@@ -212,7 +213,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        refuse_create_graph(OP)
+        refuse_create_graph(OP, "torch.nn.functional.cross_entropy on F.linear")
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.reduction == "none":
             hidden, weight, bias, targets = ctx.saved_tensors

@@ -187,3 +187,13 @@ def aligned(tensors: tuple) -> tuple[bool, ...]:
 def _registered(hook) -> bool:
     # Triton 3.6 keeps hooks in a (possibly empty) HookChain; older versions used None or a function
     return hook is not None and getattr(hook, "calls", True) != []
+
+
+def refuse_create_graph(op: str, alternative: str) -> None:
+    """In a kernel's autograd backward: RuntimeError when asked to build a graph (create_graph=True turns
+    grad mode on inside a backward). The kernels' gradients carry none, so a second derivative through them
+    would be dropped without a word; `alternative` names the torch function that supports it."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: backward with create_graph=True (a second derivative) is not supported: "
+                           f"the gradient comes from Triton kernels, without a graph. HINT: use "
+                           f"{alternative} where second derivatives are needed")
