@@ -9,6 +9,10 @@ replaced by a stand-in that launches nothing. It compares, in the same run:
 - fastlm as it runs (launch plans: a call's direct launches replayed for later calls of the same layout);
 - fastlm with the plans switched off: every launch through the per-launch direct path (signature, options,
   grid function), what the code did before the plans;
+- fastlm with its launches through the Python half of Triton's CUDA launcher, given tensors, as they went
+  before they called its C half directly with addresses (kernels/launch.py `kernel_launcher`; what that
+  saves in the C half, a data_ptr() call and a driver query per tensor, shows only with real launches: the
+  GPU test at the end of this file);
 - the floor for any Python autograd Function: one that allocates its output and gradients and does
   nothing else (torch's own autograd machinery, which fastlm's path also pays);
 - and what a compiled model's graph calls instead, fastlm's forward and backward ops, against the same
@@ -32,7 +36,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
+import pytest
+import torch
 from conftest import ROOT, record
 
 SCRIPT = textwrap.dedent("""
@@ -41,11 +48,18 @@ SCRIPT = textwrap.dedent("""
     import fastlm.kernels
     fa = sys.modules["fastlm.kernels.flash_attention"]
 
-    class Compiled:  # a compiled kernel whose launcher launches nothing
+    from triton.backends.nvidia.driver import CudaLauncher
+    launch_mod = sys.modules["fastlm.kernels.launch"]
+
+    def launch(*args):  # Triton's generated C launcher, launching nothing
+        pass
+
+    class Compiled:  # a compiled kernel: Triton's CUDA launcher (its Python half) around that C function
         function, packed_metadata = "function", "metadata"
-        @staticmethod
-        def run(*args):
-            pass
+        run = CudaLauncher.__new__(CudaLauncher)
+        run.launch, run.num_ctas, run.global_scratch_size, run.profile_scratch_size = launch, 1, 0, 0
+        run.global_scratch_align = run.profile_scratch_align = 1
+        run.launch_cooperative_grid = run.launch_pdl = False
 
     class Jit:
         def __init__(self, fn):
@@ -88,12 +102,19 @@ SCRIPT = textwrap.dedent("""
     def step(attention):
         q.grad = k.grad = v.grad = None
         attention(q, k, v).backward(do)
+    def launch_through_triton(on):  # the kernels' launches through Triton's launcher, given tensors
+        launch_mod.RAW_LAUNCH = not on
+        fa._PLANS.clear()
+        for launcher in (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch, fa._BWD_KV_ATOMIC.launch):
+            launcher.kernels.clear()
+
     ways = {"plans": fastlm.kernels.flash_attention, "no plans": fastlm.kernels.flash_attention,
-            "floor": Floor.apply}
+            "plans, Triton's launcher": fastlm.kernels.flash_attention, "floor": Floor.apply}
     best = {name: float("inf") for name in ways}
     for _ in range(7):  # interleaved rounds, the best of each: the least disturbed by other processes
         for name, attention in ways.items():
-            fa._plans_apply = plans_apply if name == "plans" else (lambda: False)
+            fa._plans_apply = plans_apply if name.startswith("plans") else (lambda: False)
+            launch_through_triton(name == "plans, Triton's launcher")
             for _ in range(100):
                 step(attention)
             n = 1000
@@ -102,6 +123,7 @@ SCRIPT = textwrap.dedent("""
                 step(attention)
             best[name] = min(best[name], (time.perf_counter() - start) / n * 1e6)
     fa._plans_apply = plans_apply
+    launch_through_triton(False)
 
     # What a compiled graph calls: the forward op and, in the compiled backward, the backward op (grad
     # mode off, as AOTAutograd runs them), against the same functions declared with custom_op.
@@ -173,6 +195,8 @@ def test_attention_host_path():
     assert us["replays"] > 0  # the plans were used (not a silent fallback to the path without them)
     name = "attention host path per fwd+bwd (kernels stubbed out)"
     record(name, us["plans"], "us", "fastlm without launch plans", us["no plans"], higher_is_better=False)
+    record(name, us["plans"], "us", "the same through the Python half of Triton's launcher, given tensors",
+           us["plans, Triton's launcher"], higher_is_better=False)
     record(name, us["plans"], "us", "an autograd.Function that only allocates (the floor)", us["floor"],
            higher_is_better=False)
     print(f"  host time beyond the floor: {us['plans'] - us['floor']:.0f} us with plans, "
@@ -184,3 +208,62 @@ def test_attention_host_path():
            "us", "split into q, k, v views (the backward concatenates)", us["split"], higher_is_better=False)
     record(f"{ops}: the packed ops", us["packed ops"], "us", "the ops over split views", us["ops"],
            higher_is_better=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real launches need a CUDA GPU")
+def test_attention_host_time_on_gpu():
+    """The same path with its real launches, on a shape whose GPU work (B1 H1 T128) is far below the host's:
+    microseconds of wall time per forward + backward issued back to back, which is then the host's time.
+    fastlm as it runs (its direct launches call the C half of Triton's launcher, tensors given as
+    addresses) against the same launches through Triton's whole launcher (whose C half calls each
+    tensor's data_ptr() and asks the driver about the address), and against SDPA."""
+    import sys
+
+    from fastlm.kernels import flash_attention
+
+    import fastlm.kernels.launch as launch_mod
+
+    fa = sys.modules["fastlm.kernels.flash_attention"]
+    q, k, v, do = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+
+    def ours(a, b, c):
+        return flash_attention(a, b, c, causal=True)
+
+    def sdpa(a, b, c):
+        return torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)
+
+    def through_triton(on: bool) -> None:
+        launch_mod.RAW_LAUNCH = not on
+        fa._PLANS.clear()
+        for launcher in (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch, fa._BWD_KV_ATOMIC.launch,
+                         fa._PREP, fa._SCALE_CAST):
+            launcher.kernels.clear()
+
+    def step(fn):
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(do)
+
+    ways = {"raw": ours, "triton": ours, "sdpa": sdpa}
+    best = dict.fromkeys(ways, float("inf"))
+    try:
+        for _ in range(5):
+            for name, fn in ways.items():
+                through_triton(name == "triton")
+                for _ in range(20):
+                    step(fn)
+                torch.cuda.synchronize()
+                n = 300
+                start = time.perf_counter()
+                for _ in range(n):
+                    step(fn)
+                torch.cuda.synchronize()
+                best[name] = min(best[name], (time.perf_counter() - start) / n * 1e6)
+    finally:
+        through_triton(False)
+    name = (f"attention host time per fwd+bwd on {torch.cuda.get_device_name()} (B1 H1 T128, calls back to "
+            "back)")
+    record(name, best["raw"], "us", "the launches through Triton's whole launcher", best["triton"],
+           higher_is_better=False)
+    record(name, best["raw"], "us", "torch SDPA", best["sdpa"], higher_is_better=False)

@@ -26,11 +26,18 @@ passed to the launchers keeps each direct launch (kernel, grid, every non-tensor
 the call's tensors went where); later calls with the same key, one the op derives from what its launches
 depend on, replay them with their own tensors, one call of each kernel's launcher. The signature, the
 grid function, the tuning lookup and the argument lists are then built once per key instead of per launch.
+
+Both kinds of direct launch also go around the Python half of Triton's CUDA launcher and give the C half
+addresses instead of tensors (`kernel_launcher`): for every tensor argument of every launch, that C half
+calls the tensor's `data_ptr()` method and asks the driver (cuPointerGetAttribute) whether the address is
+device memory, a Python call and a driver call per tensor. The tensors of a direct launch are CUDA
+tensors of the current device already (the ops check their inputs and allocate their outputs beside them).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 from triton import knobs
 
 # distinct signatures kept per kernel before the cache is emptied (varying shapes would grow it forever)
@@ -52,6 +59,35 @@ def signature(args: tuple, kwargs: dict) -> tuple:
             sig.append((kind, a))
     sig.append(tuple(kwargs.items()))
     return tuple(sig)
+
+
+# The launcher layout `kernel_launcher` knows: Triton 3.6's CudaLauncher (triton/backends/nvidia/driver.py).
+_RAW_LAUNCHER_VERSIONS = ("3.6.",)
+RAW_LAUNCH = True  # (switched off by the benchmarks, to compare the two paths in one run)
+
+
+def kernel_launcher(run) -> tuple:
+    """(launch, head, addresses) for a compiled kernel's launcher `run` (CompiledKernel.run): a direct
+    launch calls `launch(grid_x, grid_y, grid_z, stream, function, *head, packed_metadata, launch_metadata,
+    enter_hook, exit_hook, *args)`, with each tensor argument given as its address where `addresses`.
+
+    For Triton 3.6's CUDA launcher, `launch` is its C function, `head` what the launcher's Python
+    `__call__` would put before the metadata (the cooperative-grid and PDL flags, no scratch buffers) and
+    the tensors go as addresses: a launch skips that Python frame (and the two scratch allocators it asks
+    for a kernel that needs none), and the C function's data_ptr() call and driver query per tensor.
+    Anything else (a kernel that needs scratch memory, a launcher that unpacks tensor descriptors in
+    Python, another Triton version or backend, RAW_LAUNCH off) keeps `run` itself, given tensors: the
+    launch Triton makes, less its per-call Python path."""
+    fits = (RAW_LAUNCH and triton.__version__.startswith(_RAW_LAUNCHER_VERSIONS)
+            and type(run).__name__ == "CudaLauncher"
+            and getattr(run, "global_scratch_size", None) == 0
+            and getattr(run, "profile_scratch_size", None) == 0
+            # (the generated C function, not the Python wrapper that unpacks tensor descriptors)
+            and getattr(getattr(run, "launch", None), "__name__", None) == "launch"
+            and hasattr(run, "launch_cooperative_grid") and hasattr(run, "launch_pdl"))
+    if not fits:
+        return run, (), False
+    return run.launch, (run.launch_cooperative_grid, run.launch_pdl, None, None), True
 
 
 class CachedLauncher:
@@ -85,19 +121,26 @@ class CachedLauncher:
             if hasattr(kernel, "packed_metadata") and all(name in kwargs for name in tail):
                 if len(self.kernels) >= MAX_SIGNATURES:
                     self.kernels.clear()
-                self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata, tail)
+                launch, head, addresses = kernel_launcher(kernel.run)
+                pointers = tuple(i for i, a in enumerate(args) if addresses and isinstance(a, torch.Tensor))
+                self.kernels[key] = (launch, head, kernel.function, kernel.packed_metadata, tail, pointers)
             if recording is not None:
                 recording.missed()
             return
-        run, function, metadata, tail = found
+        launch, head, function, metadata, tail, pointers = found
         grid = grid(kwargs) if callable(grid) else grid
         grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         tail_values = tuple(kwargs[name] for name in tail)
+        values = list(args)
+        for i in pointers:
+            values[i] = args[i].data_ptr()
         # no launch metadata and no enter/exit hooks: none is registered (checked above)
-        run(*grid, self.current_stream(device), function, metadata, None, None, None, *args, *tail_values)
+        launch(*grid, self.current_stream(device), function, *head, metadata, None, None, None, *values,
+               *tail_values)
         self.hits += 1
         if recording is not None:
-            recording.add(self, device, run, function, metadata, grid, args, tail_values)
+            recording.add(self, device, (launch, head, bool(pointers)), function, metadata, grid, args,
+                          tail_values)
 
 
 def direct_launches_allowed(*fns) -> bool:
@@ -128,8 +171,9 @@ class Recording:
     def missed(self) -> None:
         self.complete = False
 
-    def add(self, launcher: CachedLauncher, device, run, function, metadata, grid: tuple, args: tuple,
+    def add(self, launcher: CachedLauncher, device, run: tuple, function, metadata, grid: tuple, args: tuple,
             tail_values: tuple) -> None:
+        """run: kernel_launcher's (launch, head, addresses) (addresses: whether this launch takes any)."""
         n = 0
         while n < len(args) and isinstance(args[n], torch.Tensor):
             n += 1
@@ -173,8 +217,9 @@ class LaunchPlan:
         if not direct_launches_allowed(*self.fns) or self.current_device() != self.device:
             return False
         stream = self.current_stream(self.device)
-        for run, function, metadata, (x, y, z), slots, scalars in self.launches:
-            run(x, y, z, stream, function, metadata, None, None, None, *[tensors[i] for i in slots], *scalars)
+        for (launch, head, addresses), function, metadata, (x, y, z), slots, scalars in self.launches:
+            launch(x, y, z, stream, function, *head, metadata, None, None, None,
+                   *[tensors[i].data_ptr() if addresses else tensors[i] for i in slots], *scalars)
         self.replays += 1
         return True
 
