@@ -106,6 +106,10 @@ class ParallelSection:
                                       "again for its backward)", True)
     activation_checkpointing: str = doc("none | full | selective (every other block)", "none")
     compile: bool = doc("torch.compile each block", False)
+    cuda_graphs: bool = doc("one process on a GPU, with compile: each compiled block's forward and backward "
+                            "replay as CUDA graphs (torch.compile's reduce-overhead mode), one launch "
+                            "instead of one per kernel: less host work per step, which is what limits "
+                            "small models; not with activation checkpointing", False)
 
 
 @dataclass
@@ -324,6 +328,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: optim.betas[{i}] must be in [0, 1), found {beta}")
     if cfg.schedule.min_lr > cfg.optim.lr:
         raise ConfigError(f"{src}: schedule.min_lr ({cfg.schedule.min_lr}) exceeds optim.lr ({cfg.optim.lr})")
+    if cfg.parallel.cuda_graphs and not cfg.parallel.compile:
+        raise ConfigError(f"{src}: parallel.cuda_graphs needs parallel.compile: true (the graphs are those "
+                          f"of the compiled blocks); found parallel.compile: false")
+    if cfg.parallel.cuda_graphs and cfg.parallel.activation_checkpointing != "none":
+        raise ConfigError(f"{src}: parallel.cuda_graphs does not go with activation checkpointing (found "
+                          f"parallel.activation_checkpointing: {cfg.parallel.activation_checkpointing}); "
+                          f"set one of them off")
     profile_window(cfg)
 
 

@@ -85,10 +85,10 @@ def teardown_distributed() -> None:
 def parallelize(model, pcfg: ParallelSection, d: Dist, param_dtype: torch.dtype) -> None:
     """Apply, in order: activation checkpointing (recompute inside the block, so it composes with FSDP's
     per-block gather), per-block torch.compile (before sharding, so compiled code sees plain modules
-    wrapped by FSDP's hooks), then, with several processes, FSDP2 per block and the root (bf16/fp16
-    compute with fp32 gradient reduction) or, with parallel.fsdp off, DDP through the composable
-    `replicate` (the model keeps its class and parameter names; fp32 gradients all-reduced in buckets
-    during the backward; mixed precision is the caller's autocast).
+    wrapped by FSDP's hooks; with cuda_graphs, replayed as CUDA graphs), then, with several processes,
+    FSDP2 per block and the root (bf16/fp16 compute with fp32 gradient reduction) or, with parallel.fsdp
+    off, DDP through the composable `replicate` (the model keeps its class and parameter names; fp32
+    gradients all-reduced in buckets during the backward; mixed precision is the caller's autocast).
 
     Why both: FSDP2 keeps a 1/N share of parameters, gradients and optimizer state per rank but runs
     Python hooks around every block and gathers each block's parameters (twice with
@@ -99,8 +99,12 @@ def parallelize(model, pcfg: ParallelSection, d: Dist, param_dtype: torch.dtype)
         for i, block in enumerate(model.blocks):
             block.checkpointing = pcfg.activation_checkpointing == "full" or i % 2 == 0
     if pcfg.compile:
+        # reduce-overhead: inductor captures each compiled graph (a block's forward, its backward) as a CUDA
+        # graph on its second call and replays it after; the training loop marks where a step begins
+        # (mark_step_begin), after which the graphs may overwrite the previous step's outputs
+        mode = "reduce-overhead" if pcfg.cuda_graphs else None
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=mode)
     if pcfg.fsdp and d.mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -241,6 +241,14 @@ def config_dict(cfg: Config) -> dict:
     return out
 
 
+def new_graph_step(cfg: Config) -> None:
+    """With parallel.cuda_graphs, before each forward (a micro batch's, an evaluation batch's): tells
+    torch.compile's CUDA graphs that the tensors they gave out before are no longer needed, so their
+    replays may write over them (the loop keeps only the loss, which the graphs do not compute)."""
+    if cfg.parallel.cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 @torch.no_grad()
 def evaluate(model, cfg: Config, d: Dist, val_dataset, autocast) -> tuple[float, int]:
     """Mean loss over the validation set (or its first eval_batches micro batches), split over ranks."""
@@ -262,6 +270,7 @@ def evaluate(model, cfg: Config, d: Dist, val_dataset, autocast) -> tuple[float,
         rows = np.stack([val_dataset[i][val_dataset.sample_key] for i in idx])
         check_token_ids(rows, idx, val_dataset, cfg.model.vocab_size)
         rows = torch.from_numpy(rows).to(d.device)
+        new_graph_step(cfg)
         with autocast:
             _, loss = model(rows[:, :-1], rows[:, 1:])
         loss_sum += weight * loss.double() * rows[:, 1:].numel()
@@ -546,6 +555,12 @@ def train(cfg: Config, d: Dist) -> int:
                 raise ConfigError(f"{cfg.source}: model.{key} is {impl}, whose Triton kernels need a CUDA "
                                   f"device, but this run is on {d.device.type}; set model.{key}: auto "
                                   f"({choice} off CUDA) or {choice}")
+    if cfg.parallel.cuda_graphs and (d.device.type != "cuda" or d.enabled):
+        where = (f"this run is on {d.device.type}" if d.device.type != "cuda" else
+                 f"this run has a process group of {d.world_size} (FSDP's and DDP's hooks and collectives "
+                 f"run between the blocks' kernels)")
+        raise ConfigError(f"{cfg.source}: parallel.cuda_graphs needs one process on a CUDA device, but "
+                          f"{where}; set parallel.cuda_graphs: false")
     dtype = DTYPES[cfg.precision]
     if cfg.run.deterministic:
         make_deterministic()
@@ -704,6 +719,7 @@ def train(cfg: Config, d: Dist) -> int:
                     # the next step gathers what it wrote. With resharding, the memory it saves comes first.
                     model.set_reshard_after_backward(last or cfg.parallel.reshard_after_forward)
                 x, y = loader.next()
+                new_graph_step(cfg)
                 with autocast:
                     _, loss = model(x, y)
                 scaled = loss / derived.grad_accum_steps

@@ -505,6 +505,48 @@ def test_cuda_device_without_cuda_is_a_config_error(monkeypatch):
         setup_distributed("cuda", "x.yaml")
 
 
+def test_cuda_graphs_need_compiled_blocks_one_gpu_and_one_process(tmp_path):
+    import torch
+
+    from fastlm.parallel import Dist
+    from fastlm.train import train as run_training
+
+    cfg = ROOT / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"parallel.cuda_graphs needs parallel.compile: true .* found "
+                                          r"parallel.compile: false"):
+        load_config(cfg, ["parallel.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match=r"parallel.cuda_graphs does not go with activation checkpointing "
+                                          r"\(found parallel.activation_checkpointing: selective\)"):
+        load_config(cfg, ["parallel.compile=true", "parallel.cuda_graphs=true",
+                          "parallel.activation_checkpointing=selective"])
+    graphs = ["parallel.compile=true", "parallel.cuda_graphs=true"]
+    err = fails_at_start(tmp_path, *graphs, "run.device=cpu")
+    assert ("parallel.cuda_graphs needs one process on a CUDA device, but this run is on cpu; set "
+            "parallel.cuda_graphs: false") in err, err
+    assert not (tmp_path / "run").exists()
+    # several processes (refused before anything touches the device)
+    with pytest.raises(ConfigError, match=r"this run has a process group of 2 \(FSDP's and DDP's hooks"):
+        run_training(load_config(cfg, graphs), Dist(world_size=2, device=torch.device("cuda", 0)))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_train_as_the_blocks_launched_one_by_one(tmp_path):
+    """parallel.cuda_graphs replays each compiled block's forward and backward as CUDA graphs (inductor
+    warns "skipping cudagraphs" where it cannot, which this run must not do): the same kernels, so the
+    same losses as the blocks' kernels launched one by one, with evaluation (no-grad graphs) between
+    steps and the Triton attention and fused loss of a GPU run."""
+    gpu = ["run.device=cuda", "precision=bf16", "run.deterministic=true", "model.attention=triton",
+           "model.loss=fused", "target.steps=8", "intervals.eval=4", "parallel.compile=true"]
+    train(tmp_path, *gpu, name="launched")
+    r = train(tmp_path, *gpu, "parallel.cuda_graphs=true", name="graphs", env={"TORCH_LOGS": "perf_hints"})
+    assert "skipping cudagraphs" not in r.stderr, r.stderr[-3000:]
+    launched, graphs = losses(tmp_path / "launched"), losses(tmp_path / "graphs")
+    assert sorted(graphs) == list(range(1, 9)) and graphs == launched, (graphs, launched)
+    evals = [[x["val_loss"] for x in records(tmp_path / name) if x["event"] == "eval"]
+             for name in ("launched", "graphs")]
+    assert len(evals[1]) == 2 and evals[0] == evals[1], evals
+
+
 def test_profile_steps_write_a_summary_and_a_trace(tmp_path):
     train(tmp_path, "target.steps=5", "logging.profile_steps=[2, 3]", name="prof")
     run = tmp_path / "prof"
