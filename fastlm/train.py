@@ -293,9 +293,9 @@ def make_optimizer(model, cfg: Config) -> torch.optim.AdamW:
 
 
 def optimizer_step(optimizer, scaler, params: list, grad_clip: float, skip_nonfinite: bool,
-                   step_loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Unscale (fp16), clip and apply the accumulated gradients, then zero them. Returns the gradient
-    norm and whether the step was applied.
+                   step_loss: torch.Tensor, keep_grads: bool = False) -> tuple[torch.Tensor, bool]:
+    """Unscale (fp16), clip and apply the accumulated gradients, then zero them (in place with
+    keep_grads, else they are freed). Returns the gradient norm and whether the step was applied.
 
     With skip_nonfinite, a step whose loss or gradient norm is not finite is dropped (a host sync per
     step). The fp16 scaler is updated on that path too: update() lowers the scale after the inf it saw, and
@@ -321,7 +321,7 @@ def optimizer_step(optimizer, scaler, params: list, grad_clip: float, skip_nonfi
         scaler.update()
     else:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
     return grad_norm, applied
 
 
@@ -694,6 +694,14 @@ def train(cfg: Config, d: Dist) -> int:
 
     # ---- the loop -------------------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.parallel.cuda_graphs:
+        # A parameter without a gradient takes the backward's output tensor as its .grad (autograd's
+        # AccumulateGrad keeps it instead of copying). Out of a CUDA graph that tensor is the graph's
+        # memory, which its next replay overwrites: with accumulation, the next micro batch would write
+        # over the gradient summed so far (pytorch/pytorch#169545). Gradients that exist from the start,
+        # zeroed in place after each step, take every backward's output by an in-place add instead.
+        for p in params:
+            p.grad = torch.zeros_like(p)
     # throughput: the steps since t_last (evaluations and checkpoints restart the clock)
     t_last, steps_timed, step = time.perf_counter(), 0, start_step
     if d.device.type == "cuda":
@@ -727,7 +735,8 @@ def train(cfg: Config, d: Dist) -> int:
                 loss_sum += loss.detach()
             step_loss = loss_sum / derived.grad_accum_steps
             grad_norm, applied = optimizer_step(optimizer, scaler, params, cfg.optim.grad_clip,
-                                                cfg.optim.skip_nonfinite, step_loss)
+                                                cfg.optim.skip_nonfinite, step_loss,
+                                                keep_grads=cfg.parallel.cuda_graphs)
             step += 1
             steps_timed += 1
             if applied:

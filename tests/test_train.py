@@ -529,14 +529,34 @@ def test_cuda_graphs_need_compiled_blocks_one_gpu_and_one_process(tmp_path):
         run_training(load_config(cfg, graphs), Dist(world_size=2, device=torch.device("cuda", 0)))
 
 
+def test_with_cuda_graphs_gradients_are_kept_and_zeroed_in_place():
+    # (with parallel.cuda_graphs a backward must add into .grad tensors of the run's own, never leave the
+    # graph's output tensor there: see the GPU test below)
+    import torch
+
+    from fastlm.train import optimizer_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([w], lr=0.1)
+    for keep in (True, False):
+        w.grad = torch.zeros_like(w)
+        buffer = w.grad
+        (w * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+        assert w.grad is buffer  # added in place
+        optimizer_step(optimizer, None, [w], 1.0, False, torch.tensor(1.0), keep_grads=keep)
+        assert (w.grad is buffer and not buffer.any()) if keep else w.grad is None
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graphs_train_as_the_blocks_launched_one_by_one(tmp_path):
     """parallel.cuda_graphs replays each compiled block's forward and backward as CUDA graphs (inductor
     warns "skipping cudagraphs" where it cannot, which this run must not do): the same kernels, so the
     same losses as the blocks' kernels launched one by one, with evaluation (no-grad graphs) between
-    steps and the Triton attention and fused loss of a GPU run."""
+    steps, the Triton attention and fused loss of a GPU run, and two micro batches a step (whose
+    gradients a graph's replay would overwrite if a parameter's .grad were the graph's output tensor)."""
     gpu = ["run.device=cuda", "precision=bf16", "run.deterministic=true", "model.attention=triton",
-           "model.loss=fused", "target.steps=8", "intervals.eval=4", "parallel.compile=true"]
+           "model.loss=fused", "target.steps=8", "intervals.eval=4", "parallel.compile=true",
+           "batch.grad_accum_steps=2"]
     train(tmp_path, *gpu, name="launched")
     r = train(tmp_path, *gpu, "parallel.cuda_graphs=true", name="graphs", env={"TORCH_LOGS": "perf_hints"})
     assert "skipping cudagraphs" not in r.stderr, r.stderr[-3000:]
