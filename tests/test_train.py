@@ -547,6 +547,30 @@ def test_with_cuda_graphs_gradients_are_kept_and_zeroed_in_place():
         assert (w.grad is buffer and not buffer.any()) if keep else w.grad is None
 
 
+def test_the_cuda_graphs_loop_on_cpu_trains_as_the_default_one(tmp_path):
+    """The loop's side of parallel.cuda_graphs run on CPU, its device check lifted: the blocks compiled in
+    reduce-overhead mode (inductor makes no graphs off CUDA), a graph step marked before each forward and
+    the gradients kept and zeroed in place, with two micro batches a step and an evaluation between
+    steps: the same losses as the default loop's. (The graphs themselves: the GPU test below.)"""
+    from fastlm import train as fastlm_train
+
+    run = [str(ROOT / "configs" / "tiny.yaml"), *BASE, f"run.output_dir={tmp_path}", "parallel.compile=true",
+           "batch.grad_accum_steps=2", "target.steps=3", "intervals.eval=2"]
+    marks = []
+    # (in this process: keep_freed_host_memory would change malloc for the whole test session)
+    with (mock.patch.object(fastlm_train, "keep_freed_host_memory", lambda: False),
+          contextlib.redirect_stdout(io.StringIO())):
+        assert fastlm_train.main([*run, "run.name=default"]) == 0
+        with (mock.patch.object(fastlm_train, "check_cuda_graphs", lambda cfg, d: None),
+              mock.patch("torch.compiler.cudagraph_mark_step_begin", lambda: marks.append(1))):
+            assert fastlm_train.main([*run, "run.name=graphs", "parallel.cuda_graphs=true"]) == 0
+    assert losses(tmp_path / "graphs") == losses(tmp_path / "default")
+    evals = [[x["val_loss"] for x in records(tmp_path / name) if x["event"] == "eval"]
+             for name in ("default", "graphs")]
+    assert evals[0] == evals[1] and len(evals[0]) == 2
+    assert len(marks) == 3 * 2 + 2 * 2  # a forward per micro batch, one per evaluation batch (2 x 2)
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graphs_train_as_the_blocks_launched_one_by_one(tmp_path):
     """parallel.cuda_graphs replays each compiled block's forward and backward as CUDA graphs (inductor
