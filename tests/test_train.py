@@ -211,7 +211,7 @@ def test_ddp_trains_like_fsdp_and_their_checkpoints_load_into_each_other(tmp_pat
             assert again == pytest.approx({s: reference[s] for s in again}, abs=1e-5), (name, again)
 
 
-def test_ddp_with_compiled_blocks_does_not_cut_them_at_bucket_edges(tmp_path, monkeypatch):
+def test_ddp_with_compiled_blocks_does_not_cut_them_at_bucket_edges(tmp_path):
     # Inside a DDP forward torch.compile would split every block's graph at DDP's bucket edges (seen: two
     # compiled pieces per block at width 512); compiled per block, fastlm turns that off
     import torch
@@ -221,17 +221,20 @@ def test_ddp_with_compiled_blocks_does_not_cut_them_at_bucket_edges(tmp_path, mo
     from fastlm.model import GPT
     from fastlm.parallel import Dist, parallelize
 
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        d = Dist(mesh=init_device_mesh("cpu", (1,)))
-        for compile_blocks in (False, True):
-            cfg = load_config(ROOT / "configs" / "tiny.yaml",
-                              ["parallel.fsdp=false", f"parallel.compile={str(compile_blocks).lower()}"])
-            parallelize(GPT(cfg.model), cfg.parallel, d, torch.float32)
-            assert torch._dynamo.config.optimize_ddp is (not compile_blocks)
-    finally:
-        dist.destroy_process_group()
+    # (config.patch, not monkeypatch: monkeypatch's undo leaves torch 2.13's optimize_ddp unreadable, and
+    # every later torch.compile in this process reads it)
+    with torch._dynamo.config.patch(optimize_ddp=True):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                                world_size=1)
+        try:
+            d = Dist(mesh=init_device_mesh("cpu", (1,)))
+            for compile_blocks in (False, True):
+                cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                                  ["parallel.fsdp=false", f"parallel.compile={str(compile_blocks).lower()}"])
+                parallelize(GPT(cfg.model), cfg.parallel, d, torch.float32)
+                assert torch._dynamo.config.optimize_ddp is (not compile_blocks)
+        finally:
+            dist.destroy_process_group()
 
 
 def test_resume_auto_ignores_an_interrupted_checkpoint(tmp_path):
@@ -552,6 +555,8 @@ def test_the_cuda_graphs_loop_on_cpu_trains_as_the_default_one(tmp_path):
     reduce-overhead mode (inductor makes no graphs off CUDA), a graph step marked before each forward and
     the gradients kept and zeroed in place, with two micro batches a step and an evaluation between
     steps: the same losses as the default loop's. (The graphs themselves: the GPU test below.)"""
+    import torch
+
     from fastlm import train as fastlm_train
 
     run = [str(ROOT / "configs" / "tiny.yaml"), *BASE, f"run.output_dir={tmp_path}", "parallel.compile=true",
@@ -560,10 +565,13 @@ def test_the_cuda_graphs_loop_on_cpu_trains_as_the_default_one(tmp_path):
     # (in this process: keep_freed_host_memory would change malloc for the whole test session)
     with (mock.patch.object(fastlm_train, "keep_freed_host_memory", lambda: False),
           contextlib.redirect_stdout(io.StringIO())):
-        assert fastlm_train.main([*run, "run.name=default"]) == 0
-        with (mock.patch.object(fastlm_train, "check_cuda_graphs", lambda cfg, d: None),
-              mock.patch("torch.compiler.cudagraph_mark_step_begin", lambda: marks.append(1))):
-            assert fastlm_train.main([*run, "run.name=graphs", "parallel.cuda_graphs=true"]) == 0
+        try:
+            assert fastlm_train.main([*run, "run.name=default"]) == 0
+            with (mock.patch.object(fastlm_train, "check_cuda_graphs", lambda cfg, d: None),
+                  mock.patch("torch.compiler.cudagraph_mark_step_begin", lambda: marks.append(1))):
+                assert fastlm_train.main([*run, "run.name=graphs", "parallel.cuda_graphs=true"]) == 0
+        finally:
+            torch._dynamo.reset()  # (the compiled blocks stay out of later tests in this process)
     assert losses(tmp_path / "graphs") == losses(tmp_path / "default")
     evals = [[x["val_loss"] for x in records(tmp_path / name) if x["event"] == "eval"]
              for name in ("default", "graphs")]
