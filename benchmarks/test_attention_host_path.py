@@ -104,9 +104,7 @@ SCRIPT = textwrap.dedent("""
         attention(q, k, v).backward(do)
     def launch_through_triton(on):  # the kernels' launches through Triton's launcher, given tensors
         launch_mod.RAW_LAUNCH = not on
-        fa._PLANS.clear()
-        for launcher in (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch, fa._BWD_KV_ATOMIC.launch):
-            launcher.kernels.clear()
+        fa.forget_launches()
 
     ways = {"plans": fastlm.kernels.flash_attention, "no plans": fastlm.kernels.flash_attention,
             "plans, Triton's launcher": fastlm.kernels.flash_attention, "floor": Floor.apply}
@@ -236,10 +234,7 @@ def test_attention_host_time_on_gpu():
 
     def through_triton(on: bool) -> None:
         launch_mod.RAW_LAUNCH = not on
-        fa._PLANS.clear()
-        for launcher in (fa._FWD.launch, fa._BWD_Q.launch, fa._BWD_KV.launch, fa._BWD_KV_ATOMIC.launch,
-                         fa._PREP, fa._SCALE_CAST):
-            launcher.kernels.clear()
+        fa.forget_launches()
 
     def step(fn):
         q.grad = k.grad = v.grad = None

@@ -543,18 +543,9 @@ def parse_args(argv):
     return args
 
 
-def check_cuda_graphs(cfg: Config, d: Dist) -> None:
-    """parallel.cuda_graphs runs on one process with a CUDA device; else a ConfigError saying why."""
-    if cfg.parallel.cuda_graphs and (d.device.type != "cuda" or d.enabled):
-        where = (f"this run is on {d.device.type}" if d.device.type != "cuda" else
-                 f"this run has a process group of {d.world_size} (FSDP's and DDP's hooks and collectives "
-                 f"run between the blocks' kernels)")
-        raise ConfigError(f"{cfg.source}: parallel.cuda_graphs needs one process on a CUDA device, but "
-                          f"{where}; set parallel.cuda_graphs: false")
-
-
-def train(cfg: Config, d: Dist) -> int:
-    # ---- set-up ---------------------------------------------------------------------------------------
+def check_device(cfg: Config, d: Dist) -> None:
+    """ConfigError, saying why, for a setting this run's device or processes cannot run: bf16/fp16 and the
+    Triton kernels off CUDA, CUDA graphs off CUDA or with a process group."""
     if d.device.type != "cuda" and cfg.precision != "fp32":
         raise ConfigError(f"{cfg.source}: precision {cfg.precision} needs a CUDA device; "
                           f"set precision: fp32 on CPU")
@@ -565,7 +556,17 @@ def train(cfg: Config, d: Dist) -> int:
                 raise ConfigError(f"{cfg.source}: model.{key} is {impl}, whose Triton kernels need a CUDA "
                                   f"device, but this run is on {d.device.type}; set model.{key}: auto "
                                   f"({choice} off CUDA) or {choice}")
-    check_cuda_graphs(cfg, d)
+    if cfg.parallel.cuda_graphs and (d.device.type != "cuda" or d.enabled):
+        where = (f"this run is on {d.device.type}" if d.device.type != "cuda" else
+                 f"this run has a process group of {d.world_size} (FSDP's and DDP's hooks and collectives "
+                 f"run between the blocks' kernels)")
+        raise ConfigError(f"{cfg.source}: parallel.cuda_graphs needs one process on a CUDA device, but "
+                          f"{where}; set parallel.cuda_graphs: false")
+
+
+def train(cfg: Config, d: Dist) -> int:
+    # ---- set-up ---------------------------------------------------------------------------------------
+    check_device(cfg, d)
     dtype = DTYPES[cfg.precision]
     if cfg.run.deterministic:
         make_deterministic()

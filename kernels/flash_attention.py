@@ -687,6 +687,14 @@ def _planned(key: tuple | None, tensors: tuple, launch) -> None:
         _PLANS[key] = plan
 
 
+def forget_launches() -> None:
+    """Drop the kept direct launches and the plans made of them; the next calls go through Triton once and
+    keep them again (after a change of how a kept launch is made: launch.RAW_LAUNCH)."""
+    _PLANS.clear()
+    for launcher in (_FWD.launch, _BWD_Q.launch, _BWD_KV.launch, _BWD_KV_ATOMIC.launch, _PREP, _SCALE_CAST):
+        launcher.kernels.clear()
+
+
 def _plans_apply() -> bool:
     # where launches are direct: not under the interpreter, nor while dynamo traces them
     return _FWD.launch.direct and not torch.compiler.is_compiling()

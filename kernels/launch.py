@@ -131,9 +131,11 @@ class CachedLauncher:
         grid = grid(kwargs) if callable(grid) else grid
         grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         tail_values = tuple(kwargs[name] for name in tail)
-        values = list(args)
-        for i in pointers:
-            values[i] = args[i].data_ptr()
+        values = args
+        if pointers:
+            values = list(args)
+            for i in pointers:
+                values[i] = args[i].data_ptr()
         # no launch metadata and no enter/exit hooks: none is registered (checked above)
         launch(*grid, self.current_stream(device), function, *head, metadata, None, None, None, *values,
                *tail_values)

@@ -567,7 +567,7 @@ def test_the_cuda_graphs_loop_on_cpu_trains_as_the_default_one(tmp_path):
           contextlib.redirect_stdout(io.StringIO())):
         try:
             assert fastlm_train.main([*run, "run.name=default"]) == 0
-            with (mock.patch.object(fastlm_train, "check_cuda_graphs", lambda cfg, d: None),
+            with (mock.patch.object(fastlm_train, "check_device", lambda cfg, d: None),
                   mock.patch("torch.compiler.cudagraph_mark_step_begin", lambda: marks.append(1))):
                 assert fastlm_train.main([*run, "run.name=graphs", "parallel.cuda_graphs=true"]) == 0
         finally:
