@@ -214,9 +214,14 @@ def test_attention_host_time_on_gpu():
     microseconds of wall time per forward + backward issued back to back, which is then the host's time.
     fastlm as it runs (its direct launches call the C half of Triton's launcher, tensors given as
     addresses) against the same launches through Triton's whole launcher (whose C half calls each
-    tensor's data_ptr() and asks the driver about the address), and against SDPA."""
-    import sys
+    tensor's data_ptr() and asks the driver about the address), and against SDPA.
 
+    Two more rows take that time apart, since the stubbed benchmark above (CPU tensors, nothing launched)
+    has measured far less than a real call costs on a GPU's host: fastlm with its launch plans' launches
+    replaced by a function that does nothing (CUDA tensors and everything else real: what the launches
+    themselves cost), and the floor with CUDA tensors (an autograd Function that only allocates its output
+    and gradients: what torch's autograd costs any Python Function there, the backward run by the device's
+    autograd thread)."""
     from fastlm.kernels import flash_attention
 
     import fastlm.kernels.launch as launch_mod
@@ -232,33 +237,69 @@ def test_attention_host_time_on_gpu():
     def sdpa(a, b, c):
         return torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)
 
-    def through_triton(on: bool) -> None:
-        launch_mod.RAW_LAUNCH = not on
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, c):
+            ctx.save_for_backward(a, b, c)
+            return torch.empty_like(a)
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b, c = ctx.saved_tensors
+            return torch.empty_like(a), torch.empty_like(b), torch.empty_like(c)
+
+    def nothing(*args):  # in place of the C launcher: launches nothing
+        pass
+
+    kept: dict = {}
+
+    def set_up(name: str) -> None:
+        for plan, launches in kept.items():  # the real launches back
+            plan.launches = launches
+        kept.clear()
+        launch_mod.RAW_LAUNCH = name != "triton"
         fa.forget_launches()
+        if name == "stubbed":
+            for _ in range(3):  # the plans, made of real launches
+                step(ours)
+            for plan in fa._PLANS.values():
+                kept[plan] = plan.launches
+                plan.launches = tuple(((nothing, head, addresses), *rest)
+                                      for (_, head, addresses), *rest in plan.launches)
 
     def step(fn):
         q.grad = k.grad = v.grad = None
         fn(q, k, v).backward(do)
 
-    ways = {"raw": ours, "triton": ours, "sdpa": sdpa}
+    ways = {"raw": ours, "triton": ours, "stubbed": ours, "floor": Floor.apply, "sdpa": sdpa}
     best = dict.fromkeys(ways, float("inf"))
+    replays = 0
     try:
         for _ in range(5):
             for name, fn in ways.items():
-                through_triton(name == "triton")
+                set_up(name)
                 for _ in range(20):
                     step(fn)
                 torch.cuda.synchronize()
                 n = 300
+                before = sum(plan.replays for plan in kept)
                 start = time.perf_counter()
                 for _ in range(n):
                     step(fn)
                 torch.cuda.synchronize()
                 best[name] = min(best[name], (time.perf_counter() - start) / n * 1e6)
+                replays += sum(plan.replays for plan in kept) - before
     finally:
-        through_triton(False)
+        set_up("raw")
+    # every stubbed call replayed its forward's and its backward's plan (none launched through Triton)
+    assert replays == 5 * 300 * 2, f"stubbed calls replayed {replays} plans, expected {5 * 300 * 2}"
     name = (f"attention host time per fwd+bwd on {torch.cuda.get_device_name()} (B1 H1 T128, calls back to "
             "back)")
     record(name, best["raw"], "us", "the launches through Triton's whole launcher", best["triton"],
            higher_is_better=False)
     record(name, best["raw"], "us", "torch SDPA", best["sdpa"], higher_is_better=False)
+    record(name, best["raw"], "us", "the same with its launches stubbed out (what the launches cost)",
+           best["stubbed"], higher_is_better=False)
+    record(f"{name}, launches stubbed out", best["stubbed"], "us",
+           "an autograd.Function that only allocates, on CUDA (the floor)", best["floor"],
+           higher_is_better=False)
