@@ -9,6 +9,7 @@ with a static .pth file instead of an import hook: the hook setuptools installs 
 fnmatch from site), a quarter of a `fastlm data create_raw_index` run on 200 MB.
 """
 import glob
+import os
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext, naive_recompile
 from setuptools import setup
@@ -26,13 +27,35 @@ ext = Pybind11Extension(
     extra_link_args=["-pthread"],
 )
 
+
+def attention_host_extension():
+    """fastlm._attention_host (kernels/attention_host.cpp): flash attention's eager host path in C++, built
+    against the torch of this environment where there is one (a data-only install has none: that extension
+    is optional, the kernels fall back to their Python path without it). FASTLM_NO_TORCH_EXT=1 skips it."""
+    if os.environ.get("FASTLM_NO_TORCH_EXT") == "1":
+        return []
+    try:
+        import torch
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        return []
+    name = "_attention_host"
+    return [CppExtension(
+        f"fastlm.{name}", ["kernels/attention_host.cpp"],
+        extra_compile_args=["-O2", "-g0", "-std=c++20", f"-DTORCH_EXTENSION_NAME={name}",
+                            "-DTORCH_API_INCLUDE_EXTENSION_H",
+                            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"],
+    )]
+
+
 setup(
     name="fastlm",
     version="0.1.0",
     description="Fast, sturdy LLM pretraining: native data pipeline, Triton kernels, FSDP2 training",
     packages=["fastlm", "fastlm.data", "fastlm.kernels"],
     package_dir={"": "."},
-    ext_modules=[ext],
+    package_data={"fastlm.kernels": ["*.cpp"]},
+    ext_modules=[ext, *attention_host_extension()],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",
     install_requires=["numpy<2.4", "pyyaml", "tqdm", "tokenizers"],

@@ -38,7 +38,9 @@ import triton.language as tl
 
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from .launch import CachedLauncher, LaunchPlan, Recording, aligned, refuse_create_graph
+from . import launch as launch_module
+from .launch import (CachedLauncher, LaunchPlan, Recording, aligned, direct_launches_allowed,
+                     refuse_create_graph)
 
 # Read once: @triton.jit decides at import time whether the kernels are compiled or interpreted.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -665,18 +667,31 @@ DQ_TIMES: dict[tuple, dict[str, float]] = {}
 # causal, the softmax scale, the program order (`_heavy_first`), deterministic mode (fixed tilings) and,
 # for a backward, its dq mode. The tilings autotuning chose never change once chosen (a test that makes a
 # kernel tune again empties _PLANS too).
-_PLANS: dict[tuple, LaunchPlan] = {}
+class _Plans(dict):
+    """The plans by key; emptying it also empties the C++ host path's copies of them (below)."""
+
+    def clear(self) -> None:
+        super().clear()
+        if _HOST is not None:
+            _HOST.forget()
+
+
+_PLANS: dict[tuple, LaunchPlan] = _Plans()
 MAX_PLANS = 512  # (as launch.MAX_SIGNATURES: varying shapes would grow the dict forever)
+_LAST_PLAN: list = [None]  # (plan, tensors) of the last _planned call, see there
 
 
 def _planned(key: tuple | None, tensors: tuple, launch) -> None:
     """Replay the plan of `key` with `tensors`; else call launch(recording) (recording None without a key:
-    no plan applies) and keep the plan it recorded, if its launches were all direct."""
+    no plan applies) and keep the plan it recorded, if its launches were all direct. _LAST_PLAN[0] says
+    which plan the call's launches were, with the call's tensors (None where they were no plan's)."""
+    _LAST_PLAN[0] = None
     if key is None:
         launch(None)
         return
     plan = _PLANS.get(key)
     if plan is not None and plan(tensors):
+        _LAST_PLAN[0] = (plan, tensors)
         return
     recording = Recording(tensors)
     launch(recording)
@@ -685,11 +700,13 @@ def _planned(key: tuple | None, tensors: tuple, launch) -> None:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
+        _LAST_PLAN[0] = (plan, tensors)
 
 
 def forget_launches() -> None:
-    """Drop the kept direct launches and the plans made of them; the next calls go through Triton once and
-    keep them again (after a change of how a kept launch is made: launch.RAW_LAUNCH)."""
+    """Drop the kept direct launches and the plans made of them (the C++ host path's included); the next
+    calls go through Triton once and keep them again (after a change of how a kept launch is made:
+    launch.RAW_LAUNCH)."""
     _PLANS.clear()
     for launcher in (_FWD.launch, _BWD_Q.launch, _BWD_KV.launch, _BWD_KV_ATOMIC.launch, _PREP, _SCALE_CAST):
         launcher.kernels.clear()
@@ -1093,6 +1110,81 @@ torch.library.register_autograd(f"fastlm::{_QKV_FORWARD_NAME}", _qkv_backward_ru
                                 setup_context=_qkv_setup_context, lib=_LIB)
 
 
+# The eager host path in C++ (kernels/attention_host.cpp, built as fastlm._attention_host where the
+# environment had torch at install time): an autograd node, allocations, plan keys and plan replays without
+# Python, for eager calls on CUDA tensors. A call it has no plan for runs the Python path above once
+# (the callbacks below) and hands it the plan that call made. Off until a GPU has measured it
+# (benchmarks/test_attention_host_path.py, benchmarks/test_attention_speed.py).
+HOST_PATH = False
+_HOST_ON_CPU = False  # (tests: CPU tensors through the host path, with stand-in launchers)
+try:
+    from fastlm import _attention_host as _HOST
+except ImportError:  # not built (no torch at install time), or built against another torch
+    _HOST = None
+
+
+def _host_spec() -> tuple | None:
+    """What the C++ path keeps of the plan the last call ran: (tensors, own_acc, launches), each launch
+    (launcher, the arguments between stream and tensors, grid, tensor slots, the arguments after them);
+    None where that call's launches were no plan's, not all given addresses (launch.kernel_launcher), or
+    any of its tensors not 16-byte aligned (the C++ path serves aligned calls only)."""
+    last = _LAST_PLAN[0]
+    if last is None:
+        return None
+    plan, tensors = last
+    if not all(aligned(tensors)) or (tensors[0].is_cuda and plan.device != tensors[0].device.index):
+        return None
+    launches = []
+    for (launch, head, addresses), function, metadata, grid, slots, scalars in plan.launches:
+        if not addresses:
+            return None
+        launches.append((launch, (function, *head, metadata, None, None, None), grid, slots, scalars))
+    # (a backward with atomic dq in bf16/fp16 has an fp32 accumulator as its eleventh tensor)
+    return tensors, len(tensors) == 11, tuple(launches)
+
+
+def _host_forward(q, k, v, causal, sm_scale):
+    o, lse = _forward(q, k, v, causal, sm_scale)
+    return o, lse, _host_spec()
+
+
+def _settled(q_shape, seq_k, causal, dtype, device) -> bool:
+    # whether a backward of this key runs one way: "auto" has timed its dq modes (else it runs several)
+    return _dq_mode(backward_key(q_shape, seq_k, causal, dtype), device) is not None
+
+
+def _host_backward(do, q, k, v, o, lse, causal, sm_scale):
+    settled = _settled(q.shape, k.shape[2], causal, q.dtype, q.device)
+    dq, dk, dv = _backward(do, q, k, v, o, lse, causal, sm_scale)
+    return dq, dk, dv, _host_spec() if settled else None
+
+
+def _host_packed_forward(qkv, n_head, n_kv_head, causal, sm_scale):
+    o, lse = _packed_forward(qkv, n_head, n_kv_head, causal, sm_scale)
+    return o, lse, _host_spec()
+
+
+def _host_packed_backward(do, qkv, o, lse, n_head, n_kv_head, causal, sm_scale):
+    settled = _settled(o.shape, o.shape[2], causal, qkv.dtype, qkv.device)
+    grad = _packed_backward(do, qkv, o, lse, n_head, n_kv_head, causal, sm_scale)
+    return grad, _host_spec() if settled else None
+
+
+_KERNEL_FNS = (_fwd_kernel.fn, _bwd_q_kernel.fn, _bwd_kv_kernel.fn, _bwd_prep_kernel, _scale_cast_kernel)
+if _HOST is not None:
+    _HOST.install(_host_forward, _host_backward, _host_packed_forward, _host_packed_backward,
+                  lambda: direct_launches_allowed(*_KERNEL_FNS))
+
+
+def _host_applies(t: torch.Tensor) -> bool:
+    return HOST_PATH and _HOST is not None and (t.is_cuda or _HOST_ON_CPU)
+
+
+def _knobs() -> int:
+    """The module settings a plan depends on beyond its call (part of the C++ path's plan keys)."""
+    return hash((HEAVY_FIRST, BWD_DQ, _MAX_GRID_Y, launch_module.RAW_LAUNCH))
+
+
 def _causal(causal, fn: str) -> bool:
     if not isinstance(causal, bool):  # ("no" would be truthy: causal attention, silently)
         raise TypeError(f"{fn}: causal must be True or False, got {causal!r}")
@@ -1124,6 +1216,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if torch.compiler.is_compiling():
         return _forward_op(q, k, v, causal, softmax_scale)[0]
+    if _host_applies(q):
+        return _HOST.attention(q, k, v, causal, softmax_scale, _knobs())
     return _FlashAttention.apply(q, k, v, causal, softmax_scale)  # less host time per call
 
 
@@ -1163,6 +1257,8 @@ def flash_attention_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int | None = 
     args = (qkv, int(n_head), int(n_kv_head), _causal(causal, fn), softmax_scale)
     if torch.compiler.is_compiling():
         return _qkv_forward_op(*args)[0]
+    if _host_applies(qkv):
+        return _HOST.attention_qkv(*args, _knobs())
     return _FlashAttentionQKV.apply(*args)
 
 

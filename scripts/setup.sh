@@ -22,8 +22,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 so=$(ls fastlm/_C*.so 2>/dev/null | head -n 1 || true)
-if [ -z "$so" ] || [ -n "$(find csrc setup.py pyproject.toml -newer "$so" 2>/dev/null | head -n 1)" ] \
-   || ! .venv/bin/python -c "import fastlm._C" 2>/dev/null; then
+if [ -z "$so" ] || [ -n "$(find csrc kernels/attention_host.cpp setup.py pyproject.toml -newer "$so" 2>/dev/null | head -n 1)" ] \
+   || ! .venv/bin/python -c "import fastlm._C, torch, fastlm._attention_host" 2>/dev/null; then
   echo "building fastlm (C++ extension, about a minute on 2 cores)..."
   if ! "${PIP[@]}" --no-build-isolation --no-deps -e . > .venv/build.log 2>&1; then
     cat .venv/build.log

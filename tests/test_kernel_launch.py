@@ -441,13 +441,14 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
         import fastlm.kernels
         from triton import knobs
         fa = sys.modules["fastlm.kernels.flash_attention"]
-        log = []
+        log, raw = [], []
 
         class Compiled:
             def __init__(self, name):
                 self.function, self.packed_metadata = name, "metadata"
-                self.run = c_launcher(lambda *args: log.append(
-                    (name, tuple(tensors_at(a) if type(a) is int and a > 2**16 else a for a in args))))
+                self.run = c_launcher(lambda *args: (log.append(
+                    (name, tuple(tensors_at(a) if type(a) is int and a > 2**16 else a for a in args))),
+                    raw.append((name, args))))
 
         class Jit:  # first sight of a signature: "compiles" a kernel of its own
             def __init__(self, fn):
@@ -494,7 +495,7 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
                     "not causal, grid axis full": {"causal": False, "max_grid_y": 3}}
         made = {}
 
-        def call(variant):
+        def run(variant):  # the call's tensors by role
             s = dict(VARIANTS[variant])
             fa.BWD_DQ, fa.HEAVY_FIRST = s.pop("mode", "separate"), s.pop("heavy_first", True)
             fa._MAX_GRID_Y = s.pop("max_grid_y", 65535)
@@ -505,9 +506,21 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
             q, k, v, do = made[variant]
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
             log.clear()
+            raw.clear()
             out = fastlm.kernels.flash_attention(q, k, v, causal=causal, softmax_scale=scale)
             grads = torch.autograd.grad(out, (q, k, v), do)
-            roles = dict(zip(("q", "k", "v", "do", "out", "dq", "dk", "dv"), (q, k, v, do, out, *grads)))
+            return dict(zip(("q", "k", "v", "do", "out", "dq", "dk", "dv"), (q, k, v, do, out, *grads)))
+
+        def by_address(roles):
+            # the launches with each address named by the role of the tensor there ("scratch" if none
+            # is: lse, delta, an accumulator), the stream left out (the C++ path gives CPU tensors 0)
+            where = {t.data_ptr(): role for role, t in roles.items()}
+            return [(kernel, args[:3] + args[4:9] + tuple(where.get(a, "scratch") if type(a) is int and
+                                                          a > 2**16 else a for a in args[9:]))
+                    for kernel, args in raw]
+
+        def call(variant):
+            roles = run(variant)
 
             def name(a):  # a launch's tensor argument: the live tensors at its address
                 if not isinstance(a, list):
@@ -543,6 +556,28 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
                 replayed = 2 if round else int(variant == "atomic dq")
                 assert replays() == before + replayed, (round, variant)
 
+        # The C++ host path (kernels/attention_host.cpp) on every variant: its first call runs the Python
+        # path and keeps the plan that call made, its second replays that plan from C++, with outputs,
+        # gradients and scratch it allocates itself (it keeps a plan only where those have the recorded
+        # call's layouts: the replays counted). Both launch what the Python path's replay launches.
+        host = fa._HOST
+        assert host is not None, "fastlm._attention_host was not built (setup.py builds it where torch is)"
+        in_python = {}
+        for variant in VARIANTS:
+            run(variant)
+            in_python[variant] = by_address(run(variant))  # (replayed by the Python path)
+        fa.HOST_PATH = fa._HOST_ON_CPU = True
+        fa._PLANS.clear()
+        assert host.plans() == 0  # (emptied with the Python path's)
+        for variant in VARIANTS:
+            before = host.replays()
+            assert by_address(run(variant)) == in_python[variant], ("C++ path, first call", variant)
+            assert host.replays() == before, variant
+            assert by_address(run(variant)) == in_python[variant], ("C++ path, replay", variant)
+            # (a q that is not 16-byte aligned makes no plan the C++ path keeps: the Python path serves it)
+            assert host.replays() == before + (0 if variant == "unaligned q" else 2), variant
+        fa.HOST_PATH = fa._HOST_ON_CPU = False
+
         # attention of one tensor with itself, attention(x, x, x), then of distinct q, k, v in the same
         # layout: the second call's launches take its own q, k and v (a plan recorded from the first
         # would pass its q in all three places)
@@ -566,6 +601,10 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
         before = replays()
         launched = call("base")
         assert replays() == before and launched and all(kernel == "triton" for kernel, _ in launched)
+        fa.HOST_PATH = fa._HOST_ON_CPU = True  # the C++ path too, with the plans it kept
+        before = host.replays(), replays()
+        launched = call("base")
+        assert (host.replays(), replays()) == before and all(kernel == "triton" for kernel, _ in launched)
         print("PLANS")
     """)
     assert_lowers_to_sm90(code, done="PLANS")
