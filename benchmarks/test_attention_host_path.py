@@ -13,6 +13,8 @@ replaced by a stand-in that launches nothing. It compares, in the same run:
   before they called its C half directly with addresses (kernels/launch.py `kernel_launcher`; what that
   saves in the C half, a data_ptr() call and a driver query per tensor, shows only with real launches: the
   GPU test at the end of this file);
+- fastlm's eager host path in C++ (kernels/attention_host.cpp; fastlm.kernels.flash_attention.HOST_PATH):
+  the same plans replayed from a C++ autograd node, without Python between the call and the launches;
 - the floor for any Python autograd Function: one that allocates its output and gradients and does
   nothing else (torch's own autograd machinery, which fastlm's path also pays);
 - and what a compiled model's graph calls instead, fastlm's forward and backward ops, against the same
@@ -107,11 +109,13 @@ SCRIPT = textwrap.dedent("""
         fa.forget_launches()
 
     ways = {"plans": fastlm.kernels.flash_attention, "no plans": fastlm.kernels.flash_attention,
-            "plans, Triton's launcher": fastlm.kernels.flash_attention, "floor": Floor.apply}
+            "plans, Triton's launcher": fastlm.kernels.flash_attention, "floor": Floor.apply,
+            "C++ host path": fastlm.kernels.flash_attention}
     best = {name: float("inf") for name in ways}
     for _ in range(7):  # interleaved rounds, the best of each: the least disturbed by other processes
         for name, attention in ways.items():
-            fa._plans_apply = plans_apply if name.startswith("plans") else (lambda: False)
+            fa._plans_apply = plans_apply if name != "no plans" else (lambda: False)
+            fa.HOST_PATH = fa._HOST_ON_CPU = name == "C++ host path"
             launch_through_triton(name == "plans, Triton's launcher")
             for _ in range(100):
                 step(attention)
@@ -121,6 +125,8 @@ SCRIPT = textwrap.dedent("""
                 step(attention)
             best[name] = min(best[name], (time.perf_counter() - start) / n * 1e6)
     fa._plans_apply = plans_apply
+    fa.HOST_PATH = fa._HOST_ON_CPU = False
+    host_replays = fa._HOST.replays()
     launch_through_triton(False)
 
     # What a compiled graph calls: the forward op and, in the compiled backward, the backward op (grad
@@ -179,7 +185,7 @@ SCRIPT = textwrap.dedent("""
                     op_step()
             best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / n * 1e6)
     replays = sum(plan.replays for plan in fa._PLANS.values())
-    print("RESULT " + json.dumps({**best, "replays": replays}))
+    print("RESULT " + json.dumps({**best, "replays": replays, "host_replays": host_replays}))
 """)
 
 
@@ -199,6 +205,9 @@ def test_attention_host_path():
            higher_is_better=False)
     print(f"  host time beyond the floor: {us['plans'] - us['floor']:.0f} us with plans, "
           f"{us['no plans'] - us['floor']:.0f} us without")
+    assert us["host_replays"] > 0  # the C++ path replayed its plans (no silent fallback to Python's)
+    record(name, us["C++ host path"], "us", "fastlm's Python path (autograd.Function, plans replayed)",
+           us["plans"], higher_is_better=False)
     ops = "attention ops of a compiled graph, host time per fwd+bwd (kernels stubbed out)"
     record(ops, us["ops"], "us", "the same ops declared with torch.library.custom_op", us["custom_op"],
            higher_is_better=False)
@@ -214,7 +223,8 @@ def test_attention_host_time_on_gpu():
     microseconds of wall time per forward + backward issued back to back, which is then the host's time.
     fastlm as it runs (its direct launches call the C half of Triton's launcher, tensors given as
     addresses) against the same launches through Triton's whole launcher (whose C half calls each
-    tensor's data_ptr() and asks the driver about the address), and against SDPA.
+    tensor's data_ptr() and asks the driver about the address), and against SDPA; and the C++ host path
+    (HOST_PATH) against the Python path and SDPA.
 
     Two more rows take that time apart, since the stubbed benchmark above (CPU tensors, nothing launched)
     has measured far less than a real call costs on a GPU's host: fastlm with its launch plans' launches
@@ -258,6 +268,7 @@ def test_attention_host_time_on_gpu():
             plan.launches = launches
         kept.clear()
         launch_mod.RAW_LAUNCH = name != "triton"
+        fa.HOST_PATH = name == "host"
         fa.forget_launches()
         if name == "stubbed":
             for _ in range(3):  # the plans, made of real launches
@@ -271,7 +282,7 @@ def test_attention_host_time_on_gpu():
         q.grad = k.grad = v.grad = None
         fn(q, k, v).backward(do)
 
-    ways = {"raw": ours, "triton": ours, "stubbed": ours, "floor": Floor.apply, "sdpa": sdpa}
+    ways = {"raw": ours, "triton": ours, "stubbed": ours, "floor": Floor.apply, "sdpa": sdpa, "host": ours}
     best = dict.fromkeys(ways, float("inf"))
     replays = 0
     try:
@@ -300,6 +311,9 @@ def test_attention_host_time_on_gpu():
     record(name, best["raw"], "us", "torch SDPA", best["sdpa"], higher_is_better=False)
     record(name, best["raw"], "us", "the same with its launches stubbed out (what the launches cost)",
            best["stubbed"], higher_is_better=False)
+    record(name, best["host"], "us", "fastlm's Python path (the row's first)", best["raw"],
+           higher_is_better=False)
+    record(f"{name}, C++ host path", best["host"], "us", "torch SDPA", best["sdpa"], higher_is_better=False)
     record(f"{name}, launches stubbed out", best["stubbed"], "us",
            "an autograd.Function that only allocates, on CUDA (the floor)", best["floor"],
            higher_is_better=False)

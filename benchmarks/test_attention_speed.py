@@ -133,7 +133,17 @@ def test_flash_attention_fwd_bwd(benchmark, seq):
            sdpa_grad_max_err={n: e[1] for n, e in grad_errs.items()}, device=torch.cuda.get_device_name(),
            dq_mode=fa.DQ_CHOSEN.get(key), dq_mode_ms=fa.DQ_TIMES.get(key))
     print(f"  dq: {fa.DQ_CHOSEN.get(key)} (ms per backward as timed on first use: {fa.DQ_TIMES.get(key)})")
+    # The same with the eager host path in C++ (HOST_PATH; off by default until measured here)
+    fa.HOST_PATH = True
+    try:
+        host_ms, host_queued_ms = fwd_bwd_ms(ours, q, k, v, do), fwd_bwd_ms_back_to_back(ours, q, k, v, do)
+    finally:
+        fa.HOST_PATH = False
+    record(f"{name}, C++ host path", flops / host_ms / 1e9, "TFLOP/s", "torch SDPA", sdpa_tflops, ms=host_ms,
+           sdpa_ms=sdpa_ms)
     queued_ms, sdpa_queued_ms = (fwd_bwd_ms_back_to_back(fn, q, k, v, do) for fn in (ours, sdpa_causal))
+    record(f"{name}, C++ host path, calls back to back", flops / host_queued_ms / 1e9, "TFLOP/s",
+           "torch SDPA", flops / sdpa_queued_ms / 1e9, ms=host_queued_ms, sdpa_ms=sdpa_queued_ms)
     record(f"{name}, calls back to back", flops / queued_ms / 1e9, "TFLOP/s", "torch SDPA",
            flops / sdpa_queued_ms / 1e9, ms=queued_ms, sdpa_ms=sdpa_queued_ms)
     record(f"{name}, GPU kernel time", gpu_us, "us", "torch SDPA kernels", sdpa_gpu_us,

@@ -674,3 +674,53 @@ def test_gpu_direct_launches_match_tritons():
         runs.append((loss, x.grad))
     assert ce._LAUNCH.hits == hits + 1  # the second run, at least, launched directly
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.gpu
+def test_gpu_host_path_matches_the_python_path():
+    # The C++ host path (HOST_PATH) replays the plans the Python path made: the same kernels with the same
+    # arguments, so the same outputs and gradients bit for bit (dq added atomically varies in its last
+    # bits from run to run, either path), on q, k, v apart and on a packed qkv, on a side stream too.
+    from fastlm.kernels import flash_attention, flash_attention_qkv
+
+    fa = sys.modules["fastlm.kernels.flash_attention"]
+    assert fa._HOST is not None, "fastlm._attention_host was not built (setup.py builds it where torch is)"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(2, 4, 200, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+                   for _ in range(4))
+    qkv = torch.randn(2, 200, 8 * 64, device="cuda", generator=gen, dtype=torch.bfloat16)  # 4 + 2 * 2 heads
+
+    def apart():
+        a, b, c = (t.detach().requires_grad_() for t in (q, k, v))
+        out = flash_attention(a, b, c, causal=True)
+        out.backward(do)
+        return out, a.grad, b.grad, c.grad
+
+    def packed():
+        x = qkv.detach().requires_grad_()
+        out = flash_attention_qkv(x, 4, 2, causal=True)
+        out.backward(do)
+        return out, x.grad
+
+    was = fa.BWD_DQ, fa.HOST_PATH
+    try:
+        for mode in ("separate", "atomic"):
+            fa.BWD_DQ = mode
+            for run in (apart, packed):
+                fa.HOST_PATH = False
+                want = [run() for _ in range(3)][-1]  # tuned, direct, replayed by the Python path
+                fa.HOST_PATH = True
+                replays = fa._HOST.replays()
+                side = torch.cuda.Stream()
+                for stream in (None, None, side):  # the Python path once (no plan kept yet), then C++
+                    with torch.cuda.stream(stream or torch.cuda.current_stream()):
+                        got = run()
+                    torch.cuda.synchronize()
+                    for name, a, b in zip(("out", "grad q", "grad k", "grad v"), want, got):
+                        if mode == "atomic" and name == "grad q":  # (packed: the gradient holding dq)
+                            torch.testing.assert_close(a, b)
+                        else:
+                            assert torch.equal(a, b), (mode, run.__name__, name, stream)
+                assert fa._HOST.replays() == replays + 4, (mode, run.__name__)  # 2 calls, fwd and bwd
+    finally:
+        fa.BWD_DQ, fa.HOST_PATH = was
