@@ -52,14 +52,34 @@ class BuildExt(build_ext):
     """Builds fastlm._C (a failure stops the install) and the optional fastlm._attention_host (a failure
     is reported and skipped: the kernels then keep their Python path, as without torch)."""
 
+    skipped: set = set()
+
     def build_extension(self, ext):
         if ext.name != "fastlm._attention_host":
             return super().build_extension(ext)
         try:
             super().build_extension(ext)
         except Exception as e:  # (a compiler without C++20, headers of a torch built otherwise, ...)
+            self.skipped.add(ext.name)
             print(f"warning: fastlm._attention_host not built ({type(e).__name__}: {e}); flash attention "
                   "keeps its Python host path")
+
+    def _built(self):
+        return [ext for ext in self.extensions if ext.name not in self.skipped]
+
+    def copy_extensions_to_source(self):  # (editable installs: the extensions that were built)
+        every, self.extensions = self.extensions, self._built()
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = every
+
+    def get_outputs(self):
+        every, self.extensions = self.extensions, self._built()
+        try:
+            return super().get_outputs()
+        finally:
+            self.extensions = every
 
 
 setup(
