@@ -576,6 +576,36 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
             assert by_address(run(variant)) == in_python[variant], ("C++ path, replay", variant)
             # (a q that is not 16-byte aligned makes no plan the C++ path keeps: the Python path serves it)
             assert host.replays() == before + (0 if variant == "unaligned q" else 2), variant
+        # and on a packed projection (flash_attention_qkv, GQA), both dq modes (atomic dq in bf16: the C++
+        # path allocates the fp32 accumulator too): addresses named by role and offset (k, v, dk, dv are
+        # views into the packed input and gradient)
+        torch.use_deterministic_algorithms(False)
+        fa.HEAVY_FIRST, fa._MAX_GRID_Y = True, 65535
+        gen = torch.Generator().manual_seed(2)
+        qkv = torch.randn(2, 40, 8 * 64, generator=gen).to(torch.bfloat16)  # 4 q heads, 2 k and 2 v heads
+        dout = torch.randn(2, 4, 40, 64, generator=gen).to(torch.bfloat16)
+
+        def packed(host_path):
+            fa.HOST_PATH = fa._HOST_ON_CPU = host_path
+            x = qkv.detach().requires_grad_()
+            raw.clear()
+            out = fastlm.kernels.flash_attention_qkv(x, 4, 2)
+            (grad,) = torch.autograd.grad(out, (x,), dout)
+            spans = [(role, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                     for role, t in (("x", x), ("out", out), ("grad", grad), ("dout", dout))]
+
+            def where(a):
+                return next(((role, a - lo) for role, lo, hi in spans if lo <= a < hi), "scratch")
+            return [(kernel, args[:3] + args[4:9] + tuple(where(a) if type(a) is int and a > 2**16 else a
+                                                          for a in args[9:])) for kernel, args in raw]
+
+        for mode in ("separate", "atomic"):
+            fa.BWD_DQ = mode
+            packed(False)
+            want = packed(False)  # the Python path's replay
+            before = host.replays()
+            assert packed(True) == want and host.replays() == before, mode  # kept
+            assert packed(True) == want and host.replays() == before + 2, mode  # replayed
         fa.HOST_PATH = fa._HOST_ON_CPU = False
 
         # attention of one tensor with itself, attention(x, x, x), then of distinct q, k, v in the same
