@@ -52,7 +52,9 @@ class BuildExt(build_ext):
     """Builds fastlm._C (a failure stops the install) and the optional fastlm._attention_host (a failure
     is reported and skipped: the kernels then keep their Python path, as without torch)."""
 
-    skipped: set = set()
+    def initialize_options(self):
+        super().initialize_options()
+        self.skipped = set()
 
     def build_extension(self, ext):
         if ext.name != "fastlm._attention_host":
@@ -88,7 +90,6 @@ setup(
     description="Fast, sturdy LLM pretraining: native data pipeline, Triton kernels, FSDP2 training",
     packages=["fastlm", "fastlm.data", "fastlm.kernels"],
     package_dir={"": "."},
-    package_data={"fastlm.kernels": ["*.cpp"]},
     ext_modules=[ext, *attention_host_extension()],
     cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",

@@ -19,6 +19,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <cstring>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -238,50 +239,31 @@ void keep(std::vector<int64_t> key, const py::handle& spec, MakeCall call_like) 
   plans[std::move(key)] = std::move(plan);
 }
 
-// ---- forward / backward over q, k, v ----------------------------------------------------------------
-
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           bool causal, double scale, int64_t knobs) {
-  const int64_t stream = current_stream(q);
-  auto key = make_key(kForward, {&q, &k, &v}, causal, scale, knobs);
+// Serves a call from the plan of `key`: the call's tensors as `make_call(own_acc)` allocates them, their
+// kernels launched by a replay. Nothing (and nothing launched) where the key has no plan (or the call
+// no stream), direct launches are not allowed (hooks), or a tensor is not 16-byte aligned.
+template <typename MakeCall>
+std::optional<Call> replayed(const std::vector<int64_t>& key, int64_t stream, MakeCall make_call) {
   const Plan* plan = stream >= 0 ? find(key) : nullptr;
-  if (plan != nullptr && launches_allowed()) {
-    Call call = forward_call(q, k, v);
-    if (all_aligned(call.addresses)) {
-      replay(*plan, call.addresses, stream);
-      return {call.fresh[0], call.fresh[1]};
-    }
-  }
-  auto out = callbacks["forward"](q, k, v, causal, scale).cast<py::tuple>();
-  if (stream >= 0) keep(std::move(key), out[2], [&](bool) { return forward_call(q, k, v); });
-  return {out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>()};
+  if (plan == nullptr || !launches_allowed()) return std::nullopt;
+  Call call = make_call(plan->own_acc);
+  if (!all_aligned(call.addresses)) return std::nullopt;
+  replay(*plan, call.addresses, stream);
+  return call;
+}
+
+// What the Python path's callback answered for a call `replayed` could not serve (its results, then the
+// spec of the plan it made), that plan kept under `key` where this path may replay it.
+template <typename MakeCall>
+py::tuple missed(std::vector<int64_t> key, int64_t stream, const py::object& answer, MakeCall make_call) {
+  auto out = answer.cast<py::tuple>();
+  if (stream >= 0) keep(std::move(key), out[out.size() - 1], make_call);
+  return out;
 }
 
 std::vector<at::Tensor> new_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
 }
-
-variable_list backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& o, const at::Tensor& lse, bool causal, double scale, int64_t knobs) {
-  const int64_t stream = current_stream(q);
-  auto key = make_key(kBackward, {&q, &k, &v, &o, &lse, &grad}, causal, scale, knobs);
-  const Plan* plan = stream >= 0 ? find(key) : nullptr;
-  if (plan != nullptr && launches_allowed()) {
-    auto grads = new_grads(q, k, v);
-    Call call = backward_call(grad, q, k, v, o, lse, grads, plan->own_acc);
-    if (all_aligned(call.addresses)) {
-      replay(*plan, call.addresses, stream);
-      return {grads[0], grads[1], grads[2]};
-    }
-  }
-  auto out = callbacks["backward"](grad, q, k, v, o, lse, causal, scale).cast<py::tuple>();
-  if (stream >= 0)
-    keep(std::move(key), out[3],
-         [&](bool own_acc) { return backward_call(grad, q, k, v, o, lse, new_grads(q, k, v), own_acc); });
-  return {out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>(), out[2].cast<at::Tensor>()};
-}
-
-// ---- forward / backward over a packed qkv ----------------------------------------------------------
 
 Call packed_forward_call(const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head) {
   Call call;
@@ -294,11 +276,35 @@ Call packed_forward_call(const at::Tensor& qkv, int64_t n_head, int64_t n_kv_hea
   return call;
 }
 
+// (the views of qkv and of its gradient dqkv that the Python path's recording held)
 Call packed_backward_call(const at::Tensor& grad, const at::Tensor& qkv, const at::Tensor& o,
                           const at::Tensor& lse, int64_t n_head, int64_t n_kv_head, const at::Tensor& dqkv,
                           bool own_acc) {
   auto views = head_views(qkv, n_head, n_kv_head);
   return backward_call(grad, views[0], views[1], views[2], o, lse, head_views(dqkv, n_head, n_kv_head), own_acc);
+}
+
+// ---- forward / backward over q, k, v, and over a packed qkv -----------------------------------------
+// (each call's new tensors in order: o, lse; delta, the gradients, the accumulator)
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           bool causal, double scale, int64_t knobs) {
+  const int64_t stream = current_stream(q);
+  auto key = make_key(kForward, {&q, &k, &v}, causal, scale, knobs);
+  auto call_for = [&](bool) { return forward_call(q, k, v); };
+  if (auto call = replayed(key, stream, call_for)) return {call->fresh[0], call->fresh[1]};
+  auto out = missed(std::move(key), stream, callbacks["forward"](q, k, v, causal, scale), call_for);
+  return {out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>()};
+}
+
+variable_list backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& o, const at::Tensor& lse, bool causal, double scale, int64_t knobs) {
+  const int64_t stream = current_stream(q);
+  auto key = make_key(kBackward, {&q, &k, &v, &o, &lse, &grad}, causal, scale, knobs);
+  auto call_for = [&](bool own_acc) { return backward_call(grad, q, k, v, o, lse, new_grads(q, k, v), own_acc); };
+  if (auto call = replayed(key, stream, call_for)) return {call->fresh[1], call->fresh[2], call->fresh[3]};
+  auto out = missed(std::move(key), stream, callbacks["backward"](grad, q, k, v, o, lse, causal, scale), call_for);
+  return {out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>(), out[2].cast<at::Tensor>()};
 }
 
 void raise_create_graph(const char* op) {
@@ -314,17 +320,10 @@ std::tuple<at::Tensor, at::Tensor> packed_forward(const at::Tensor& qkv, int64_t
                                                   bool causal, double scale, int64_t knobs) {
   const int64_t stream = current_stream(qkv);
   auto key = make_key(kPackedForward, {&qkv}, causal, scale, knobs, n_head, n_kv_head);
-  const Plan* plan = stream >= 0 ? find(key) : nullptr;
-  if (plan != nullptr && launches_allowed()) {
-    Call call = packed_forward_call(qkv, n_head, n_kv_head);
-    if (all_aligned(call.addresses)) {
-      replay(*plan, call.addresses, stream);
-      return {call.fresh[0], call.fresh[1]};
-    }
-  }
-  auto out = callbacks["packed_forward"](qkv, n_head, n_kv_head, causal, scale).cast<py::tuple>();
-  if (stream >= 0)
-    keep(std::move(key), out[2], [&](bool) { return packed_forward_call(qkv, n_head, n_kv_head); });
+  auto call_for = [&](bool) { return packed_forward_call(qkv, n_head, n_kv_head); };
+  if (auto call = replayed(key, stream, call_for)) return {call->fresh[0], call->fresh[1]};
+  auto out = missed(std::move(key), stream, callbacks["packed_forward"](qkv, n_head, n_kv_head, causal, scale),
+                    call_for);
   return {out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>()};
 }
 
@@ -333,22 +332,14 @@ at::Tensor packed_backward(const at::Tensor& grad, const at::Tensor& qkv, const 
                            int64_t knobs) {
   const int64_t stream = current_stream(qkv);
   auto key = make_key(kPackedBackward, {&qkv, &o, &lse, &grad}, causal, scale, knobs, n_head, n_kv_head);
-  const Plan* plan = stream >= 0 ? find(key) : nullptr;
-  if (plan != nullptr && launches_allowed()) {
-    auto dqkv = at::empty(qkv.sizes(), qkv.options());  // (kernels/flash_attention.py _new_packed_grad)
-    Call call = packed_backward_call(grad, qkv, o, lse, n_head, n_kv_head, dqkv, plan->own_acc);
-    if (all_aligned(call.addresses)) {
-      replay(*plan, call.addresses, stream);
-      return dqkv;
-    }
-  }
-  auto out = callbacks["packed_backward"](grad, qkv, o, lse, n_head, n_kv_head, causal, scale)
-                 .cast<py::tuple>();
-  if (stream >= 0)
-    keep(std::move(key), out[1], [&](bool own_acc) {
-      return packed_backward_call(grad, qkv, o, lse, n_head, n_kv_head, at::empty(qkv.sizes(), qkv.options()),
-                                  own_acc);
-    });
+  at::Tensor dqkv;  // (kernels/flash_attention.py _new_packed_grad)
+  auto call_for = [&](bool own_acc) {
+    dqkv = at::empty(qkv.sizes(), qkv.options());
+    return packed_backward_call(grad, qkv, o, lse, n_head, n_kv_head, dqkv, own_acc);
+  };
+  if (replayed(key, stream, call_for)) return dqkv;
+  auto out = missed(std::move(key), stream,
+                    callbacks["packed_backward"](grad, qkv, o, lse, n_head, n_kv_head, causal, scale), call_for);
   return out[0].cast<at::Tensor>();
 }
 

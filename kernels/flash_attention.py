@@ -1132,7 +1132,7 @@ def _host_spec() -> tuple | None:
     if last is None:
         return None
     plan, tensors = last
-    if not all(aligned(tensors)) or (tensors[0].is_cuda and plan.device != tensors[0].device.index):
+    if not all(aligned(tensors)):
         return None
     launches = []
     for (launch, head, addresses), function, metadata, grid, slots, scalars in plan.launches:
