@@ -20,6 +20,27 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _brief_tuning() -> None:
+    """On a GPU, Triton's autotuner times each config of each new key with triton.testing.do_bench's
+    defaults (25 ms of warm-up, 100 ms of timed runs): with a handful of configs per kernel, three kernels per
+    attention and a new key in most tests, that timing was most of the GPU test run. Tests check results,
+    not which tiling is fastest: every config is still compiled and run, timed for a few ms only."""
+    import functools
+
+    import triton.testing
+    from triton.runtime import driver
+
+    try:
+        active = driver.active
+    except RuntimeError:  # (no usable GPU driver: the tests that need one skip)
+        return
+    active.get_benchmarker = lambda: functools.partial(triton.testing.do_bench, warmup=1, rep=5)
+
+
+if HAS_GPU:
+    _brief_tuning()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
         return
