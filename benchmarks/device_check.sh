@@ -81,9 +81,9 @@ bench() {  # bench CAP FILES...: one pytest session per group, so each group wri
   grep -E "fastlm .* vs |MFU|passed|failed|error|Error|exit " "$R/bench.log" | tail -n 12
 }
 
-step_kernels() {
-  bench 120 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py \
-    benchmarks/test_attention_host_path.py
+step_kernels() {  # (the dq modes last: the bulk one has never run on a GPU before 2026-11-27)
+  bench 170 benchmarks/test_attention_speed.py benchmarks/test_cross_entropy_speed.py \
+    benchmarks/test_attention_host_path.py benchmarks/test_attention_dq_modes.py
 }
 
 step_getting_started() {

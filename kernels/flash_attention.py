@@ -16,8 +16,8 @@ projection output and returns their gradient as one tensor of that layout (the s
 Numerics: scores, the online softmax and all accumulators are fp32; the probabilities (and in the backward the
 score gradients) are rounded to the input dtype before they meet v (q, k) in a matmul, as FlashAttention does.
 fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match an fp32 reference closely. dq is summed
-either by a kernel of its own or with fp32 atomic adds (BWD_DQ, timed per shape on a GPU); deterministic
-runs take the former, which repeats bit for bit.
+either by a kernel of its own or with fp32 atomic adds, per element or per tile (BWD_DQ, timed per shape on
+a GPU); deterministic runs take the former, which repeats bit for bit.
 
 Limits: head_dim in {16, 32, 64, 128}; softmax_scale > 0; causal needs seq_q <= seq_k (a query with no
 visible key has no softmax); no dropout, no attention bias, no variable-length (packed) batches. On CPU the
@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.runtime import _allocation  # (Triton 3.6's scratch allocator setting, see _scratch_allocator)
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from . import launch as launch_module
@@ -44,6 +45,31 @@ from .launch import (CachedLauncher, LaunchPlan, Recording, aligned, direct_laun
 
 # Read once: @triton.jit decides at import time whether the kernels are compiled or interpreted.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreter_adds_descriptor_tiles() -> None:
+    """Triton 3.6's interpreter has no reduction through a tensor descriptor (descriptor.atomic_add, which
+    BWD_DQ "bulk" uses): this gives it one, made of its own parts (the descriptor's pointers and bounds
+    mask, its atomic add), so that the CPU tests run the bulk kernel's arithmetic too."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if hasattr(builder, "create_descriptor_reduce"):
+        return
+    ir = interpreter._ir
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduction {kind} under the interpreter (fastlm adds only)")
+        ptrs, mask = desc.materialize_pointers(indices)
+        return self.create_atomic_rmw(ir.ATOMIC_OP.FADD, ptrs, value, interpreter.TensorHandle(mask, tl.int1),
+                                      ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+    builder.create_descriptor_reduce = create_descriptor_reduce
+
+
+if _INTERPRET:
+    _interpreter_adds_descriptor_tiles()
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -94,11 +120,17 @@ HEAVY_FIRST = True
 # recomputes P and dP there (3 matmuls on top of the dk/dv kernel's 4), deterministic. "atomic": the dk/dv
 # kernel adds each key block's dS K to an fp32 dq with atomic adds (5 matmuls in all, as FlashAttention-2/3
 # and cuDNN do), then one pass scales and rounds it; the order of the adds varies from run to run, so dq
-# varies in its last bits. "auto": on CUDA, the first backward of each shape (the tuning key) times both
-# and keeps the faster; deterministic runs (torch.use_deterministic_algorithms) always take "separate",
-# and so does "auto" where nothing is timed (the interpreter, CUDA graph capture).
+# varies in its last bits. "bulk": as "atomic", with each dq tile added by one TMA bulk reduction
+# (Hopper's cp.reduce.async.bulk.tensor, as FlashAttention-3 adds dq) instead of one 16-byte atomic per four
+# values, whose traffic grows with T^2 (~1 GB at B8 H16 T2048: there "atomic" took 1.5x the "separate"
+# backward on an H100). "auto": on CUDA, the first backward of each shape (the tuning key) times the modes
+# of AUTO_DQ_MODES and keeps the fastest; deterministic runs (torch.use_deterministic_algorithms) always
+# take "separate", and so does "auto" where nothing is timed (the interpreter, CUDA graph capture).
 BWD_DQ = "auto"
-_DQ_MODES = ("separate", "atomic")
+_DQ_MODES = ("separate", "atomic", "bulk")
+# "bulk" joins these once a GPU run has checked it (tests/test_kernel_attention.py, GPU tests) and timed it
+# (benchmarks/test_attention_speed.py, the backward per dq mode): until then it runs where asked for only.
+AUTO_DQ_MODES = ("separate", "atomic")
 DQ_TIMING_REPS = 3  # timed backwards of each mode, after one that tunes and compiles its kernels
 
 
@@ -141,7 +173,8 @@ _BWD_KV_ATOMIC_CONFIGS = _configs(
 )
 # the tilings allowed to spill registers at head_dim 64 (tests/test_kernel_attention.py holds the rest to 0)
 SPILLING_CONFIGS = {"bwd_kv": ((32, 128, 4, 3), (64, 64, 4, 3)),
-                    "bwd_kv_atomic": ((64, 128, 8, 2), (64, 64, 8, 3))}
+                    "bwd_kv_atomic": ((64, 128, 8, 2), (64, 64, 8, 3)),
+                    "bwd_kv_bulk": ((64, 64, 8, 3),)}  # (24 bytes a thread; the other bulk tilings none)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,9 +300,11 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
                   stride_dqt, lo, hi,
                   offs_n, offs_m0, offs_d, seq_q, seq_k, causal_shift, qk_scale,
                   MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_KEYS: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_BULK: tl.constexpr,
+                  MASK_KEYS: tl.constexpr):
     """Accumulate dk, dv of one key block over query blocks [lo, hi); MASKED applies the causal mask.
-    ATOMIC_DQ: also add this key block's share of dq, dS K (unscaled), to the fp32 rows at dq_base.
+    ATOMIC_DQ: also add this key block's share of dq, dS K (unscaled), to the fp32 rows at dq_base (with
+    DQ_BULK, dq_base is a tensor descriptor of those rows, and each tile goes in one bulk reduction).
     MASK_KEYS: zero dS at keys past seq_k (see the kernel).
 
     Works on transposed scores (keys x queries) so that dv += P^T dO and dk += dS^T Q need no transposes of
@@ -294,10 +329,15 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
         dsT = dsT.to(q.dtype)
         dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
-            # relaxed: the adds only need to be atomic, not ordered against other memory operations
             dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)  # (BLOCK_M, HEAD_DIM)
-            tl.atomic_add(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq, mask=row_ok[:, None],
-                          sem="relaxed")
+            if DQ_BULK:
+                # the whole tile from shared memory in one TMA reduction (rows past seq_q lie outside the
+                # descriptor's bounds: dropped)
+                dq_base.atomic_add([start_m, 0], dq)
+            else:
+                # relaxed: the adds only need to be atomic, not ordered against other memory operations
+                tl.atomic_add(dq_base + rows[:, None] * stride_dqt + offs_d[None, :], dq,
+                              mask=row_ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -313,14 +353,17 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, qk_scale, sm_scale,
                    stride_dqb, stride_dqh, stride_dqt,
                    n_head, n_kv_head, group, seq_q, seq_k,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   HEAVY_FIRST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   HEAVY_FIRST: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_BULK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # GQA: one program owns a key block of one kv head and loops over every query head of its group, so
     # dk/dv sum the group's contributions in fp32 registers: no atomics, no (batch, n_head, seq_k, head_dim)
     # temporaries to reduce with torch afterwards, and the fp32 sum is rounded to the input dtype only once.
     # ATOMIC_DQ (see BWD_DQ): DQ is a zeroed fp32 (batch, n_head, seq_q, HEAD_DIM) accumulator (strides
     # stride_dq*) that every key block adds its share of dq to; else DQ is not read (the dq kernel computes
-    # dq).
+    # dq). DQ_BULK (BWD_DQ "bulk"): the adds are whole tiles, each a TMA bulk reduction through a tensor
+    # descriptor of the head's (seq_q, HEAD_DIM) rows, made here (needs Triton's scratch allocator, see
+    # _scratch_allocator; DQ 16-byte aligned with a row stride of a multiple of 16 bytes, which the
+    # accumulator _backward_with allocates has).
     # Keys past seq_k load k = v = 0, so their score is 0 and P = exp2(-lse), which overflows to inf when a
     # row's real scores are all far below 0. dk/dv never store those rows, but dS K sums over keys: inf * 0
     # would put NaN into dq. Causal calls mask those keys already (they lie past every row's diagonal);
@@ -361,13 +404,17 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, qk_scale, sm_scale,
         lse_base = LSE + bh * seq_q
         delta_base = DELTA + bh * seq_q
         dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+        if DQ_BULK:
+            dq_base = tl.make_tensor_descriptor(dq_base, shape=[seq_q, HEAD_DIM], strides=[stride_dqt, 1],
+                                                block_shape=[BLOCK_M, HEAD_DIM])
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
                                stride_dot, stride_dqt, m_lo, m_full, offs_n, offs_m0, offs_d, seq_q, seq_k,
-                               causal_shift, qk_scale, True, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ, False)
+                               causal_shift, qk_scale, True, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ, DQ_BULK,
+                               False)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
                                stride_dot, stride_dqt, m_full, seq_q, offs_n, offs_m0, offs_d, seq_q, seq_k,
                                causal_shift, qk_scale, False, PRECISION, BLOCK_M, HEAD_DIM, ATOMIC_DQ,
-                               ATOMIC_DQ and not CAUSAL)
+                               DQ_BULK, ATOMIC_DQ and not CAUSAL)
 
     dk = dk * sm_scale  # scores are sm_scale * q k^T
     dk_ptrs = DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
@@ -650,6 +697,9 @@ _BWD_KV = _Tuned(_bwd_kv_kernel)
 # pass left it. (The other kernels overwrite their outputs: repeated runs leave the same values.)
 _BWD_KV_ATOMIC = _Tuned(triton.autotune(configs=_BWD_KV_ATOMIC_CONFIGS, key=_TUNE_KEY,
                                         prune_configs_by=_PRUNE, reset_to_zero=["DQ"])(_bwd_kv_kernel.fn))
+# and with DQ_BULK ("bulk"): the same tilings (the staging tile in shared memory is what it adds)
+_BWD_KV_BULK = _Tuned(triton.autotune(configs=_BWD_KV_ATOMIC_CONFIGS, key=_TUNE_KEY,
+                                      prune_configs_by=_PRUNE, reset_to_zero=["DQ"])(_bwd_kv_kernel.fn))
 # memory-bound passes of atomic dq: fixed tilings
 _PREP = CachedLauncher(_bwd_prep_kernel, direct=not _INTERPRET)
 _PREP_BLOCK_M = 64
@@ -708,7 +758,8 @@ def forget_launches() -> None:
     calls go through Triton once and keep them again (after a change of how a kept launch is made:
     launch.RAW_LAUNCH)."""
     _PLANS.clear()
-    for launcher in (_FWD.launch, _BWD_Q.launch, _BWD_KV.launch, _BWD_KV_ATOMIC.launch, _PREP, _SCALE_CAST):
+    for launcher in (_FWD.launch, _BWD_Q.launch, _BWD_KV.launch, _BWD_KV_ATOMIC.launch, _BWD_KV_BULK.launch,
+                     _PREP, _SCALE_CAST):
         launcher.kernels.clear()
 
 
@@ -810,6 +861,25 @@ def _timing_event():
     return torch.cuda.Event(enable_timing=True)
 
 
+def _has_tma(device: torch.device) -> bool:
+    # the bulk tensor reductions of BWD_DQ "bulk" (elsewhere Triton lowers them to plain atomics)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # (the caching allocator aligns to 512 B)
+
+
+def _scratch_allocator() -> None:
+    """A kernel that makes a tensor descriptor on the device (BWD_DQ "bulk") writes it to global scratch
+    memory, which Triton's launcher asks triton.set_allocator's allocator for at each launch. That setting
+    is a context variable: it holds in the thread that set it, and a backward on a CUDA tensor runs on
+    autograd's device thread. So it is set here, in the thread about to launch, unless set already (by the
+    user, or here before); torch's caching allocator serves it."""
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
+
+
 # How far atomic dq may be from the dq kernel's before "auto" refuses it: the two differ in the order of
 # fp32 sums (a few units in the last place of the output dtype); this catches gross faults only (a
 # miscompiled kernel on some GPU, a lost reset of the accumulator), relative to dq's largest value.
@@ -846,7 +916,9 @@ def _backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, qkv: torch.Ten
     if mode is not None:
         return _backward_with(mode, *args)[0]
     times = {}
-    for mode in _DQ_MODES:
+    for mode in AUTO_DQ_MODES:
+        if mode == "bulk" and not _has_tma(q.device):
+            continue
         try:
             grads, dq = _backward_with(mode, *args)  # tunes and compiles this mode's kernels
         except (OutOfResources, PTXASError):
@@ -881,11 +953,16 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
     else:
         grads = _new_packed_grad(qkv)
         dq, dk, dv = _split_qkv(grads, q.shape[1], k.shape[1])
-    # atomic dq: fp32 inputs accumulate in dq itself; else in a dense fp32 buffer whose axes lie in memory
-    # in q's order (the last pass scales and rounds it into dq, each through its own strides)
+    # atomic dq: fp32 inputs accumulate in dq itself; else (and always in bulk mode, whose descriptor needs
+    # rows at 16-byte strides) in a dense fp32 buffer whose axes lie in memory in q's order (the last pass
+    # scales and rounds it into dq, each through its own strides)
     acc = None
-    if mode == "atomic":
-        acc = dq if q.dtype == torch.float32 else torch.empty_like(q, dtype=torch.float32)
+    if mode == "atomic" and q.dtype == torch.float32:
+        acc = dq
+    elif mode != "separate":
+        acc = torch.empty_like(q, dtype=torch.float32)
+    if mode == "bulk":
+        _scratch_allocator()
     # (fp32's accumulator is dq itself: each tensor once, or the recording could make no plan)
     tensors = (q, k, v, o, do, lse, delta, dq, dk, dv) + ((acc,) if acc is not None and acc is not dq else ())
     # (the gradients' layout follows from the inputs' and whether they are packed)
@@ -912,15 +989,16 @@ def _launch_backward(mode: str, do, q, k, v, o, lse, delta, dq, dk, dv, acc, cau
     def kv_grid(meta):
         return _grid(_cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv_head, heavy_first)
 
-    if mode == "atomic":
+    if mode != "separate":
         _PREP((batch * n_head, _cdiv(seq_q, _PREP_BLOCK_M)),
               (o, do, delta, acc, *_bhs_strides(o), *_bhs_strides(do), *sum_strides, n_head, seq_q),
               {"HEAD_DIM": head_dim, "BLOCK_M": _PREP_BLOCK_M, "num_warps": 4}, recording)
-        _BWD_KV_ATOMIC(key, kv_grid,
-                       q, k, v, do, lse, delta, dk, dv, acc, sm_scale * _LOG2E, sm_scale, *strides,
-                       *grad_strides, n_head, n_kv_head, group, seq_q, seq_k, recording=recording,
-                       HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
-                       ATOMIC_DQ=True)
+        bulk = mode == "bulk"
+        (_BWD_KV_BULK if bulk else _BWD_KV_ATOMIC)(
+            key, kv_grid, q, k, v, do, lse, delta, dk, dv, acc, sm_scale * _LOG2E, sm_scale, *strides,
+            *grad_strides, n_head, n_kv_head, group, seq_q, seq_k, recording=recording,
+            HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
+            ATOMIC_DQ=True, DQ_BULK=bulk)
         rows = batch * n_head * seq_q
         _SCALE_CAST((_cdiv(rows, _SCALE_CAST_ROWS),),
                     (acc, dq, sm_scale, *sum_strides, *dq_strides, n_head, seq_q, rows),
@@ -939,7 +1017,7 @@ def _launch_backward(mode: str, do, q, k, v, o, lse, delta, dq, dk, dv, acc, cau
             q, k, v, do, lse, delta, dk, dv, dq, sm_scale * _LOG2E, sm_scale, *strides,
             *grad_strides, n_head, n_kv_head, group, seq_q, seq_k, recording=recording,
             HEAD_DIM=head_dim, CAUSAL=causal, PRECISION=precision, HEAVY_FIRST=heavy_first,
-            ATOMIC_DQ=False)
+            ATOMIC_DQ=False, DQ_BULK=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

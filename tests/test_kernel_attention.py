@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -205,19 +206,26 @@ def test_batch_heads_beyond_the_grids_second_axis_go_first(monkeypatch, dq_mode,
         assert torch.equal(a, b), name
 
 
+ADDED_DQ = ["atomic", "bulk"]  # the dq modes where the dk/dv kernel adds dq (bulk: whole tiles, by TMA)
+
+
+@pytest.mark.parametrize("mode", ADDED_DQ)
 @pytest.mark.parametrize("case", ["seq1", "batch2_seq100_hd64", "gqa4to2_seq129", "gqa4to1_seq200_noncausal",
                                   "cached_gqa_q52_k98", "noncausal_q100_k37", "decode_q1_k100"])
-def test_atomic_dq_matches_reference(case, dq_mode):
-    # dq added atomically by the dk/dv kernel (in fp32 inputs, into dq itself): partial blocks, GQA (each
-    # kv program adds to its group's query heads), seq_q < seq_k, non-causal, a single query row
-    ran = dq_mode("atomic")
+def test_atomic_dq_matches_reference(case, mode, dq_mode):
+    # dq added atomically by the dk/dv kernel (atomic in fp32 inputs: into dq itself): partial blocks, GQA
+    # (each kv program adds to its group's query heads), seq_q < seq_k, non-causal, a single query row.
+    # (bulk: the rows of a partial query block past seq_q add zeros, q = dO = 0 there, but they lie past
+    # the descriptor's bounds, which keep them from the next head's rows or the accumulator's end)
+    ran = dq_mode(mode)
     *shape, causal = CPU_CASES[case]
     q, k, v, do = _inputs(*shape, dtype=CASE_DTYPE)
     _check(q, k, v, do, causal)
-    assert ran == ["atomic"]
+    assert ran == [mode]
 
 
-def test_atomic_dq_with_padded_keys_and_far_negative_scores(dq_mode):
+@pytest.mark.parametrize("mode", ADDED_DQ)
+def test_atomic_dq_with_padded_keys_and_far_negative_scores(mode, dq_mode):
     # Non-causal, seq_k not a multiple of the key block: keys past seq_k load k = 0, so their score is 0
     # and P there is exp2(-lse), which overflows when every real score of a row is far below 0 (here about
     # -150). dS must be zeroed at those keys, or dS K puts inf * 0 = NaN into dq.
@@ -226,7 +234,7 @@ def test_atomic_dq_with_padded_keys_and_far_negative_scores(dq_mode):
     # while dq is ~0.02: the keys share one direction and dS sums to 0 over the keys, so dq is what is left
     # after they cancel. Hence an absolute tolerance of 10 units in the last place at 1 (or at the
     # tensor's largest value, for the larger dk).
-    ran = dq_mode("atomic")
+    ran = dq_mode(mode)
     gen = torch.Generator().manual_seed(8)
     head_dim, direction = 32, torch.ones(32) / 32 ** 0.5  # queries point away from every key
     q = torch.randn(1, 2, 20, head_dim, generator=gen) * 0.1 - 150 * direction
@@ -236,7 +244,7 @@ def test_atomic_dq_with_padded_keys_and_far_negative_scores(dq_mode):
     got = _out_and_grads(flash_attention, q, k, v, do, False, softmax_scale=1.0)
     dq_mode("separate")
     want = _out_and_grads(flash_attention, q, k, v, do, False, softmax_scale=1.0)
-    assert ran == ["atomic", "separate"]
+    assert ran == [mode, "separate"]
     eps = torch.finfo(CASE_DTYPE).eps
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
@@ -271,14 +279,44 @@ def test_atomic_dq_is_right_on_the_call_that_autotunes(dq_mode, monkeypatch):
     assert ran == ["atomic"] and FA._BWD_KV_ATOMIC.chosen  # this call tuned
 
 
+def test_bulk_dq_sets_the_scratch_allocator_in_the_launching_thread():
+    # The bulk kernel makes its tensor descriptors on the device, in scratch memory that Triton's launcher
+    # asks triton.set_allocator's allocator for. That setting is a context variable: a new thread (as
+    # autograd's device thread, where a CUDA backward runs) starts without it. _scratch_allocator, called
+    # before each bulk backward's launches, sets it in the launching thread, and keeps one the user set.
+    import triton
+    from triton.runtime import _allocation
+
+    seen = {}
+
+    def users(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    def launching_thread(name, user):
+        if user is not None:
+            triton.set_allocator(user)
+        seen[name, "before"] = _allocation._allocator.get()
+        FA._scratch_allocator()
+        seen[name, "after"] = _allocation._allocator.get()
+
+    for name, user in (("fresh thread", None), ("user's allocator", users)):
+        thread = threading.Thread(target=launching_thread, args=(name, user))
+        thread.start()
+        thread.join()
+    assert seen == {("fresh thread", "before"): _allocation._NULL_ALLOCATOR,
+                    ("fresh thread", "after"): FA._scratch,
+                    ("user's allocator", "before"): users, ("user's allocator", "after"): users}
+
+
+@pytest.mark.parametrize("mode", ADDED_DQ)
 @pytest.mark.parametrize("case", ["gqa4to2_seq100_hd64", "noncausal_seq129_hd64"])
-def test_atomic_dq_fp16_within_2x_of_torch(case, dq_mode):
+def test_atomic_dq_fp16_within_2x_of_torch(case, mode, dq_mode):
     # fp16: dq is summed in a separate fp32 buffer, then scaled and rounded into dq
-    ran = dq_mode("atomic")
+    ran = dq_mode(mode)
     *shape, causal = FP16_CASES[case]
     q, k, v, do = _inputs(*shape, dtype=torch.float16, seed=1)
     _check(q, k, v, do, causal)
-    assert ran == ["atomic"]
+    assert ran == [mode]
 
 
 def test_dq_mode_rules(dq_mode):
@@ -355,6 +393,31 @@ def test_auto_times_both_modes_once_and_keeps_the_faster(dq_mode, monkeypatch):
                                        msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("tma", [True, False])
+def test_auto_times_bulk_dq_only_where_the_gpu_has_tma(tma, dq_mode, monkeypatch):
+    # "bulk" is not timed by "auto" until a GPU run has measured it (AUTO_DQ_MODES); once among them, it
+    # is timed only on a GPU with TMA (Hopper on), and chosen where it is the fastest.
+    assert "bulk" in FA._DQ_MODES and "bulk" not in FA.AUTO_DQ_MODES
+    clock, cost = [0.0], {"separate": 2.0, "atomic": 1.0, "bulk": 0.5}
+    ran = dq_mode("auto")
+    spy = FA._backward_with
+
+    def costed(mode, *args):
+        clock[0] += cost[mode]
+        return spy(mode, *args)
+
+    monkeypatch.setattr(FA, "_backward_with", costed)
+    monkeypatch.setattr(FA, "AUTO_DQ_MODES", ("separate", "atomic", "bulk"))
+    monkeypatch.setattr(FA, "_has_tma", lambda device: tma)
+    _auto_as_on_cuda(monkeypatch, clock)
+    q, k, v, do = _inputs(1, 4, 2, 45, 45, 32, CASE_DTYPE, seed=4)
+    _out_and_grads(flash_attention, q, k, v, do, True)
+    timed = ["separate", "atomic", "bulk"] if tma else ["separate", "atomic"]
+    assert ran == [mode for mode in timed for _ in range(1 + FA.DQ_TIMING_REPS)]
+    key = (45, 45, 32, True, CASE_DTYPE, True)
+    assert FA.DQ_TIMES == {key: {m: cost[m] for m in timed}} and FA.DQ_CHOSEN == {key: timed[-1]}
+
+
 def test_auto_skips_a_mode_that_does_not_fit(dq_mode, monkeypatch):
     # On a GPU where no tiling of the atomic kernel fits (shared memory), "auto" keeps the dq kernel
     # instead of failing the backward; a failing dq kernel is still an error.
@@ -428,9 +491,10 @@ def test_fp16_within_2x_of_torch(case):
     _check(q, k, v, do, causal)
 
 
-@pytest.mark.parametrize("mode", ["separate", "atomic"])
+@pytest.mark.parametrize("mode", ["separate", *ADDED_DQ])
 def test_model_layout_and_custom_scale(mode, dq_mode):
-    # The model projects to (B, T, H, D) and transposes: q, k, v arrive non-contiguous.
+    # The model projects to (B, T, H, D) and transposes: q, k, v arrive non-contiguous (and atomic dq's
+    # accumulator is laid out as q: its rows n_head * head_dim apart).
     ran = dq_mode(mode)
     batch, seq, n_head, n_kv_head, head_dim = 2, 45, 4, 2, 32
     gen = torch.Generator().manual_seed(2)  # values drawn on CPU, moved before the views are taken
@@ -500,14 +564,14 @@ PACKED_DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.bf
 
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("mode", ["separate", "atomic"])
+@pytest.mark.parametrize("mode", ["separate", *ADDED_DQ])
 @pytest.mark.parametrize("case", list(PACKED_CASES), ids=list(PACKED_CASES))
 def test_packed_qkv_is_attention_over_its_views_with_one_dense_gradient(case, mode, dtype, dq_mode):
     # flash_attention_qkv runs the same kernels on the same views as flash_attention over the split: the
     # same output and dq, dk, dv, but written into one gradient laid out as qkv, which the projection's
     # backward reads without a concatenation. Atomic dq in fp16/bf16 goes through a dense fp32 accumulator
     # and a last pass into the q part of that gradient, whose rows lie (n_head + 2 n_kv_head) head_dim
-    # apart (fp32 inputs add into that q part itself).
+    # apart (fp32 inputs add into that q part itself; bulk adds always go through the accumulator).
     ran = dq_mode(mode)
     batch, seq, n_head, n_kv_head, head_dim, causal = PACKED_CASES[case]
     qkv, do = _packed(batch, seq, n_head, n_kv_head, head_dim, seed=7, dtype=dtype)
@@ -520,7 +584,7 @@ def test_packed_qkv_is_attention_over_its_views_with_one_dense_gradient(case, mo
     (want_grad,) = torch.autograd.grad(want_out, split, do)
     assert torch.equal(out, want_out)
     assert out.transpose(1, 2).is_contiguous()  # stored (B, T, H, D), as flash_attention's
-    if mode == "atomic" and DEVICE == "cuda":  # atomic adds sum dq in varying order on a GPU
+    if mode in ADDED_DQ and DEVICE == "cuda":  # atomic adds sum dq in varying order on a GPU
         q_width = n_head * head_dim
         assert torch.equal(grad[..., q_width:], want_grad[..., q_width:])
         torch.testing.assert_close(grad[..., :q_width], want_grad[..., :q_width], atol=1e-2, rtol=1e-2)
@@ -689,8 +753,8 @@ def test_kernels_lower_to_h100_code():
         import kernel_report
         fa = kernel_report._module()
         for dtype, head_dim, causal in (("bf16", 64, True), ("fp16", 128, False)):
-            for kernel, tuned in zip(("fwd", "bwd_q", "bwd_kv", "bwd_kv_atomic"),
-                                     (fa._FWD, fa._BWD_Q, fa._BWD_KV, fa._BWD_KV_ATOMIC)):
+            for kernel, tuned in zip(("fwd", "bwd_q", "bwd_kv", "bwd_kv_atomic", "bwd_kv_bulk"),
+                                     (fa._FWD, fa._BWD_Q, fa._BWD_KV, fa._BWD_KV_ATOMIC, fa._BWD_KV_BULK)):
                 # the configuration deterministic runs use, which must fit an A100 (163 KB of shared memory),
                 # compiled without the alignment hints (the code odd strides or lengths get)
                 f = tuned.fixed
@@ -829,13 +893,15 @@ def test_gpu_packed_qkv_compiled_fullgraph_matches_eager(dq_mode):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("case", ["mha_T1024_hd64", "gqa8to2_T1024_hd64", "noncausal_T1000_hd64"])
-def test_gpu_atomic_dq_within_2x_of_torch(case, dq_mode):
-    ran = dq_mode("atomic")
+@pytest.mark.parametrize("mode", ADDED_DQ)
+@pytest.mark.parametrize("case", ["mha_T1024_hd64", "mha_T1024_hd128", "gqa8to2_T1024_hd64",
+                                  "noncausal_T1000_hd64"])
+def test_gpu_atomic_dq_within_2x_of_torch(case, mode, dq_mode):
+    ran = dq_mode(mode)
     *shape, causal = GPU_CASES[case]
     q, k, v, do = _inputs(*shape, dtype=torch.bfloat16, device="cuda", seed=3)
     _check(q, k, v, do, causal)
-    assert ran == ["atomic"]
+    assert ran == [mode]
 
 
 @pytest.mark.gpu

@@ -7,9 +7,10 @@ registers per thread, spilled bytes, shared memory, and the instruction mix of t
     python tools/kernel_report.py fwd --config 64,128,8,3 --sass /tmp/fwd.sass   # one tiling, keep its SASS
     python tools/kernel_report.py ce --config 16384,16   # the cross-entropy kernel: BLOCK_V,WARPS
 
-Kernels: fwd, bwd_q, bwd_kv, bwd_kv_atomic (flash attention; configs BLOCK_M,BLOCK_N,WARPS,STAGES;
-bwd_kv_atomic is the dk/dv kernel that also adds dq atomically) and ce (the cross-entropy kernel that the
-fused linear cross-entropy runs per chunk; configs BLOCK_V,WARPS).
+Kernels: fwd, bwd_q, bwd_kv, bwd_kv_atomic, bwd_kv_bulk (flash attention; configs
+BLOCK_M,BLOCK_N,WARPS,STAGES; bwd_kv_atomic is the dk/dv kernel that also adds dq atomically, bwd_kv_bulk
+the same adding whole dq tiles by TMA bulk reductions) and ce (the cross-entropy kernel that the fused
+linear cross-entropy runs per chunk; configs BLOCK_V,WARPS).
 
 Why: a config whose registers spill to local memory (STACK > 0) pays for it in every tile, and the
 instruction mix shows what the inner loops do besides the tensor-core matmuls (HGMMA): exp2 (MUFU),
@@ -36,9 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# flash attention's three (bwd_kv_atomic: the dk/dv kernel adding dq atomically, BWD_DQ="atomic"), the
-# cross-entropy kernel
-KERNELS = ("fwd", "bwd_q", "bwd_kv", "bwd_kv_atomic", "ce")
+# flash attention's three (bwd_kv_atomic: the dk/dv kernel adding dq atomically, BWD_DQ="atomic";
+# bwd_kv_bulk: adding dq tiles by TMA bulk reductions, BWD_DQ="bulk"), the cross-entropy kernel
+KERNELS = ("fwd", "bwd_q", "bwd_kv", "bwd_kv_atomic", "bwd_kv_bulk", "ce")
 
 
 @dataclass
@@ -63,7 +64,8 @@ class Report:
                 f"{self.spill_bytes:4d} B  smem {self.shared_bytes // 1024:3d} KiB  | {mix}  "
                 f"LDL/STL {self.ops['LDL'] + self.ops['STL']}"
                 + (f"  RED/ATOM {self.ops['RED'] + self.ops['ATOM'] + self.ops['REDG'] + self.ops['ATOMG']}"
-                   if self.kernel.endswith("atomic") else ""))
+                   if self.kernel.endswith(("atomic", "bulk")) else "")
+                + (f"  UTMAREDG {self.ops['UTMAREDG']}" if self.kernel.endswith("bulk") else ""))
 
 
 def _signatures(fa, dtype: str) -> dict:
@@ -81,6 +83,7 @@ def _signatures(fa, dtype: str) -> dict:
                                      **strides("q", "k", "v", "do", "o", "dq"), **common}),
         "bwd_kv": (fa._bwd_kv_kernel, bwd_kv),
         "bwd_kv_atomic": (fa._BWD_KV_ATOMIC.kernel, bwd_kv),
+        "bwd_kv_bulk": (fa._BWD_KV_BULK.kernel, bwd_kv),
     }
 
 
@@ -91,7 +94,7 @@ def configs(kernel: str) -> list[tuple]:
     if kernel == "ce":
         return list(sys.modules["fastlm.kernels.cross_entropy"].CANDIDATES)
     lists = {"fwd": fa._FWD_CONFIGS, "bwd_q": fa._BWD_Q_CONFIGS, "bwd_kv": fa._BWD_KV_CONFIGS,
-             "bwd_kv_atomic": fa._BWD_KV_ATOMIC_CONFIGS}
+             "bwd_kv_atomic": fa._BWD_KV_ATOMIC_CONFIGS, "bwd_kv_bulk": fa._BWD_KV_ATOMIC_CONFIGS}
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in lists[kernel]]
 
 
@@ -137,7 +140,8 @@ def compile_report(kernel: str, config, head_dim: int = 64, dtype: str = "bf16",
         constexprs = {"HEAD_DIM": head_dim, "CAUSAL": causal, "PRECISION": "tf32",
                       "HEAVY_FIRST": fa.HEAVY_FIRST and causal, "BLOCK_M": block_m, "BLOCK_N": block_n}
         if kernel.startswith("bwd_kv"):
-            constexprs["ATOMIC_DQ"] = kernel == "bwd_kv_atomic"
+            constexprs["ATOMIC_DQ"] = kernel in ("bwd_kv_atomic", "bwd_kv_bulk")
+            constexprs["DQ_BULK"] = kernel == "bwd_kv_bulk"
     signature = {name: signature.get(name, "constexpr") for name in jit.arg_names}
     # what a launch specializes: every pointer and integer divisible by 16 unless excluded (the loss's
     # ignore_index is -100, not a multiple of 16)
