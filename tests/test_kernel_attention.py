@@ -360,11 +360,10 @@ def _auto_as_on_cuda(monkeypatch, clock=None):
     monkeypatch.setattr(FA, "DQ_TIMES", {})
 
 
-def test_auto_times_both_modes_once_and_keeps_the_faster(dq_mode, monkeypatch):
-    # On CUDA, "auto" runs each mode once (it tunes and compiles), then DQ_TIMING_REPS times between two
-    # CUDA events, and keeps the faster for the key. Simulated: a clock that each mode's backward advances
-    # by its own cost, read by the events.
-    clock, cost = [0.0], {"separate": 2.0, "atomic": 0.5}
+def _auto_with_costs(dq_mode, monkeypatch, cost: dict) -> list:
+    """"auto" as on CUDA (_auto_as_on_cuda), with a clock that each mode's backward advances by its cost
+    in `cost`, read by the timing events; returns the modes the backwards ran."""
+    clock = [0.0]
     ran = dq_mode("auto")
     spy = FA._backward_with
 
@@ -374,6 +373,15 @@ def test_auto_times_both_modes_once_and_keeps_the_faster(dq_mode, monkeypatch):
 
     monkeypatch.setattr(FA, "_backward_with", costed)
     _auto_as_on_cuda(monkeypatch, clock)
+    return ran
+
+
+def test_auto_times_both_modes_once_and_keeps_the_faster(dq_mode, monkeypatch):
+    # On CUDA, "auto" runs each mode once (it tunes and compiles), then DQ_TIMING_REPS times between two
+    # CUDA events, and keeps the faster for the key. Simulated: a clock that each mode's backward advances
+    # by its own cost, read by the events.
+    cost = {"separate": 2.0, "atomic": 0.5}
+    ran = _auto_with_costs(dq_mode, monkeypatch, cost)
     q, k, v, do = _inputs(1, 4, 2, 45, 45, 32, CASE_DTYPE, seed=4)
     first = _out_and_grads(flash_attention, q, k, v, do, True)
     reps = FA.DQ_TIMING_REPS
@@ -398,18 +406,10 @@ def test_auto_times_bulk_dq_only_where_the_gpu_has_tma(tma, dq_mode, monkeypatch
     # "bulk" is not timed by "auto" until a GPU run has measured it (AUTO_DQ_MODES); once among them, it
     # is timed only on a GPU with TMA (Hopper on), and chosen where it is the fastest.
     assert "bulk" in FA._DQ_MODES and "bulk" not in FA.AUTO_DQ_MODES
-    clock, cost = [0.0], {"separate": 2.0, "atomic": 1.0, "bulk": 0.5}
-    ran = dq_mode("auto")
-    spy = FA._backward_with
-
-    def costed(mode, *args):
-        clock[0] += cost[mode]
-        return spy(mode, *args)
-
-    monkeypatch.setattr(FA, "_backward_with", costed)
+    cost = {"separate": 2.0, "atomic": 1.0, "bulk": 0.5}
+    ran = _auto_with_costs(dq_mode, monkeypatch, cost)
     monkeypatch.setattr(FA, "AUTO_DQ_MODES", ("separate", "atomic", "bulk"))
     monkeypatch.setattr(FA, "_has_tma", lambda device: tma)
-    _auto_as_on_cuda(monkeypatch, clock)
     q, k, v, do = _inputs(1, 4, 2, 45, 45, 32, CASE_DTYPE, seed=4)
     _out_and_grads(flash_attention, q, k, v, do, True)
     timed = ["separate", "atomic", "bulk"] if tma else ["separate", "atomic"]
