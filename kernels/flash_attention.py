@@ -129,7 +129,7 @@ HEAVY_FIRST = True
 BWD_DQ = "auto"
 _DQ_MODES = ("separate", "atomic", "bulk")
 # "bulk" joins these once a GPU run has checked it (tests/test_kernel_attention.py, GPU tests) and timed it
-# (benchmarks/test_attention_speed.py, the backward per dq mode): until then it runs where asked for only.
+# (benchmarks/test_attention_dq_modes.py): until then it runs where asked for only.
 AUTO_DQ_MODES = ("separate", "atomic")
 DQ_TIMING_REPS = 3  # timed backwards of each mode, after one that tunes and compiles its kernels
 
