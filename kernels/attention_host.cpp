@@ -55,8 +55,12 @@ constexpr size_t kMaxPlans = 512;  // (as kernels/flash_attention.py's MAX_PLANS
 
 // Never destroyed: it holds Python objects, which must not be released after the interpreter is gone.
 auto& plans = *new std::unordered_map<std::vector<int64_t>, Plan, KeyHash>();
-// The Python side (set by install()): the miss callbacks and the check that direct launches are allowed.
-auto& callbacks = *new py::dict();
+// The Python side (set by install()): the miss callbacks and the check that direct launches are allowed
+// (held as objects, not looked up by name: the check runs on every replay).
+struct Callbacks {
+  py::object forward, backward, packed_forward, packed_backward, allowed;
+};
+auto& callbacks = *new Callbacks();
 int64_t replays = 0;  // (read by tests)
 
 enum Kind : int64_t { kForward = 1, kBackward = 2, kPackedForward = 3, kPackedBackward = 4 };
@@ -139,7 +143,7 @@ const Plan* find(const std::vector<int64_t>& key) {
   return it == plans.end() ? nullptr : &it->second;
 }
 
-bool launches_allowed() { return callbacks["allowed"]().cast<bool>(); }
+bool launches_allowed() { return callbacks.allowed().cast<bool>(); }
 
 uint64_t address(const at::Tensor& t) { return reinterpret_cast<uint64_t>(t.data_ptr()); }
 
@@ -293,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   auto key = make_key(kForward, {&q, &k, &v}, causal, scale, knobs);
   auto call_for = [&](bool) { return forward_call(q, k, v); };
   if (auto call = replayed(key, stream, call_for)) return {call->fresh[0], call->fresh[1]};
-  auto out = missed(std::move(key), stream, callbacks["forward"](q, k, v, causal, scale), call_for);
+  auto out = missed(std::move(key), stream, callbacks.forward(q, k, v, causal, scale), call_for);
   return {out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>()};
 }
 
@@ -303,7 +307,7 @@ variable_list backward(const at::Tensor& grad, const at::Tensor& q, const at::Te
   auto key = make_key(kBackward, {&q, &k, &v, &o, &lse, &grad}, causal, scale, knobs);
   auto call_for = [&](bool own_acc) { return backward_call(grad, q, k, v, o, lse, new_grads(q, k, v), own_acc); };
   if (auto call = replayed(key, stream, call_for)) return {call->fresh[1], call->fresh[2], call->fresh[3]};
-  auto out = missed(std::move(key), stream, callbacks["backward"](grad, q, k, v, o, lse, causal, scale), call_for);
+  auto out = missed(std::move(key), stream, callbacks.backward(grad, q, k, v, o, lse, causal, scale), call_for);
   return {out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>(), out[2].cast<at::Tensor>()};
 }
 
@@ -322,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> packed_forward(const at::Tensor& qkv, int64_t
   auto key = make_key(kPackedForward, {&qkv}, causal, scale, knobs, n_head, n_kv_head);
   auto call_for = [&](bool) { return packed_forward_call(qkv, n_head, n_kv_head); };
   if (auto call = replayed(key, stream, call_for)) return {call->fresh[0], call->fresh[1]};
-  auto out = missed(std::move(key), stream, callbacks["packed_forward"](qkv, n_head, n_kv_head, causal, scale),
+  auto out = missed(std::move(key), stream, callbacks.packed_forward(qkv, n_head, n_kv_head, causal, scale),
                     call_for);
   return {out[0].cast<at::Tensor>(), out[1].cast<at::Tensor>()};
 }
@@ -339,7 +343,7 @@ at::Tensor packed_backward(const at::Tensor& grad, const at::Tensor& qkv, const 
   };
   if (replayed(key, stream, call_for)) return dqkv;
   auto out = missed(std::move(key), stream,
-                    callbacks["packed_backward"](grad, qkv, o, lse, n_head, n_kv_head, causal, scale), call_for);
+                    callbacks.packed_backward(grad, qkv, o, lse, n_head, n_kv_head, causal, scale), call_for);
   return out[0].cast<at::Tensor>();
 }
 
@@ -397,11 +401,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash attention's eager host path in C++ (kernels/attention_host.cpp)";
   m.def("install", [](py::function forward_miss, py::function backward_miss, py::function packed_forward_miss,
                       py::function packed_backward_miss, py::function allowed) {
-    callbacks["forward"] = forward_miss;
-    callbacks["backward"] = backward_miss;
-    callbacks["packed_forward"] = packed_forward_miss;
-    callbacks["packed_backward"] = packed_backward_miss;
-    callbacks["allowed"] = allowed;
+    callbacks = {forward_miss, backward_miss, packed_forward_miss, packed_backward_miss, allowed};
   });
   m.def("attention", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
                         int64_t knobs) { return Attention::apply(q, k, v, causal, scale, knobs); },
