@@ -312,6 +312,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: {key} must be {what}, found {value}")
     if cfg.target.steps == 0 and cfg.target.tokens == 0:
         raise ConfigError(f"{src}: set target.steps or target.tokens (both are 0)")
+    if cfg.target.steps and cfg.target.tokens:
+        # (one would silently win: an override of target.tokens on a config that sets steps did nothing)
+        raise ConfigError(f"{src}: target.steps ({cfg.target.steps:,}) and target.tokens "
+                          f"({cfg.target.tokens:,}) are both set; set one and the other to 0 (e.g. "
+                          f"target.steps=0 target.tokens={cfg.target.tokens})")
     if not cfg.data.train_path:
         raise ConfigError(f"{src}: data.train_path is empty; expected the training .pbin (from fastlm data "
                           f"pack_encoded_data)")

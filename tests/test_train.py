@@ -325,6 +325,9 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError,
                        match=r"needs 1,000 steps x 512 tokens = 512,000 tokens but .* holds 100,000"):
         derive(c, world_size=1, train_tokens=100_000)
+    # a token target: steps rounded up to whole steps of micro x seq x accum x world tokens
+    c = load_config(cfg, ["target.steps=0", "target.tokens=5000"])
+    assert (derive(c, world_size=2).steps, derive(c, world_size=1).steps) == (5, 10)  # 5000/1024, 5000/512
     r = train(tmp_path, "optim.lrr=1", check=False)
     assert r.returncode != 0 and 'did you mean "optim.lr"' in r.stderr
     for bad in ("[5, 2]", "[0, 3]", "[1, 2, 3]", "[a, 3]"):
@@ -345,6 +348,9 @@ def test_config_errors_are_clear(tmp_path):
     ("optim.betas=[1.0, 0.95]", "optim.betas[0] must be in [0, 1), found 1.0"),
     ("optim.betas=[0.9, -0.5]", "optim.betas[1] must be in [0, 1), found -0.5"),
     ("optim.betas=[0.9, fast]", "optim.betas[1] must be float, found 'fast' (str)"),
+    # tiny.yaml sets target.steps: 200; an override of tokens alone must not be ignored
+    ("target.tokens=1000000", "target.steps (200) and target.tokens (1,000,000) are both set; set one and "
+                              "the other to 0 (e.g. target.steps=0 target.tokens=1000000)"),
 ])
 def test_config_rejects_values_out_of_range(override, message):
     with pytest.raises(ConfigError) as err:
