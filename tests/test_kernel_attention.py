@@ -728,6 +728,26 @@ def test_invalid_inputs(kwargs, error, match):
         flash_attention(*_qkv(**kwargs))
 
 
+def test_rows_past_32_bit_offsets_are_refused_before_any_launch():
+    """Offsets within a head are int32 in the kernels: a layout whose rows reach 2**31 elements is refused
+    where a launch is planned (meta tensors: the shapes of a huge call, no memory)."""
+    def view(seq, row_stride):  # (1, 1, seq, 64): one head, rows row_stride apart
+        return torch.empty_strided((1, 1, seq, 64), (2**40, 2**40, row_stride, 1), device="meta")
+
+    last_fit = 2**31 // 2048  # rows 0 .. last_fit - 1 at stride 2048: the last element is 2**31 - 1985
+    FA._check_row_offsets(q=view(last_fit, 2048))
+    with pytest.raises(ValueError, match=r"^flash_attention: k's rows reach element 2,147,483,711 of a head "
+                                         r"\(1,048,577 rows x row stride 2,048\), past the kernels' 32-bit"):
+        FA._check_row_offsets(q=view(last_fit, 2048), k=view(last_fit + 1, 2048))
+    ok, big = view(8, 64), view(last_fit + 1, 2048)
+    lse = torch.empty(1, 1, 8, device="meta")
+    with pytest.raises(ValueError, match=r"^flash_attention: o's rows"):
+        FA._launch_forward(ok, ok, ok, big, lse, True, 0.125, None)
+    with pytest.raises(ValueError, match=r"^flash_attention: do's rows"):
+        FA._launch_backward("separate", big, ok, ok, ok, ok, lse, lse, ok, ok, ok, None, True, 0.125,
+                            FA.backward_key(ok.shape, 8, True, ok.dtype), None)
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf"), "0.125", True])
 def test_softmax_scale_must_be_positive(scale):
     with pytest.raises(ValueError, match=r"softmax_scale must be a positive finite number.* got "):
