@@ -4,6 +4,7 @@ config errors, NaN detection, preemption, wandb offline, throughput records and 
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -268,6 +269,22 @@ def test_resuming_at_the_target_trains_and_logs_nothing(tmp_path):
     r = train(tmp_path, "target.steps=3", "run.resume=auto", name="done")
     assert f"; wrote the consolidated model {run / 'model.safetensors'}." in r.stdout, r.stdout
     assert (run / "model.safetensors").is_file() and (run / "metrics.jsonl").read_bytes() == metrics
+
+
+@pytest.mark.parametrize("decay, after_warmup", [
+    # steps 4 .. 14 of a 14-step run after 4 steps of warm-up: progress (step - 4) / 10
+    ("cosine", {4: 1.0, 6: 0.1 + 0.45 * (1 + math.cos(0.2 * math.pi)), 9: 0.55, 14: 0.1, 20: 0.1}),
+    ("linear", {4: 1.0, 6: 0.82, 9: 0.55, 14: 0.1, 20: 0.1}),
+    ("constant", {4: 1.0, 9: 1.0, 14: 1.0, 20: 1.0}),
+])
+def test_the_learning_rate_warms_up_then_decays_to_min_lr(decay, after_warmup):
+    from fastlm.train import lr_at
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        "optim.lr=1.0", "schedule.min_lr=0.1", "schedule.warmup_steps=4", f"schedule.decay={decay}"])
+    assert [lr_at(s, cfg, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # step s trains at (s + 1) / 4
+    for step, lr in after_warmup.items():
+        assert lr_at(step, cfg, 14) == pytest.approx(lr, abs=1e-12), (decay, step)
 
 
 def test_a_resume_with_another_target_says_how_the_schedule_changes(tmp_path):
