@@ -17,7 +17,9 @@
 #include <torch/extension.h>
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/autograd/python_variable.h>
 
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <unordered_map>
@@ -395,6 +397,70 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
   }
 };
 
+// ---- the public functions' first try -----------------------------------------------------------------
+// flash_attention() checks its arguments in Python before anything launches (~5 us of a forward on a
+// 2-core CPU, about as much as this whole path's forward). A call whose key has a plan needs none of it:
+// each check is a function of what the key holds (every tensor's shape, strides and dtype, q's device,
+// causal, the scale), and that plan was made by a call that passed them. So the public functions offer a
+// call here first; one this can take (plain tensors on q's device, causal True or False, the scale None or
+// a float, n_head and n_kv_head ints) and whose key has a plan goes straight to the autograd node. For any
+// other, None: the Python function checks it and goes on as before.
+
+const at::Tensor* plain_tensor(const py::handle& h) {
+  // (a Tensor subclass may mean something else by its operations: the Python path decides for it)
+  return THPVariable_CheckExact(h.ptr()) ? &THPVariable_Unpack(h.ptr()) : nullptr;
+}
+
+// 1 for True, 0 for False, -1 for anything else (an int is not taken as a bool: the Python check refuses it)
+int exact_bool(const py::handle& h) { return h.ptr() == Py_True ? 1 : h.ptr() == Py_False ? 0 : -1; }
+
+// a positive int (not a bool), or -1
+int64_t exact_count(const py::handle& h) {
+  if (!PyLong_CheckExact(h.ptr())) return -1;
+  int overflow = 0;
+  const long long n = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  return overflow == 0 && n > 0 ? n : -1;
+}
+
+// the softmax scale as the Python path makes it (None: 1 / sqrt(head_dim)), or nothing for a value only
+// the Python path may judge
+std::optional<double> exact_scale(const py::handle& h, int64_t head_dim) {
+  if (h.is_none()) return 1.0 / std::sqrt(static_cast<double>(head_dim));
+  if (PyFloat_CheckExact(h.ptr())) return PyFloat_AS_DOUBLE(h.ptr());
+  return std::nullopt;
+}
+
+bool served(const at::Tensor& t, bool on_cpu) { return t.is_cuda() || (on_cpu && t.is_cpu()); }
+
+py::object planned_attention(const py::handle& q_, const py::handle& k_, const py::handle& v_,
+                             const py::handle& causal_, const py::handle& scale_, int64_t knobs, bool on_cpu) {
+  const at::Tensor *q = plain_tensor(q_), *k = plain_tensor(k_), *v = plain_tensor(v_);
+  const int causal = exact_bool(causal_);
+  if (!q || !k || !v || causal < 0 || q->dim() != 4 || !served(*q, on_cpu)) return py::none();
+  // (the key holds q's device only)
+  if (k->device() != q->device() || v->device() != q->device()) return py::none();
+  const auto scale = exact_scale(scale_, q->size(3));
+  if (!scale || current_stream(*q) < 0 || !find(make_key(kForward, {q, k, v}, causal, *scale, knobs)))
+    return py::none();
+  return py::cast(Attention::apply(*q, *k, *v, causal, *scale, knobs));
+}
+
+py::object planned_attention_qkv(const py::handle& qkv_, const py::handle& n_head_, const py::handle& n_kv_head_,
+                                 const py::handle& causal_, const py::handle& scale_, int64_t knobs,
+                                 bool on_cpu) {
+  const at::Tensor* qkv = plain_tensor(qkv_);
+  const int64_t n_head = exact_count(n_head_);
+  const int64_t n_kv_head = n_kv_head_.is_none() ? n_head : exact_count(n_kv_head_);
+  const int causal = exact_bool(causal_);
+  if (!qkv || n_head < 0 || n_kv_head < 0 || causal < 0 || qkv->dim() != 3 || !served(*qkv, on_cpu))
+    return py::none();
+  const auto scale = exact_scale(scale_, qkv->size(2) / (n_head + 2 * n_kv_head));
+  if (!scale || current_stream(*qkv) < 0 ||
+      !find(make_key(kPackedForward, {qkv}, causal, *scale, knobs, n_head, n_kv_head)))
+    return py::none();
+  return py::cast(PackedAttention::apply(*qkv, n_head, n_kv_head, causal, *scale, knobs));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -409,6 +475,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_qkv", [](const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head, bool causal, double scale,
                             int64_t knobs) { return PackedAttention::apply(qkv, n_head, n_kv_head, causal, scale, knobs); },
         "flash attention over a packed qkv (differentiable)");
+  m.def("planned_attention", &planned_attention,
+        "flash attention over q, k, v where the call's key has a plan (its arguments were checked when that "
+        "plan was made), else None");
+  m.def("planned_attention_qkv", &planned_attention_qkv,
+        "flash attention over a packed qkv where the call's key has a plan, else None");
   m.def("forget", [] { plans.clear(); }, "drop every kept plan");
   m.def("plans", [] { return plans.size(); });
   m.def("replays", [] { return replays; });

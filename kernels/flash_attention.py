@@ -1307,6 +1307,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     softmax_scale defaults to 1/sqrt(head_dim). Returns (batch, n_head, seq_q, head_dim) in q's dtype, stored
     as (batch, seq_q, n_head, head_dim) (heads merge back without a copy).
     """
+    if HOST_PATH and _HOST is not None and not torch.compiler.is_compiling():
+        # The C++ path serves a call whose plan key it has a plan for without the checks below: each is a
+        # function of that key (layouts, dtypes, q's device, causal, scale), and the call that made the plan
+        # passed them. Any other call answers None and is checked here (kernels/attention_host.cpp).
+        out = _HOST.planned_attention(q, k, v, causal, softmax_scale, _knobs(), _HOST_ON_CPU)
+        if out is not None:
+            return out
     _check_inputs(q, k, v, causal)
     causal = _causal(causal, "flash_attention")
     softmax_scale = _scale(softmax_scale, q.shape[-1], "flash_attention")
@@ -1329,6 +1336,11 @@ def flash_attention_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int | None = 
     gets three gradients that autograd concatenates (a copy of the whole projection output per layer).
     """
     fn = "flash_attention_qkv"
+    if HOST_PATH and _HOST is not None and not torch.compiler.is_compiling():  # (as flash_attention's)
+        out = _HOST.planned_attention_qkv(qkv, n_head, n_kv_head, causal, softmax_scale, _knobs(),
+                                          _HOST_ON_CPU)
+        if out is not None:
+            return out
     _check_tensor(fn, "qkv", qkv, 3, "(batch, seq, (n_head + 2 * n_kv_head) * head_dim)")
     _check_device(fn, "qkv is", qkv.device)
     if n_kv_head is None:

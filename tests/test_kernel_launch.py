@@ -606,6 +606,58 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
             before = host.replays()
             assert packed(True) == want and host.replays() == before, mode  # kept
             assert packed(True) == want and host.replays() == before + 2, mode  # replayed
+
+        # The public functions offer each call to the C++ path before checking it: a call whose key has a
+        # plan is served there unchecked (the call that made the plan passed the checks); any other is
+        # checked in Python first, and a bad one fails there as it would without the C++ path.
+        import numpy as np
+        checked = []
+        check_tensor = fa._check_tensor
+        fa._check_tensor = lambda fn, name, *rest: (checked.append(name), check_tensor(fn, name, *rest))[1]
+
+        def counts(call):  # (the arguments the Python path checked, the C++ path's replays)
+            checked.clear()
+            before = host.replays()
+            call()
+            return list(checked), host.replays() - before
+
+        x = qkv.detach().requires_grad_()
+        attention, attention_qkv = fastlm.kernels.flash_attention, fastlm.kernels.flash_attention_qkv
+        assert counts(lambda: attention_qkv(x, 4, 2).backward(dout)) == ([], 2)
+        assert counts(lambda: attention_qkv(x, 4, 2, causal=True, softmax_scale=None)) == ([], 1)
+        fa.BWD_DQ = "separate"
+        q, k, v, do = (t.detach().requires_grad_() for t in made["base"])
+        assert counts(lambda: attention(q, k, v).backward(do)) == ([], 2)
+        # the scale as a float: base's plan (1 / sqrt(64)); as a numpy float: checked, then the plan replayed
+        assert counts(lambda: attention(q, k, v, True, 0.125).backward(do)) == ([], 2)
+        numpy_scale = np.float64(0.125)
+        assert counts(lambda: attention(q, k, v, True, numpy_scale).backward(do)) == (["q", "k", "v"], 2)
+
+        class Sub(torch.Tensor):  # a subclass may mean other things by its operations: checked first
+            pass
+        assert counts(lambda: attention(q.as_subclass(Sub), k, v))[0] == ["q", "k", "v"]
+        # a layout not seen before: checked (its kernels "compile" on the first call, its plan is made on the
+        # second); then served unchecked
+        q2, k2, v2 = (t.detach()[:, :, :24] for t in (q, k, v))
+        thrice = [counts(lambda: attention(q2, k2, v2)) for _ in range(3)]
+        assert thrice == [(["q", "k", "v"], 0), (["q", "k", "v"], 0), ([], 1)], thrice
+        # bad calls with the planned tensors fail as the checks say, without the C++ path (k_meta: k's
+        # layout, the key the same but for k's device)
+        k_meta = torch.empty_strided(k.shape, k.stride(), dtype=k.dtype, device="meta")
+        for bad, error in [
+                (lambda: attention(q, k, v, causal=1), "causal must be True or False"),
+                (lambda: attention(q, k, v, softmax_scale=-0.125), "softmax_scale must be a positive"),
+                (lambda: attention(q, k_meta, v), "q, k, v must be on one device"),
+                (lambda: attention_qkv(x, 4.0, 2), "n_head must be a positive int"),
+                (lambda: attention_qkv(x, True, 2), "n_head must be a positive int"),
+                (lambda: attention_qkv(x, 4), "must hold n_head + 2 * n_kv_head = 12 heads")]:
+            before = host.replays()
+            try:
+                bad()
+                raise AssertionError(f"no error: {error}")
+            except (TypeError, ValueError) as e:
+                assert error in str(e) and host.replays() == before, (error, str(e))
+        fa._check_tensor = check_tensor
         fa.HOST_PATH = fa._HOST_ON_CPU = False
 
         # attention of one tensor with itself, attention(x, x, x), then of distinct q, k, v in the same
