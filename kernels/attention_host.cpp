@@ -414,12 +414,12 @@ const at::Tensor* plain_tensor(const py::handle& h) {
 // 1 for True, 0 for False, -1 for anything else (an int is not taken as a bool: the Python check refuses it)
 int exact_bool(const py::handle& h) { return h.ptr() == Py_True ? 1 : h.ptr() == Py_False ? 0 : -1; }
 
-// a positive int (not a bool), or -1
+// a head count: a positive int (not a bool) up to 2**31 (n_head + 2 * n_kv_head must not overflow), or -1
 int64_t exact_count(const py::handle& h) {
   if (!PyLong_CheckExact(h.ptr())) return -1;
   int overflow = 0;
   const long long n = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
-  return overflow == 0 && n > 0 ? n : -1;
+  return overflow == 0 && n > 0 && n <= (1LL << 31) ? n : -1;
 }
 
 // the softmax scale as the Python path makes it (None: 1 / sqrt(head_dim)), or nothing for a value only

@@ -650,7 +650,9 @@ def test_attention_plans_replay_the_direct_launches_and_are_keyed_on_what_those_
                 (lambda: attention(q, k_meta, v), "q, k, v must be on one device"),
                 (lambda: attention_qkv(x, 4.0, 2), "n_head must be a positive int"),
                 (lambda: attention_qkv(x, True, 2), "n_head must be a positive int"),
-                (lambda: attention_qkv(x, 4), "must hold n_head + 2 * n_kv_head = 12 heads")]:
+                (lambda: attention_qkv(x, 4), "must hold n_head + 2 * n_kv_head = 12 heads"),
+                # (2**64 heads in all: an int64 sum would wrap around to 0)
+                (lambda: attention_qkv(x, 2**63 - 2, 2**62 + 1), "n_kv_head = 18446744073709551616 heads")]:
             before = host.replays()
             try:
                 bad()
