@@ -3,7 +3,7 @@
     fastlm data create_raw_index --index_path OUT.idx SRC.jsonl
     fastlm data pack_encoded_data CONFIG.yaml
     fastlm data inspect FILE.pbin [--tokenizer PATH]
-    fastlm data merge_packed_data OUT.pbin IN1.pbin IN2.pbin ...
+    fastlm data merge_packed_data IN1.pbin IN2.pbin|FOLDER ... OUT.pbin
     fastlm run --config_file_path CONFIG.yaml [key=value ...]     (= python -m fastlm.train CONFIG.yaml)
     fastlm generate_text --config_file_path CONFIG.yaml [--checkpoint RUN_DIR]   (= python -m fastlm.generate)
     fastlm plot RUN_DIR
@@ -139,12 +139,39 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_sources(sources: list[str], dst: str) -> list[str]:
+    """The files a merge reads, in order: each source as given, a folder replaced by the .pbin files below it
+    (as Modalities reads a folder; here in sorted order, so that the output is the same on every machine)."""
+    from pathlib import Path
+
+    if not Path(sources[0]).exists() and Path(dst).exists():
+        # (the order of fastlm before 2026-11-27: the output first)
+        raise FileNotFoundError(
+            f"{sources[0]}: not found, and the output {dst} exists. HINT: merge_packed_data takes the files "
+            f"to merge first and the output last, as Modalities does: fastlm data merge_packed_data "
+            f"IN1.pbin IN2.pbin OUT.pbin")
+    files = []
+    for source in sources:
+        if Path(source).is_dir():
+            found = sorted(str(f) for f in Path(source).rglob("*.pbin") if f.is_file())
+            if not found:
+                raise FileNotFoundError(f"{source}: a folder with no .pbin file in it (searched with its "
+                                        f"subfolders); expected .pbin files to merge")
+            files += found
+        else:
+            files.append(source)
+    return files
+
+
 def _merge(args: argparse.Namespace) -> int:
     from fastlm.data.tools import merge_packed
 
     t0 = time.perf_counter()
-    merge_packed(args.dst, args.sources, file_existence_policy=args.file_existence_policy)
-    print(f"merged {len(args.sources)} files into {args.dst} in {time.perf_counter() - t0:.2f} s")
+    sources = merge_sources(args.sources, args.dst)
+    if merge_packed(args.dst, sources, file_existence_policy=args.file_existence_policy) is None:
+        print(f"{args.dst} exists; skipped (file_existence_policy: skip)")
+    else:
+        print(f"merged {len(sources)} files into {args.dst} in {time.perf_counter() - t0:.2f} s")
     return 0
 
 
@@ -235,10 +262,13 @@ def _args_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def _args_merge(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dst", type=file_path, help="the .pbin to write")
-    p.add_argument("sources", nargs="+", help="the .pbin files to merge, in order")
+    # (Modalities' order: the inputs, then the output)
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="a .pbin file to merge, or a folder of them (read with its subfolders, sorted by "
+                        "path); merged in the order given")
+    p.add_argument("dst", type=file_path, metavar="DST", help="the .pbin to write")
     p.add_argument("--file_existence_policy", "--file-existence-policy", choices=FILE_EXISTENCE_POLICIES,
-                   default="error")
+                   default="error", help="when DST exists: error (default), skip or override")
 
 
 def _args_run(p: argparse.ArgumentParser) -> None:

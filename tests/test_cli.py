@@ -55,17 +55,37 @@ def test_inspect_corrupt_file_fails_with_the_file_name(tmp_path):
 def test_merge_from_the_command_line(tmp_path, capsys):
     a, b = MODALITIES / "lorem_ipsum.pbin", MODALITIES / "lorem_ipsum_long.pbin"
     out = tmp_path / "merged.pbin"
-    assert cli(["data", "merge_packed_data", str(out), str(a), str(b)]) == 0
+    assert cli(["data", "merge_packed_data", str(a), str(b), str(out)]) == 0  # Modalities' order: output last
     from fastlm.data.pbin import PackedFile
 
-    merged, pa, pb = PackedFile(out), PackedFile(a), PackedFile(b)
-    assert merged.num_documents == pa.num_documents + pb.num_documents
-    assert [merged.document(i).tolist() for i in range(merged.num_documents)] == (
-        [pa.document(i).tolist() for i in range(pa.num_documents)]
-        + [pb.document(i).tolist() for i in range(pb.num_documents)]
-    )
-    assert cli(["data", "merge_packed_data", str(out), str(a)]) == 1  # exists: the default policy is error
+    def documents(*paths):
+        return [d.tolist() for p in map(PackedFile, paths) for d in map(p.document, range(p.num_documents))]
+
+    assert documents(out) == documents(a, b)
+    assert cli(["data", "merge_packed_data", str(a), str(out)]) == 1  # exists: the default policy is error
     assert "already exists" in capsys.readouterr().err
+    assert cli(["data", "merge_packed_data", str(a), str(out), "--file_existence_policy", "skip"]) == 0
+    assert capsys.readouterr().out == f"{out} exists; skipped (file_existence_policy: skip)\n"
+    assert documents(out) == documents(a, b)
+    # a folder stands for the .pbin files below it, sorted by path (Modalities reads them in the file
+    # system's order)
+    folder = tmp_path / "parts"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(b, folder / "1.pbin")
+    shutil.copy(a, folder / "sub" / "0.pbin")
+    (folder / "notes.txt").write_text("not a packed file")
+    assert cli(["data", "merge_packed_data", str(a), str(folder), str(tmp_path / "all.pbin")]) == 0
+    assert documents(tmp_path / "all.pbin") == documents(a, b, a)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(["data", "merge_packed_data", str(empty), str(tmp_path / "none.pbin")]) == 1
+    assert f"{empty}: a folder with no .pbin file in it" in capsys.readouterr().err
+    # the output first (fastlm's order before it took Modalities'): named, nothing written
+    before = out.read_bytes()
+    assert cli(["data", "merge_packed_data", str(tmp_path / "new.pbin"), str(a), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "new.pbin: not found, and the output" in err and "takes the files to merge first" in err, err
+    assert out.read_bytes() == before and not (tmp_path / "new.pbin").exists()
 
 
 def _peak_rss_mb_of_pack(tmp_path, megabytes):
@@ -108,7 +128,7 @@ def test_a_full_disk_or_unwritable_folder_names_the_output_not_its_temporary_fil
         "x.idx": ["data", "create_raw_index", "--quiet", "--index_path", "{dst}", str(src)],
         "x.pbin": ["data", "pack_encoded_data", "--quiet", "--src", str(src), "--dst", "{dst}", "--tokenizer",
                    str(GPT2)],
-        "m.pbin": ["data", "merge_packed_data", "{dst}", str(MODALITIES / "lorem_ipsum.pbin")],
+        "m.pbin": ["data", "merge_packed_data", str(MODALITIES / "lorem_ipsum.pbin"), "{dst}"],
     }
     for name, argv in commands.items():
         dst = tmp_path / name
@@ -135,7 +155,7 @@ def test_an_output_path_ending_in_a_separator_is_refused(tmp_path, capsys):
     for argv in (["data", "pack_encoded_data", "--src", src, "--dst", f"{tmp_path}/new/", "--tokenizer",
                   str(GPT2)],
                  ["data", "create_raw_index", "--index_path", f"{tmp_path}/new/", src],
-                 ["data", "merge_packed_data", f"{tmp_path}/new/", str(MODALITIES / "lorem_ipsum.pbin")]):
+                 ["data", "merge_packed_data", str(MODALITIES / "lorem_ipsum.pbin"), f"{tmp_path}/new/"]):
         with pytest.raises(SystemExit) as stop:
             cli(argv)
         assert stop.value.code == 2

@@ -73,7 +73,7 @@ def inspect_packed(path: str | os.PathLike, tokenizer_path: str | os.PathLike | 
 def merge_packed(
     dst: str | os.PathLike, sources: Sequence[str | os.PathLike], file_existence_policy: str = "error"
 ) -> int | None:
-    """Concatenate .pbin files into `dst` (`fastlm data merge_packed_data OUT.pbin IN1.pbin IN2.pbin ...`).
+    """Concatenate .pbin files into `dst` (`fastlm data merge_packed_data IN1.pbin IN2.pbin ... OUT.pbin`).
 
     All inputs must share the token size and the end-of-document token (the last token of every document:
     a different one means a different tokenizer). Data segments are streamed in chunks; the output has
