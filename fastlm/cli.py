@@ -5,6 +5,7 @@
     fastlm data inspect FILE.pbin [--tokenizer PATH]
     fastlm data merge_packed_data IN1.pbin IN2.pbin|FOLDER ... OUT.pbin
     fastlm run --config_file_path CONFIG.yaml [key=value ...]     (= python -m fastlm.train CONFIG.yaml)
+        [--experiment_id ID] [--test_comm] [--error_log_folder PATH]    (Modalities' other run options)
     fastlm generate_text --config_file_path CONFIG.yaml [--checkpoint RUN_DIR]   (= python -m fastlm.generate)
     fastlm plot RUN_DIR
 
@@ -203,6 +204,10 @@ def _run(args: argparse.Namespace) -> int:
                          "fastlm run --config_file_path CONFIG.yaml [key=value ...]")
     # (with the flag, a first positional is an override: python -m fastlm.train sorts that out)
     flag = ["--config_file_path", args.config_file_path] if args.config_file_path else []
+    for option in ("experiment_id", "error_log_folder"):
+        if getattr(args, option) is not None:
+            flag += [f"--{option}", getattr(args, option)]
+    flag += ["--test_comm"] if args.test_comm else []
     status = train_main([*flag, *([args.config] if args.config else []), *args.overrides])
     from fastlm import train
 
@@ -271,11 +276,23 @@ def _args_merge(p: argparse.ArgumentParser) -> None:
                    default="error", help="when DST exists: error (default), skip or override")
 
 
+def add_modalities_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of Modalities' `run` besides the config (fastlm run takes them too)."""
+    p.add_argument("--experiment_id", "--experiment-id", help="the run's name: its folder under "
+                   "run.output_dir (= run.name=ID)")
+    p.add_argument("--test_comm", "--test-comm", action="store_true",
+                   help="test communication between the ranks (an all-reduce) before training")
+    p.add_argument("--error_log_folder", "--error-log-folder", metavar="PATH",
+                   help="on an error, write it as JSON to PATH's folder, one file per process: "
+                        "<PATH's name>_<host>_<local rank>.log")
+
+
 def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="the run config (YAML), as python -m fastlm.train takes it")
     p.add_argument("--config_file_path", "--config-file-path", help="the run config (YAML), as Modalities "
                    "takes it")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4")
+    add_modalities_run_options(p)
 
 
 def _args_generate_text(p: argparse.ArgumentParser) -> None:
@@ -337,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         if tuple(argv[:len(words)]) == words:
             parser = _Parser(prog="fastlm " + " ".join(words), description=help_text)
             add_arguments(parser)
-            args = parser.parse_args(argv[len(words):])
+            # (intermixed: options may follow positionals, as in `run C k=v --experiment_id X`)
+            args = parser.parse_intermixed_args(argv[len(words):])
             break
     else:
         args = build_parser().parse_args(argv)

@@ -8,6 +8,7 @@ fastlm relies on torch.distributed and torchrun for processes and rendezvous; it
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,24 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1 or dist.is_initialized()
+
+
+def check_communication(d: Dist) -> str:
+    """Modalities' `run --test_comm`: an all-reduce across the ranks before training, each rank adding its
+    rank + 1, checked against the sum it must give (a mismatch or a hang shows a broken interconnect before a
+    run is built on it). Returns the line rank 0 prints."""
+    if not d.enabled:
+        return "communication test: one process, nothing to test"
+    start = time.perf_counter()
+    x = torch.full((1024,), float(d.rank + 1), device=d.device)
+    dist.all_reduce(x)
+    want = d.world_size * (d.world_size + 1) / 2
+    if not bool((x == want).all()):
+        raise RuntimeError(f"communication test: an all-reduce over {d.world_size} ranks gave "
+                           f"{x[0].item()} on rank {d.rank}, expected {want:g}")
+    dist.barrier()
+    return (f"communication test: all-reduce over {d.world_size} ranks ({dist.get_backend()}) ok in "
+            f"{(time.perf_counter() - start) * 1e3:.1f} ms")
 
 
 def setup_distributed(device_pref: str = "auto", source: str = "config") -> Dist:

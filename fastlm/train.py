@@ -25,11 +25,13 @@ import torch
 import torch.distributed as dist
 
 from fastlm import checkpoint as ckpt
+from fastlm.atomic import atomic_output
+from fastlm.cli import add_modalities_run_options
 from fastlm.config import Config, derive, load_config, profile_window
 from fastlm.data.datasets import PackedMemMapDatasetContinuous, PackedMemMapDatasetDocumentAligned
 from fastlm.data.loader import BatchLoader, ResumableDistributedSampler, check_token_ids
 from fastlm.model import GPT, resolve_attention, resolve_loss
-from fastlm.parallel import Dist, parallelize, setup_distributed, teardown_distributed
+from fastlm.parallel import Dist, check_communication, parallelize, setup_distributed, teardown_distributed
 from fastlm.profiling import StepProfiler
 from fastlm.yamlconf import ConfigError
 
@@ -500,11 +502,44 @@ USED_PROCESS_GROUP = False  # whether main() ran with a process group (see exit_
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.error_log_folder:
+        try:
+            return run_from_args(args)
+        except BaseException as err:
+            if not isinstance(err, (KeyboardInterrupt, SystemExit)):
+                write_error_log(args.error_log_folder, err)
+            raise
+    return run_from_args(args)
+
+
+def write_error_log(where: str, err: BaseException) -> None:
+    """Modalities' `run --error_log_folder PATH`: an exception that ends the run, as JSON, in PATH's folder
+    named `<PATH's name>_<host>_<local rank>.log` (one file per process), with the process's place in the
+    job: its rank, local rank, world size and host."""
+    import socket
+    import traceback
+
+    host = socket.gethostname()
+    env = {"rank": int(os.environ.get("RANK", -1)), "local_rank": int(os.environ.get("LOCAL_RANK", -1)),
+           "world_size": int(os.environ.get("WORLD_SIZE", -1)), "hostname": host}
+    record = {"environment": env, "error": {"error": str(err), "type": type(err).__name__,
+                                            "stacktrace": traceback.format_exception(err)}}
+    path = Path(where).parent / f"{Path(where).name}_{host}_{env['local_rank']}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         d = setup_distributed(cfg.run.device, cfg.source)
         global USED_PROCESS_GROUP
         USED_PROCESS_GROUP = USED_PROCESS_GROUP or d.enabled
+        if args.test_comm:
+            line = check_communication(d)
+            if d.is_main:
+                print(line, flush=True)
         run_dir = Path(cfg.run.output_dir) / cfg.run.name
         fresh = d.is_main and not run_dir.exists()
         try:
@@ -522,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FASTLM_TRACEBACK"):
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr, flush=True)
+        if args.error_log_folder:
+            write_error_log(args.error_log_folder, err)
         return 1
 
 
@@ -531,7 +568,8 @@ def parse_args(argv):
     p.add_argument("config", nargs="?", help="the run config (YAML)")
     p.add_argument("--config_file_path", "--config-file-path", dest="config_flag", help="same as CONFIG")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4")
-    args = p.parse_args(argv)
+    add_modalities_run_options(p)
+    args = p.parse_intermixed_args(argv)
     if args.config_flag:
         if args.config:
             args.overrides.insert(0, args.config)
@@ -540,6 +578,11 @@ def parse_args(argv):
         p.error("a config file is required")
     if "=" in args.config:
         p.error(f"the first argument must be the config file, found the override {args.config!r}")
+    if args.experiment_id is not None:
+        if any(o.startswith("run.name=") for o in args.overrides):
+            p.error(f"--experiment_id {args.experiment_id} and a run.name override both name the run; "
+                    f"give one")
+        args.overrides.append(f"run.name={json.dumps(args.experiment_id)}")  # (quoted: any text is a name)
     return args
 
 

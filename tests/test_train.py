@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,8 @@ def test_trains_checkpoints_and_resumes_exactly(tmp_path, ranks):
 def test_two_rank_checkpoint_loads_into_one_rank(tmp_path):
     # The data position counts samples of the one global stream: a step of 2 ranks x micro batch 4 takes
     # 8 samples, so the checkpoint of step 2 is at sample 16, whatever the run that resumes it takes a step.
-    train(tmp_path, "target.steps=4", "intervals.checkpoint=2", ranks=2, name="two")
+    r = train(tmp_path, "target.steps=4", "intervals.checkpoint=2", "--test_comm", ranks=2, name="two")
+    assert "communication test: all-reduce over 2 ranks (gloo) ok in " in r.stdout, r.stdout[-2000:]
     two = losses(tmp_path / "two")
     step2 = tmp_path / "two" / "checkpoints" / "step_00000002"
     assert json.loads((step2 / "train_state.json").read_text())["data_position"] == 16
@@ -933,10 +935,48 @@ def test_fastlm_run_and_plot_commands(tmp_path):
     assert sorted(losses(tmp_path / "cli")) == [1, 2, 3, 4]
     r = subprocess.run(cmd + ["run"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 1 and "error: fastlm run: a config file is required" in r.stderr, r.stderr
+    # the other options of Modalities' run: --experiment_id names the run folder, --test_comm tests the
+    # ranks' communication first, --error_log_folder writes a failure as JSON, a file per process
+    modalities = cmd + ["run", "--config_file_path", str(ROOT / "configs" / "tiny.yaml"), *BASE,
+                        f"run.output_dir={tmp_path}", "target.steps=1"]
+    r = subprocess.run(modalities + ["--experiment_id", "exp 1", "--test_comm"], capture_output=True,
+                       text=True, env=ENV)
+    assert r.returncode == 0 and "communication test: one process, nothing to test" in r.stdout, r.stderr
+    assert sorted(losses(tmp_path / "exp 1")) == [1]
+    r = subprocess.run(modalities + ["--experiment_id", "a", "run.name=b"], capture_output=True, text=True,
+                       env=ENV)
+    assert r.returncode == 2 and "--experiment_id a and a run.name override both name the run" in r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    r = subprocess.run(modalities + ["--error_log_folder", str(tmp_path / "logs" / "err"), "optim.lr=-1"],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 1 and "optim.lr must be a finite number above 0" in r.stderr, r.stderr
+    (log,) = (tmp_path / "logs").iterdir()
+    assert log.name == f"err_{socket.gethostname()}_-1.log"  # (no torchrun: local rank -1, as Modalities)
+    record = json.loads(log.read_text())
+    assert record["environment"] == {"rank": -1, "local_rank": -1, "world_size": -1,
+                                     "hostname": socket.gethostname()}
+    assert record["error"]["type"] == "ConfigError" and "optim.lr must be" in record["error"]["error"]
+    assert "load_config" in "".join(record["error"]["stacktrace"])
     r = subprocess.run(cmd + ["plot", str(tmp_path / "cli")], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     png = (tmp_path / "cli" / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_the_communication_test_checks_what_the_all_reduce_gave():
+    # (the real one runs in test_two_rank_checkpoint_loads_into_one_rank; here rank 0 of 3 ranks, whose
+    # all-reduce of rank + 1 must give 1 + 2 + 3)
+    import torch.distributed as dist
+
+    from fastlm.parallel import Dist, check_communication
+
+    with (mock.patch.object(dist, "barrier"), mock.patch.object(dist, "get_backend", lambda: "gloo"),
+          mock.patch.object(dist, "all_reduce", lambda x: x.mul_(6))):
+        assert check_communication(Dist(world_size=3)).startswith("communication test: all-reduce over 3 "
+                                                                  "ranks (gloo) ok in ")
+    with mock.patch.object(dist, "all_reduce", lambda x: None):  # (a rank that took no part)
+        with pytest.raises(RuntimeError, match=r"an all-reduce over 3 ranks gave 1.0 on rank 0, expected 6"):
+            check_communication(Dist(world_size=3))
 
 
 def test_plot_keeps_the_last_record_of_a_step_and_writes_the_format_asked(tmp_path):
