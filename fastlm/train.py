@@ -500,18 +500,6 @@ class StopRequest:
 USED_PROCESS_GROUP = False  # whether main() ran with a process group (see exit_process)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.error_log_folder:
-        try:
-            return run_from_args(args)
-        except BaseException as err:
-            if not isinstance(err, (KeyboardInterrupt, SystemExit)):
-                write_error_log(args.error_log_folder, err)
-            raise
-    return run_from_args(args)
-
-
 def write_error_log(where: str, err: BaseException) -> None:
     """Modalities' `run --error_log_folder PATH`: an exception that ends the run, as JSON, in PATH's folder
     named `<PATH's name>_<host>_<local rank>.log` (one file per process), with the process's place in the
@@ -530,7 +518,8 @@ def write_error_log(where: str, err: BaseException) -> None:
         Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         d = setup_distributed(cfg.run.device, cfg.source)
@@ -560,6 +549,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.error_log_folder:
             write_error_log(args.error_log_folder, err)
         return 1
+    except Exception as err:  # (a traceback follows: the log holds it too)
+        if args.error_log_folder:
+            write_error_log(args.error_log_folder, err)
+        raise
 
 
 def parse_args(argv):

@@ -827,13 +827,15 @@ def _forward(q, k, v, causal: bool, sm_scale: float):
     return o, lse
 
 
-def _check_row_offsets(**tensors: torch.Tensor) -> None:
+def _check_row_offsets(**tensors: torch.Tensor | None) -> None:
     """The kernels add a batch's and a head's offset in 64 bits, and a row's within a head (row x row stride)
     in 32: int32 products are the fast ones, and every shape a model of fastlm's size trains at keeps them
     far below 2**31 (gpt124m's packed projection, 2,304 values a row, reaches it at ~930K tokens). Past
     that they would wrap around and read or write another head's memory: refused, naming the tensor. Run
-    where a launch is planned (plan keys hold the layouts: a replayed plan's were checked)."""
+    where a launch is planned (plan keys hold the layouts: a replayed plan's were checked). None: skipped."""
     for name, t in tensors.items():
+        if t is None:
+            continue
         seq, head_dim = t.shape[2], t.shape[3]
         reach = (seq - 1) * t.stride(2) + (head_dim - 1) * t.stride(3)
         if reach >= 2**31:
@@ -992,8 +994,7 @@ def _backward_with(mode: str, do, q, k, v, o, lse, causal: bool, sm_scale: float
 
 def _launch_backward(mode: str, do, q, k, v, o, lse, delta, dq, dk, dv, acc, causal: bool, sm_scale: float,
                      key: tuple, recording: Recording | None) -> None:
-    _check_row_offsets(q=q, k=k, v=v, o=o, do=do, dq=dq, dk=dk, dv=dv,
-                       **({} if acc is None else {"acc": acc}))
+    _check_row_offsets(q=q, k=k, v=v, o=o, do=do, dq=dq, dk=dk, dv=dv, acc=acc)
     batch, n_head, seq_q, head_dim = q.shape
     n_kv_head, seq_k = k.shape[1], k.shape[2]
     heavy_first = key[-1]

@@ -963,6 +963,21 @@ def test_fastlm_run_and_plot_commands(tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def test_an_unexpected_error_is_logged_and_raised(tmp_path):
+    # (a bad config is logged in test_fastlm_run_and_plot_commands; here an error main() does not expect)
+    from fastlm import train as fastlm_train
+
+    argv = [str(ROOT / "configs" / "tiny.yaml"), *BASE, f"run.output_dir={tmp_path}", "--error_log_folder",
+            str(tmp_path / "logs" / "err")]
+    with (mock.patch.object(fastlm_train, "train", side_effect=RuntimeError("boom")),
+          contextlib.redirect_stdout(io.StringIO())):
+        with pytest.raises(RuntimeError, match="boom"):
+            fastlm_train.main(argv)
+    (log,) = (tmp_path / "logs").iterdir()
+    error = json.loads(log.read_text())["error"]
+    assert (error["type"], error["error"]) == ("RuntimeError", "boom")
+
+
 def test_the_communication_test_checks_what_the_all_reduce_gave():
     # (the real one runs in test_two_rank_checkpoint_loads_into_one_rank; here rank 0 of 3 ranks, whose
     # all-reduce of rank + 1 must give 1 + 2 + 3)
